@@ -1,0 +1,342 @@
+"""Atomic, sharded, validated Parquet I/O for every artifact the pipeline exchanges.
+
+An artifact is a folder::
+
+    scores/
+      part-00000.parquet
+      part-00001.parquet
+      _manifest.json        # contract, schema_version, rows, per-part and total sha256
+
+The folder is built under a temporary name and renamed into place, so a reader either
+sees a complete artifact (manifest present, digests match) or nothing: a killed writer
+can never leave a partial file that a later stage would read. A plain ``.parquet`` file
+(e.g. a user's input) is also accepted by :func:`read`; it is validated the same way.
+
+Example::
+
+    >>> from data_contracts import io, schemas
+    >>> ref = io.write(table, "runs/x/pairs", schemas.PAIRS)      # doctest: +SKIP
+    >>> table = io.read("runs/x/pairs", schemas.PAIRS)             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_contracts.schemas import META_NAME, META_VERSION, Contract
+
+MANIFEST = "_manifest.json"
+DEFAULT_SHARD_ROWS = 50_000
+
+
+class ContractError(ValueError):
+    """A file that breaks its contract. Names the file, column and row, and the fix."""
+
+    def __init__(self, file: str | Path, message: str, *, column: str | None = None,
+                 row: int | None = None, fix: str | None = None):
+        self.file, self.column, self.row, self.fix = str(file), column, row, fix
+        where = [f"{self.file}"]
+        if column is not None:
+            where.append(f"column {column!r}")
+        if row is not None:
+            where.append(f"row {row}")
+        text = ", ".join(where) + f": {message}"
+        if fix:
+            text += f" Fix: {fix}"
+        super().__init__(text)
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """What flows pass between tasks instead of data: small, hashable, JSON-able."""
+
+    uri: str
+    contract: str
+    schema_version: int
+    rows: int
+    digest: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _with_meta(table: pa.Table, contract: Contract) -> pa.Table:
+    meta = dict(table.schema.metadata or {})
+    meta[META_NAME] = contract.name.encode()
+    meta[META_VERSION] = str(contract.version).encode()
+    return table.replace_schema_metadata(meta)
+
+
+def conform(table: pa.Table | list[dict], contract: Contract, where: str = "<memory>") -> pa.Table:
+    """Return ``table`` with exactly the contract's columns, order and types.
+
+    Missing nullable columns are *not* invented here: a writer that forgets a column is a
+    bug, and silently adding nulls would hide it.
+    """
+    if isinstance(table, list):
+        try:
+            return pa.Table.from_pylist(table, schema=contract.schema)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as e:
+            raise ContractError(where, f"rows do not fit contract {contract.name!r}: {e}") from e
+    check_columns(table.schema, contract, where)
+    table = table.select(contract.columns)
+    _check_nulls(table, contract, where)
+    try:
+        return table.cast(contract.schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
+        raise ContractError(where, f"cannot cast to contract {contract.name!r}: {e}") from e
+
+
+def check_columns(schema: pa.Schema, contract: Contract, where: str) -> None:
+    missing = [c for c in contract.columns if c not in schema.names]
+    extra = [c for c in schema.names if c not in contract.columns]
+    if missing:
+        raise ContractError(
+            where, f"missing column(s) {missing} required by contract {contract.name!r}",
+            column=missing[0], fix=f"write all of {contract.columns}.")
+    if extra:
+        raise ContractError(
+            where, f"unexpected column(s) {extra} not in contract {contract.name!r}",
+            column=extra[0], fix="drop them, or bump the contract version if they are new.")
+    for f in contract.schema:
+        got = schema.field(f.name).type
+        if got != f.type and not _castable(got, f.type):
+            raise ContractError(where, f"type {got} where {f.type} is expected", column=f.name,
+                                fix=f"cast the column to {f.type}.")
+
+
+def _castable(src: pa.DataType, dst: pa.DataType) -> bool:
+    if pa.types.is_null(src):
+        return True
+    if pa.types.is_large_string(src) and pa.types.is_string(dst):
+        return True
+    if pa.types.is_integer(src) and (pa.types.is_integer(dst) or pa.types.is_floating(dst)):
+        return True
+    if pa.types.is_floating(src) and pa.types.is_floating(dst):
+        return True
+    if (pa.types.is_list(src) or pa.types.is_large_list(src)) and pa.types.is_list(dst):
+        return _castable(src.value_type, dst.value_type) or src.value_type == dst.value_type
+    return False
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def atomic_write_parquet(table: pa.Table, path: str | Path) -> str:
+    """Write one Parquet file atomically (temp file in the same folder + rename).
+
+    Returns the file's sha256. Used for resumable shards, which must appear whole or not
+    at all.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return _sha256_file(path)
+
+
+def write(table: pa.Table | list[dict], path: str | Path, contract: Contract, *,
+          shard_rows: int = DEFAULT_SHARD_ROWS, validate_rows: bool = True) -> ArtifactRef:
+    """Validate ``table`` against ``contract`` and write it as an artifact folder, atomically.
+
+    An existing artifact at ``path`` is replaced only once the new one is complete.
+    """
+    path = Path(path)
+    table = conform(table, contract, str(path))
+    if validate_rows:
+        validate(table, contract, str(path))
+    table = _with_meta(table, contract)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.mkdir(parents=True)
+    try:
+        n_parts = max(1, math.ceil(table.num_rows / shard_rows))
+        parts = []
+        for i in range(n_parts):
+            part = table.slice(i * shard_rows, shard_rows)
+            name = f"part-{i:05d}.parquet"
+            pq.write_table(part, tmp / name, compression="zstd")
+            parts.append({"file": name, "rows": part.num_rows, "sha256": _sha256_file(tmp / name)})
+        digest = hashlib.sha256("".join(p["sha256"] for p in parts).encode()).hexdigest()
+        manifest = {"contract": contract.name, "schema_version": contract.version,
+                    "rows": table.num_rows, "digest": digest, "parts": parts}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.{uuid.uuid4().hex}.old")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ArtifactRef(str(path), contract.name, contract.version, table.num_rows, digest)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def exists(path: str | Path) -> bool:
+    """True when ``path`` holds a complete artifact (its manifest was written last)."""
+    path = Path(path)
+    return (path / MANIFEST).is_file() or (path.is_file() and path.suffix == ".parquet")
+
+
+def ref(path: str | Path) -> ArtifactRef:
+    """The :class:`ArtifactRef` of a complete artifact folder, from its manifest."""
+    m = _manifest(Path(path))
+    return ArtifactRef(str(path), m["contract"], m["schema_version"], m["rows"], m["digest"])
+
+
+def _manifest(path: Path) -> dict:
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise ContractError(path, "no _manifest.json: the artifact is incomplete (a writer was "
+                            "interrupted) or this is not an artifact folder.",
+                            fix="rerun the stage that produces it.")
+    try:
+        return json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise ContractError(mpath, f"manifest is not valid JSON ({e}).",
+                            fix="delete the folder and rerun the stage that produces it.") from e
+
+
+def read(path: str | Path, contract: Contract, *, check_paths: bool = False,
+         image_root: str | Path | None = None, verify_digest: bool = True) -> pa.Table:
+    """Read and validate an artifact folder or a single Parquet file.
+
+    Raises :class:`ContractError` naming the file, column and row of the first problem.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ContractError(path, "does not exist.", fix="check the path, or run the stage "
+                            "that produces it first.")
+    if path.is_dir():
+        m = _manifest(path)
+        if m.get("contract") != contract.name:
+            raise ContractError(path, f"holds contract {m.get('contract')!r}, expected "
+                                f"{contract.name!r}.", fix="point to the right artifact.")
+        files = [path / p["file"] for p in m["parts"]]
+        for p, f in zip(m["parts"], files, strict=True):
+            if not f.is_file():
+                raise ContractError(f, "listed in the manifest but missing.",
+                                    fix="rerun the stage that produces it.")
+            if verify_digest and _sha256_file(f) != p["sha256"]:
+                raise ContractError(f, "content digest differs from the manifest: the file "
+                                    "was modified or corrupted.", fix="rerun the stage.")
+    else:
+        files = [path]
+    tables = [_read_file(f, contract) for f in files]
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    validate(table, contract, str(path), check_paths=check_paths, image_root=image_root)
+    return table
+
+
+def _read_file(f: Path, contract: Contract) -> pa.Table:
+    try:
+        schema = pq.read_schema(f)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
+        raise ContractError(f, f"not a readable Parquet file ({type(e).__name__}: {e}).",
+                            fix="regenerate the file; it is truncated or not Parquet.") from e
+    meta = schema.metadata or {}
+    if META_NAME in meta and meta[META_NAME].decode() != contract.name:
+        raise ContractError(f, f"written as contract {meta[META_NAME].decode()!r}, expected "
+                            f"{contract.name!r}.")
+    if META_VERSION in meta and meta[META_VERSION].decode() != str(contract.version):
+        raise ContractError(f, f"schema_version {meta[META_VERSION].decode()} but this release "
+                            f"reads version {contract.version} of {contract.name!r}.",
+                            fix="rerun the stage that produced it with this release.")
+    check_columns(schema, contract, str(f))
+    try:
+        table = pq.read_table(f)
+    except Exception as e:  # noqa: BLE001
+        raise ContractError(f, f"Parquet data cannot be read ({type(e).__name__}: {e}).",
+                            fix="regenerate the file; it is truncated or corrupt.") from e
+    return conform(table, contract, str(f))
+
+
+def validate(table: pa.Table, contract: Contract, where: str = "<memory>", *,
+             check_paths: bool = False, image_root: str | Path | None = None) -> None:
+    """Check the contract's value rules; raise on the first broken row."""
+    _check_nulls(table, contract, where)
+    for name in contract.non_empty:
+        col = table.column(name)
+        if pa.types.is_string(col.type):
+            vals = col.to_pylist()
+            for i, v in enumerate(vals):
+                if v is not None and not v.strip():
+                    raise ContractError(where, "empty value in a required column", column=name,
+                                        row=i, fix="give every row a non-empty value.")
+    for name, allowed in contract.enums.items():
+        for i, v in enumerate(table.column(name).to_pylist()):
+            if v is not None and v not in allowed:
+                raise ContractError(where, f"value {v!r} not one of {list(allowed)}",
+                                    column=name, row=i)
+    if contract.key:
+        seen: dict[tuple, int] = {}
+        cols = [table.column(k).to_pylist() for k in contract.key]
+        for i, key in enumerate(zip(*cols, strict=True)):
+            if key in seen:
+                dup = dict(zip(contract.key, key, strict=True))
+                raise ContractError(where, f"duplicate key {dup} "
+                                    f"(first at row {seen[key]})", column=contract.key[-1],
+                                    row=i, fix="keys must be unique; de-duplicate the input.")
+            seen[key] = i
+    for group in contract.same_length:
+        lengths = [[len(v) if v is not None else 0 for v in table.column(c).to_pylist()]
+                   for c in group]
+        for i, ls in enumerate(zip(*lengths, strict=True)):
+            if len(set(ls)) > 1:
+                raise ContractError(where, f"list columns {list(group)} have lengths {list(ls)}",
+                                    column=group[1], row=i,
+                                    fix="every list in the group needs one entry per item.")
+    if check_paths:
+        root = Path(image_root) if image_root else Path(".")
+        for name in contract.path_columns:
+            for i, v in enumerate(table.column(name).to_pylist()):
+                for p in (v if isinstance(v, list) else [v]):
+                    if p and not (root / p).is_file():
+                        raise ContractError(where, f"image {str(root / p)!r} does not exist",
+                                            column=name, row=i,
+                                            fix="fix the path or the image_root setting.")
+
+
+def _check_nulls(table: pa.Table, contract: Contract, where: str) -> None:
+    for f in contract.schema:
+        if not f.nullable or f.name in contract.non_empty:
+            col = table.column(f.name)
+            if col.null_count:
+                raise ContractError(where, "null value in a required column", column=f.name,
+                                    row=_first_true(col.is_null()), fix="give every row a value.")
+
+
+def _first_true(mask: pa.ChunkedArray) -> int:
+    for i, v in enumerate(mask.to_pylist()):
+        if v:
+            return i
+    return -1

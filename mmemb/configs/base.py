@@ -1,0 +1,84 @@
+"""The base of every stage config: strict pydantic models loaded from YAML.
+
+Strict on purpose: an unknown key is almost always a typo (``lerning_rate``) that would
+otherwise silently fall back to a default and cost a cluster run. Errors name the file,
+the key path and what to write instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+T = TypeVar("T", bound="StageConfig")
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message says where and how to fix it."""
+
+
+class StageConfig(BaseModel):
+    """Common behaviour: forbid unknown keys, validate on assignment, YAML in and out."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @classmethod
+    def from_yaml(cls: type[T], path: str | Path, section: str | None = None,
+                  overrides: dict[str, Any] | None = None) -> T:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if section is not None:
+            data = data.get(section) or {}
+        data = {**data, **(overrides or {})}
+        return cls.from_dict(data, where=f"{path}" + (f" [{section}]" if section else ""))
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict, where: str = "<config>") -> T:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e, cls, where)) from None
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+
+    def flat_params(self, prefix: str = "") -> dict[str, str]:
+        """Flattened ``a.b.c -> value`` for experiment trackers (values stringified)."""
+        out: dict[str, str] = {}
+
+        def walk(obj, p):
+            if isinstance(obj, dict):
+                for k, v in obj.items():
+                    walk(v, f"{p}.{k}" if p else k)
+            elif isinstance(obj, list) and obj and isinstance(obj[0], dict):
+                for i, v in enumerate(obj):
+                    walk(v, f"{p}.{i}")
+            else:
+                out[p] = str(obj)
+
+        walk(self.model_dump(mode="json"), prefix)
+        return out
+
+
+def format_validation_error(e: ValidationError, cls: type, where: str) -> str:
+    lines = [f"{where}: invalid {cls.__name__}:"]
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(sorted(cls.model_fields))
+            msg = f"unknown key (a typo?). Known keys here: {known}"
+        elif err["type"] == "missing":
+            msg = "required key is missing; add it"
+        lines.append(f"  - {loc}: {msg}" + (f" (got {err['input']!r})"
+                                            if err["type"] not in ("missing", "extra_forbidden")
+                                            and "input" in err else ""))
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Evaluation: the MMEB-V2 task registry, ranking metrics and report writers."""

@@ -1,0 +1,254 @@
+"""The embedder: any Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint as an embedding model.
+
+The embedding is the last-layer hidden state at ``<emb>``, L2-normalised. It is computed
+through the base model (``model.model``) without the LM head, so embedding a batch never
+materialises vocabulary-sized logits; the LM head is applied only where a loss needs it
+(the rationale tokens of stage 4, the gate token of stage 5).
+
+Example::
+
+    >>> emb = Embedder.from_pretrained("runs/demo/tiny-qwen2vl")            # doctest: +SKIP
+    >>> out = emb.encode([EmbedInput(text="a red circle")], batch_size=8)    # doctest: +SKIP
+    >>> out.embeddings.shape                                                 # doctest: +SKIP
+    torch.Size([1, 64])
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+import mmemb  # noqa: F401  (CPU torchvision shim)
+from mmemb.model.prompts import EMBEDDING_CONFIG_FILE, EmbeddingConfig, EmbedInput, embed_prompt
+
+Mode = Literal["direct", "reason"]
+
+
+class EmbeddingConfigMismatch(ValueError):
+    """The checkpoint was trained with another prompt/pooling than the one requested."""
+
+
+@dataclass
+class EncoderOutput:
+    """What an embedding pass returns (typed, as in tevatron)."""
+
+    embeddings: torch.Tensor  # [B, H], L2-normalised when the config says so
+    n_tokens: torch.Tensor  # [B] prompt tokens per input (no padding)
+    hidden: torch.Tensor | None = None  # [B, T, H] last hidden states, only when asked
+    input_ids: torch.Tensor | None = None  # [B, T]
+    attention_mask: torch.Tensor | None = None  # [B, T]
+
+
+def load_image(path_or_img, max_pixels: int | None = None):
+    """Open an image as RGB; CMYK, palette, 16-bit and animated inputs are converted."""
+    from PIL import Image, ImageOps
+
+    if not isinstance(path_or_img, (str, Path)):
+        img = path_or_img
+    else:
+        try:
+            img = Image.open(path_or_img)
+            img.load()
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+            raise ValueError(f"image {str(path_or_img)!r} cannot be read ({type(e).__name__}: "
+                             f"{e}); fix or remove it") from e
+    if getattr(img, "is_animated", False):
+        img.seek(0)  # first frame of an animated GIF/PNG
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        img = img.point(lambda v: v * (1 / 256)).convert("L")
+    if img.mode in ("RGBA", "LA", "P", "PA"):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, img)
+    img = img.convert("RGB")
+    if max_pixels and img.width * img.height > max_pixels:
+        scale = (max_pixels / (img.width * img.height)) ** 0.5
+        img = img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))))
+    if min(img.size) < 2:
+        img = img.resize((max(2, img.width), max(2, img.height)))
+    return img
+
+
+class Embedder(torch.nn.Module):
+    """A Qwen-VL generative model used as an embedder (direct or reasoning mode)."""
+
+    def __init__(self, model, processor, config: EmbeddingConfig | None = None,
+                 max_pixels: int = 1024 * 1024):
+        super().__init__()
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.config = config or EmbeddingConfig()
+        self.max_pixels = max_pixels
+        missing = [t for t in (self.config.think_token, self.config.end_think_token,
+                               self.config.emb_token)
+                   if self.tokenizer.convert_tokens_to_ids(t) in (None,
+                                                                  self.tokenizer.unk_token_id)]
+        if missing:
+            raise ValueError(f"tokenizer lacks special tokens {missing}; load the checkpoint "
+                             "with Embedder.from_pretrained(..., add_special_tokens=True)")
+        self.emb_id = self.tokenizer.convert_tokens_to_ids(self.config.emb_token)
+        self.think_id = self.tokenizer.convert_tokens_to_ids(self.config.think_token)
+        self.end_think_id = self.tokenizer.convert_tokens_to_ids(self.config.end_think_token)
+
+    # ------------------------------------------------------------------ loading / saving
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str | None = None,
+                        device: str | torch.device | None = None,
+                        expect: EmbeddingConfig | None = None, add_special_tokens: bool = False,
+                        trust_remote_code: bool = False, attn_implementation: str = "sdpa",
+                        max_pixels: int = 1024 * 1024) -> Embedder:
+        """Load a checkpoint; refuse one whose saved embedding config differs from ``expect``.
+
+        A base model without ``<think>``/``</think>``/``<emb>`` (a fresh Qwen checkpoint) is
+        accepted with ``add_special_tokens=True``, which adds them and resizes embeddings.
+        """
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        path = Path(path) if Path(path).exists() else path
+        saved = EmbeddingConfig.load(path) if isinstance(path, Path) else None
+        if expect is not None and saved is not None and saved != expect:
+            diff = {k: (v, getattr(expect, k)) for k, v in saved.model_dump().items()
+                    if getattr(expect, k) != v}
+            raise EmbeddingConfigMismatch(
+                f"{path}/{EMBEDDING_CONFIG_FILE}: saved embedding config differs from the "
+                f"requested one in {diff} (saved, requested); evaluate with the config the "
+                "checkpoint was trained with")
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation)
+        cfg = saved or expect or EmbeddingConfig()
+        if add_special_tokens:
+            tok = processor.tokenizer
+            new = [t for t in (cfg.think_token, cfg.end_think_token, cfg.emb_token)
+                   if t not in tok.get_vocab()]
+            if new:
+                tok.add_special_tokens({"additional_special_tokens": new})
+                model.resize_token_embeddings(len(tok))
+        emb = cls(model, processor, cfg, max_pixels=max_pixels)
+        if device is not None:
+            emb.to(device)
+        return emb
+
+    def save_pretrained(self, out: str | Path) -> Path:
+        """Save weights (safetensors), processor, tokenizer and the embedding config."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        model = self.model
+        if hasattr(model, "merge_and_unload"):  # a peft LoRA model: save merged weights
+            model = model.merge_and_unload()
+        model.save_pretrained(out, safe_serialization=True)
+        self.processor.save_pretrained(out)
+        self.config.save(out)
+        return out
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        cfg = self.model.config
+        return getattr(cfg, "text_config", cfg).hidden_size
+
+    # ------------------------------------------------------------------ tokenisation
+    def tokenize(self, texts: list[str], images: list[list]) -> dict[str, torch.Tensor]:
+        """Run the processor on full prompt strings; images are expanded to their tokens."""
+        flat = [load_image(im, self.max_pixels) for ims in images for im in ims]
+        kw = dict(text=texts, padding=True, return_tensors="pt")
+        if flat:
+            kw["images"] = flat
+        batch = self.processor(**kw)
+        return {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+    def prompts(self, inputs: list[EmbedInput], mode: Mode = "direct") -> list[str]:
+        if mode == "direct":
+            return [embed_prompt(x, self.config, rationale=None) if x.rationale is None
+                    else embed_prompt(EmbedInput(x.text, x.instruction, x.images), self.config)
+                    for x in inputs]
+        missing = [i for i, x in enumerate(inputs) if x.rationale is None]
+        if missing:
+            raise ValueError(f"mode='reason' needs a rationale for every input; inputs "
+                             f"{missing[:5]} have none (use mmemb.inference for generation)")
+        return [embed_prompt(x, self.config) for x in inputs]
+
+    # ------------------------------------------------------------------ forward
+    def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Last-layer hidden states of the base model (no LM head): [B, T, H]."""
+        base = self.model.model if hasattr(self.model, "model") else self.model
+        if hasattr(base, "get_base_model"):  # peft wrapper
+            base = base.get_base_model().model
+        out = base(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False,
+                   return_dict=True)
+        return out.last_hidden_state
+
+    def pool(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden state at the last ``<emb>`` of each row: [B, T, H] -> [B, H]."""
+        is_emb = input_ids == self.emb_id  # [B, T]
+        if not bool(is_emb.any(dim=1).all()):
+            bad = (~is_emb.any(dim=1)).nonzero().flatten().tolist()
+            raise ValueError(f"rows {bad} contain no {self.config.emb_token} token (prompt "
+                             "truncated or built without it)")
+        t = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = torch.where(is_emb, t, torch.full_like(t, -1)).max(dim=1).values  # [B]
+        emb = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, H]
+        return F.normalize(emb.float(), dim=-1) if self.config.normalize else emb.float()
+
+    def forward(self, batch: dict[str, torch.Tensor], return_hidden: bool = False
+                ) -> EncoderOutput:
+        hidden = self.hidden_states(batch)  # [B, T, H]
+        emb = self.pool(hidden, batch["input_ids"])  # [B, H]
+        return EncoderOutput(emb, batch["attention_mask"].sum(1),
+                             hidden if return_hidden else None, batch["input_ids"],
+                             batch["attention_mask"])
+
+    def embed(self, inputs: list[EmbedInput], mode: Mode = "direct",
+              return_hidden: bool = False) -> EncoderOutput:
+        """One batch through the model, with graph (training) or without (under no_grad)."""
+        batch = self.tokenize(self.prompts(inputs, mode), [x.images for x in inputs])
+        return self(batch, return_hidden=return_hidden)
+
+    @torch.no_grad()
+    def encode(self, inputs: list[EmbedInput], batch_size: int = 32, mode: Mode = "direct",
+               show_progress: bool | None = None) -> EncoderOutput:
+        """Embed many inputs in length-sorted batches; returns them in the input order."""
+        from tqdm.auto import tqdm
+
+        was_training = self.model.training
+        self.model.eval()
+        order = sorted(range(len(inputs)), key=lambda i: (len(inputs[i].images),
+                                                          len(inputs[i].text)))
+        embs: list[torch.Tensor | None] = [None] * len(inputs)
+        ntok: list[int] = [0] * len(inputs)
+        show = show_progress if show_progress is not None else len(inputs) > 10 * batch_size
+        try:
+            for s in tqdm(range(0, len(order), batch_size), disable=not show, desc="embed",
+                          unit="batch"):
+                idx = order[s:s + batch_size]
+                out = self.embed([inputs[i] for i in idx], mode)
+                for j, i in enumerate(idx):
+                    embs[i] = out.embeddings[j].cpu()
+                    ntok[i] = int(out.n_tokens[j])
+        finally:
+            self.model.train(was_training)
+        if not inputs:
+            return EncoderOutput(torch.zeros(0, self.hidden_size), torch.zeros(0, dtype=torch.long))
+        return EncoderOutput(torch.stack(embs), torch.tensor(ntok))
+
+
+def describe(path: str | Path) -> dict:
+    """The saved embedding config and architecture of a checkpoint, for logs and checks."""
+    path = Path(path)
+    cfg = json.loads((path / "config.json").read_text())
+    emb = EmbeddingConfig.load(path)
+    return {"architectures": cfg.get("architectures"), "model_type": cfg.get("model_type"),
+            "embedding_config": emb.model_dump() if emb else None}

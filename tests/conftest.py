@@ -1,0 +1,37 @@
+"""Shared fixtures: the embedded default built once per test session.
+
+Environment first: nothing may reach a hub, and services bind to loopback.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The demo's tiny Qwen2-VL checkpoint (random weights, project-built tokenizer)."""
+    from mmemb.model.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "qwen2_vl", arch="qwen2_vl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory) -> dict[str, Path]:
+    """The smoke-size synthetic dataset: pairs, eval rows and images."""
+    from mmemb.data.synth import generate
+
+    return generate(tmp_path_factory.mktemp("synth"), size="smoke", seed=0)

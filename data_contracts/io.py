@@ -213,6 +213,18 @@ def ref(path: str | Path) -> ArtifactRef:
     return ArtifactRef(str(path), m["contract"], m["schema_version"], m["rows"], m["digest"])
 
 
+def contract_of(path: str | Path) -> str | None:
+    """The contract name an artifact (folder or file) declares, or None if it declares none."""
+    path = Path(path)
+    if path.is_dir():
+        return _manifest(path).get("contract")
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except Exception as e:  # noqa: BLE001
+        raise ContractError(path, f"not a readable Parquet file ({e}).") from e
+    return meta[META_NAME].decode() if META_NAME in meta else None
+
+
 def _manifest(path: Path) -> dict:
     mpath = path / MANIFEST
     if not mpath.is_file():

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import mmemb  # noqa: F401  (CPU torchvision shim)
 from mmemb.model.prompts import EMBEDDING_CONFIG_FILE, EmbeddingConfig, EmbedInput, embed_prompt
 
-Mode = Literal["direct", "reason"]
+Mode = Literal["direct", "reason", "auto"]
 
 
 class EmbeddingConfigMismatch(ValueError):
@@ -171,14 +171,18 @@ class Embedder(torch.nn.Module):
         return {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
 
     def prompts(self, inputs: list[EmbedInput], mode: Mode = "direct") -> list[str]:
+        """Prompt strings: ``direct`` ignores rationales, ``reason`` requires one per input,
+        ``auto`` reasons exactly where a rationale is given (mixed batches)."""
         if mode == "direct":
-            return [embed_prompt(x, self.config, rationale=None) if x.rationale is None
-                    else embed_prompt(EmbedInput(x.text, x.instruction, x.images), self.config)
+            return [embed_prompt(EmbedInput(x.text, x.instruction, x.images), self.config)
                     for x in inputs]
-        missing = [i for i, x in enumerate(inputs) if x.rationale is None]
-        if missing:
-            raise ValueError(f"mode='reason' needs a rationale for every input; inputs "
-                             f"{missing[:5]} have none (use mmemb.inference for generation)")
+        if mode == "reason":
+            missing = [i for i, x in enumerate(inputs) if x.rationale is None]
+            if missing:
+                raise ValueError(f"mode='reason' needs a rationale for every input; inputs "
+                                 f"{missing[:5]} have none (use mmemb.inference to generate)")
+        elif mode != "auto":
+            raise ValueError(f"mode={mode!r}: choose 'direct', 'reason' or 'auto'")
         return [embed_prompt(x, self.config) for x in inputs]
 
     # ------------------------------------------------------------------ forward

@@ -1,0 +1,343 @@
+"""Stage 5: GRPO teaches the embedding model to reason only when reasoning helps.
+
+Policy = the stage-4 model; reference = a frozen copy. Per query, G rollouts: the first
+assistant token is sampled from the gate (``<think>`` vs ``<emb>``); a thinking rollout
+samples a rationale up to ``budget`` tokens. Each rollout is embedded and rewarded by
+retrieval against a pool of targets (hit@1 + margin), minus a reasoning-token cost, minus
+a format penalty for a rationale that never closes ``</think>``. The update is the clipped
+GRPO surrogate with a KL penalty (:mod:`mmemb.losses.grpo`) through DeepSpeed.
+
+Run alone on the embedded default (after stage 4)::
+
+    python -m mmemb.stages.gate --config configs/demo.yaml --section gate
+    python -m mmemb.stages.gate --model runs/demo/train/student \\
+        --data runs/demo/select/selections --image-root runs/demo/data \\
+        --eval runs/demo/data/eval --out runs/demo/gate
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data_contracts import io
+from data_contracts.schemas import EVAL_ROWS, PAIRS, SELECTIONS
+from mmemb.configs.gate import GateConfig
+from mmemb.inference import AdaptiveEncoder, Rollout
+from mmemb.losses.grpo import group_advantages, grpo_loss
+from mmemb.model.embedder import Embedder
+from mmemb.model.prompts import EmbedInput
+from mmemb.stages.base import StageResult, StepLogger, null_logger
+
+
+@dataclass
+class Query:
+    pair_id: str
+    dataset: str
+    family: str | None
+    inp: EmbedInput
+    positive: str
+    negatives: list[str]
+
+
+def load_queries(cfg: GateConfig) -> list[Query]:
+    """Queries with positives from selections (stage 3) or plain pairs."""
+    contract = SELECTIONS if io.contract_of(cfg.data) == "selections" else PAIRS
+    table = io.read(cfg.data, contract)
+    out = []
+    for r in table.to_pylist():
+        out.append(Query(r["pair_id"], r["dataset"], r["family"],
+                         EmbedInput.from_row(r["qry_inst"], r["qry_text"], r["qry_img_path"],
+                                             cfg.image_root),
+                         r["pos_text"] or "", list(r["neg_text"] or [])))
+    return out
+
+
+def _pools(queries: list[Query], idx: list[int], size: int, rng: random.Random
+           ) -> list[list[str]]:
+    """Per query: [positive, hard negatives..., other positives of the same task...]."""
+    by_task: dict[str, list[str]] = defaultdict(list)
+    for q in queries:
+        by_task[q.dataset].append(q.positive)
+    pools = []
+    for i in idx:
+        q = queries[i]
+        negs = [n for n in q.negatives if n and n != q.positive]
+        others = sorted({p for p in by_task[q.dataset] if p != q.positive} - set(negs))
+        rng.shuffle(others)
+        pools.append([q.positive] + (negs + others)[: size - 1])
+    return pools
+
+
+def rollout_logps(emb: Embedder, enc: AdaptiveEncoder, inputs: list[EmbedInput],
+                  think: list[bool], rolls: list[Rollout | None]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of each rollout's actions: the gate token, then its rationale tokens.
+
+    Returns ``(logp [N, 1 + T], mask [N, 1 + T])``. Sequences are the left-padded prompt
+    followed by ``<think> ids...`` (right-padded), so all prompts end at the same column L
+    and the gate is read at L - 1. Only the two gate rows of the LM head are applied at the
+    gate, and the full head only at rationale positions.
+    """
+    batch = enc.prefix_batch(inputs, padding_side="left")
+    ids, am = batch["input_ids"], batch["attention_mask"]  # [N, L]
+    n, L = ids.shape
+    gen = [r.ids if (t and r is not None) else [] for t, r in zip(think, rolls, strict=True)]
+    T = max([len(g) for g in gen] + [0])
+    pad = emb.tokenizer.pad_token_id
+    ext = torch.full((n, 1 + T), pad, dtype=ids.dtype)  # [N, 1 + T]
+    ext_mask = torch.zeros((n, 1 + T), dtype=am.dtype)
+    for i, g in enumerate(gen):
+        if think[i]:
+            ext[i, 0] = emb.think_id
+            ext[i, 1:1 + len(g)] = torch.tensor(g, dtype=ids.dtype)
+            ext_mask[i, : 1 + len(g)] = 1
+    batch = dict(batch)
+    for k, v in batch.items():  # per-token side inputs (e.g. mm_token_type_ids): text = 0
+        if k not in ("input_ids", "attention_mask") and torch.is_tensor(v) \
+                and v.shape[:2] == ids.shape:
+            batch[k] = torch.cat([v, torch.zeros((n, 1 + T), dtype=v.dtype,
+                                                 device=v.device)], dim=1)
+    batch["input_ids"] = torch.cat([ids, ext.to(ids.device)], dim=1)  # [N, L + 1 + T]
+    batch["attention_mask"] = torch.cat([am, ext_mask.to(am.device)], dim=1)
+    hidden = emb.hidden_states(batch)  # [N, L + 1 + T, H]
+    w_gate = emb.model.lm_head.weight[[emb.emb_id, emb.think_id]]  # [2, H]
+    gate_lp = torch.log_softmax((hidden[:, L - 1] @ w_gate.T).float(), dim=-1)  # [N, 2]
+    act = torch.tensor([1 if t else 0 for t in think], device=hidden.device)
+    logp_gate = gate_lp.gather(1, act[:, None])  # [N, 1]
+    mask = torch.ones((n, 1 + T), device=hidden.device)
+    if T == 0:
+        return logp_gate, mask[:, :1]
+    h_r = hidden[:, L:L + T]  # [N, T, H]: position L (<think>) predicts the first id
+    lp = torch.log_softmax(emb.model.lm_head(h_r).float(), dim=-1)  # [N, T, V]
+    tgt = ext[:, 1:].to(hidden.device)  # [N, T]
+    logp_r = lp.gather(2, tgt[..., None]).squeeze(-1)  # [N, T]
+    mask[:, 1:] = ext_mask[:, 1:].to(hidden.device)
+    return torch.cat([logp_gate, logp_r * mask[:, 1:]], dim=1), mask
+
+
+@torch.no_grad()
+def rewards_for(emb: Embedder, inputs: list[EmbedInput], rationales: list[str | None],
+                n_tokens: list[int], malformed: list[bool], pools: list[list[str]],
+                cfg: GateConfig) -> dict[str, torch.Tensor]:
+    """Reward parts per rollout, each [N]; ``pools[i][0]`` is rollout i's positive."""
+    rc = cfg.reward
+    q = emb.embed([EmbedInput(x.text, x.instruction, x.images, rationale=r)
+                   for x, r in zip(inputs, rationales, strict=True)], mode="auto").embeddings
+    uniq = sorted({t for p in pools for t in p})
+    pos = {t: i for i, t in enumerate(uniq)}
+    tv = emb.encode([EmbedInput(text=t) for t in uniq], batch_size=64).embeddings.to(q.device)
+    hit, margin = [], []
+    for i, pool in enumerate(pools):
+        c = q[i] @ tv[[pos[t] for t in pool]].T  # [P]
+        hit.append(float(c[1:].numel() == 0 or bool(c[0] > c[1:].max())))
+        margin.append(float(c[0] - c[1:].max()) if c.numel() > 1 else 0.0)
+    hit_t, margin_t = torch.tensor(hit), torch.tensor(margin)
+    cost = torch.tensor([n / cfg.budget for n in n_tokens], dtype=torch.float32)
+    fmt = torch.tensor([float(m) for m in malformed])
+    total = rc.w_hit * hit_t + rc.w_margin * margin_t - rc.lambda_cost * cost \
+        - rc.format_penalty * fmt
+    return {"reward": total, "hit": hit_t, "margin": margin_t, "cost": cost, "malformed": fmt}
+
+
+def _deepspeed_engine(model: torch.nn.Module, cfg: GateConfig, n_params: int):
+    """DeepSpeed as in stage 4: single process here, launcher-driven on a cluster."""
+    import deepspeed
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    ds_cfg = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.bf16},
+        "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": 0.0,
+                                                   "torch_adam": True}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0,
+                                                      "warmup_max_lr": cfg.lr,
+                                                      "warmup_num_steps": max(1, cfg.warmup_steps)}},
+        "steps_per_print": 10**9,
+    }
+    del n_params
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_cfg)
+    return engine
+
+
+@torch.no_grad()
+def gate_report(enc: AdaptiveEncoder, rows: list[dict], image_root: str | None
+                ) -> dict[str, float]:
+    """Share of inputs the gate sends to reasoning (p > threshold), per family and task."""
+    inputs = [EmbedInput.from_row(r["qry_inst"], r["qry_text"], r["qry_img_path"], image_root)
+              for r in rows]
+    p = torch.cat([enc.p_think(inputs[s:s + 32]) for s in range(0, len(inputs), 32)]) \
+        if inputs else torch.zeros(0)
+    think = (p > enc.threshold).float()
+    out: dict[str, float] = {}
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        groups[f"family/{r.get('family') or 'none'}"].append(i)
+        groups[f"task/{r['task'] if 'task' in r else r['dataset']}"].append(i)
+    for k, ids in sorted(groups.items()):
+        out[f"reason_ratio/{k}"] = float(think[ids].mean())
+        out[f"p_think/{k}"] = float(p[ids].mean())
+    out["reason_ratio/all"] = float(think.mean()) if len(think) else 0.0
+    return out
+
+
+def run(cfg: GateConfig, log: StepLogger = null_logger) -> StageResult:
+    """Train the gate with GRPO; save the policy as the final adaptive model."""
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    queries = load_queries(cfg)
+    if len(queries) < cfg.queries_per_step:
+        raise ValueError(f"{cfg.data}: {len(queries)} queries, fewer than queries_per_step="
+                         f"{cfg.queries_per_step}; lower it or give more data")
+    policy = Embedder.from_pretrained(cfg.model)
+    ref_model = copy.deepcopy(policy.model).eval().requires_grad_(False)
+    ref = Embedder(ref_model, policy.processor, policy.config)
+    enc = AdaptiveEncoder(policy, budget=cfg.budget, threshold=cfg.threshold)
+    ref_enc = AdaptiveEncoder(ref, budget=cfg.budget)
+    eval_rows = io.read(cfg.eval, EVAL_ROWS).to_pylist() if cfg.eval else []
+    before = gate_report(enc, eval_rows, cfg.image_root)
+    start_params = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+    engine = _deepspeed_engine(policy.model, cfg, len(queries))
+    print(f"[gate] GRPO: {len(queries)} queries, {cfg.steps} steps x {cfg.queries_per_step} "
+          f"queries x G={cfg.group_size} rollouts, budget {cfg.budget} tokens, "
+          f"ZeRO-{cfg.zero_stage}", flush=True)
+    order: list[int] = []
+    steps: list[tuple[int, dict[str, float]]] = []
+    G = cfg.group_size
+    t_start = time.perf_counter()
+    for step in range(1, cfg.steps + 1):
+        t0 = time.perf_counter()
+        if len(order) < cfg.queries_per_step:
+            perm = list(range(len(queries)))
+            rng.shuffle(perm)
+            order += perm
+        idx, order = order[: cfg.queries_per_step], order[cfg.queries_per_step:]
+        # ---- rollouts (no grad): gate sampled, rationale sampled where it thinks
+        policy.model.eval()
+        qs = [queries[i].inp for i in idx]
+        p = enc.p_think(qs)  # [B]
+        p_rep = p.repeat_interleave(G)  # [B * G]
+        think = torch.bernoulli(p_rep, generator=torch.Generator().manual_seed(
+            cfg.seed * 100003 + step)).bool().tolist()
+        inputs = [qs[j // G] for j in range(len(p_rep))]
+        t_idx = [j for j, t in enumerate(think) if t]
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed * 7919 + step)
+            gen = enc.generate([inputs[j] for j in t_idx], do_sample=True,
+                               temperature=cfg.temperature) if t_idx else []
+        rolls: list[Rollout | None] = [None] * len(inputs)
+        for j, r in zip(t_idx, gen, strict=True):
+            rolls[j] = r
+        rats = [r.text if r is not None else None for r in rolls]
+        ntok = [len(r.ids) if r is not None else 0 for r in rolls]
+        malformed = [r is not None and not r.finished for r in rolls]
+        pools = [pl for pl in _pools(queries, idx, cfg.reward.pool_size, rng) for _ in range(G)]
+        parts = rewards_for(policy, inputs, rats, ntok, malformed, pools, cfg)
+        adv = group_advantages(parts["reward"].view(-1, G),
+                               scale=cfg.scale_advantages).flatten()  # [B * G]
+        with torch.no_grad():
+            logp_old, mask = rollout_logps(policy, enc, inputs, think, rolls)
+            logp_ref, _ = rollout_logps(ref, ref_enc, inputs, think, rolls)
+        # ---- policy update(s)
+        policy.model.train()
+        for _ in range(cfg.num_iterations):
+            logp, _ = rollout_logps(policy, enc, inputs, think, rolls)
+            lo = grpo_loss(logp, logp_old, logp_ref, adv.to(logp.device), mask,
+                           beta=cfg.beta, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                           aggregation=cfg.aggregation)
+            engine.backward(lo.loss)
+            engine.step()
+        fam = [queries[idx[j // G]].family or "none" for j in range(len(think))]
+        m = {"loss": float(lo.loss), "kl": float(lo.kl), "clip_fraction": float(lo.clip_fraction),
+             "reward": float(parts["reward"].mean()), "reward/hit": float(parts["hit"].mean()),
+             "reward/margin": float(parts["margin"].mean()),
+             "reward/cost": float(parts["cost"].mean()),
+             "reward/malformed": float(parts["malformed"].mean()),
+             "reason_ratio": sum(think) / len(think), "p_think": float(p.mean()),
+             "reason_len": (sum(ntok) / max(1, len(t_idx))),
+             "lr": float(engine.get_lr()[0]), "step_s": time.perf_counter() - t0}
+        for f in sorted(set(fam)):
+            ids = [j for j, x in enumerate(fam) if x == f]
+            m[f"reason_ratio/{f}"] = sum(think[j] for j in ids) / len(ids)
+        steps.append((step, m))
+        log(step, m)
+        if step == 1 or step % 5 == 0 or step == cfg.steps:
+            print(f"[gate] step {step}/{cfg.steps} reward {m['reward']:+.3f} "
+                  f"(hit {m['reward/hit']:.2f}) reason {m['reason_ratio']:.2f} "
+                  f"kl {m['kl']:.4f} {m['step_s']:.1f}s", flush=True)
+    policy.model.eval()
+    after = gate_report(enc, eval_rows, cfg.image_root)
+    changed = sum(int(not torch.equal(start_params[n], p.detach()))
+                  for n, p in policy.model.named_parameters())
+    policy_dir = policy.save_pretrained(out / "policy")
+    (policy_dir / "mmemb_gate.json").write_text(json.dumps(
+        {"threshold": cfg.threshold, "budget": cfg.budget}, indent=2))
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    first, last = steps[0][1], steps[-1][1]
+    k = max(1, len(steps) // 4)
+    metrics = {
+        "reward_first_quarter": sum(s[1]["reward"] for s in steps[:k]) / k,
+        "reward_last_quarter": sum(s[1]["reward"] for s in steps[-k:]) / k,
+        "params_changed": float(changed),
+        "params_total": float(len(start_params)),
+        "train_s": time.perf_counter() - t_start,
+        **{f"before/{a}": b for a, b in before.items()},
+        **{f"after/{a}": b for a, b in after.items()},
+    }
+    del first, last
+    summary = (f"gate: reward {metrics['reward_first_quarter']:+.3f} -> "
+               f"{metrics['reward_last_quarter']:+.3f}; reasoning ratio on eval "
+               + ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in after.items()
+                           if k.startswith("reason_ratio/family/")))
+    print(f"[gate] {summary}", flush=True)
+    (out / "gate_summary.json").write_text(json.dumps(metrics, indent=2))
+    return StageResult("gate", metrics=metrics, step_metrics=steps,
+                       files={"gate_summary": out / "gate_summary.json"},
+                       models={"policy": policy_dir}, summary=summary)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Stage 5: GRPO training of the reasoning gate.")
+    ap.add_argument("--config", help="YAML config file")
+    ap.add_argument("--section", default="gate", help="section of the YAML to read")
+    for k in ("model", "data", "image-root", "eval", "out"):
+        ap.add_argument(f"--{k}")
+    ap.add_argument("--steps", type=int)
+    a = ap.parse_args(argv)
+    over = {k.replace("-", "_"): v for k, v in {
+        "model": a.model, "data": a.data, "image-root": a.image_root, "eval": a.eval,
+        "out": a.out, "steps": a.steps}.items() if v is not None}
+    cfg = (GateConfig.from_yaml(a.config, a.section, over) if a.config
+           else GateConfig.from_dict(over))
+    print(run(cfg).summary)
+
+
+if __name__ == "__main__":
+    main()

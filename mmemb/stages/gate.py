@@ -171,9 +171,9 @@ def _deepspeed_engine(model: torch.nn.Module, cfg: GateConfig, n_params: int):
         "bf16": {"enabled": cfg.bf16},
         "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": 0.0,
                                                    "torch_adam": True}},
-        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0,
-                                                      "warmup_max_lr": cfg.lr,
-                                                      "warmup_num_steps": max(1, cfg.warmup_steps)}},
+        "scheduler": {"type": "WarmupLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr,
+            "warmup_num_steps": max(1, cfg.warmup_steps)}},
         "steps_per_print": 10**9,
     }
     del n_params

@@ -79,8 +79,9 @@ class Embedder(torch.nn.Module):
     """A Qwen-VL generative model used as an embedder (direct or reasoning mode)."""
 
     def __init__(self, model, processor, config: EmbeddingConfig | None = None,
-                 max_pixels: int = 1024 * 1024):
+                 max_pixels: int = 1024 * 1024, max_text_tokens: int = 2048):
         super().__init__()
+        self.max_text_tokens = max_text_tokens
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -103,7 +104,8 @@ class Embedder(torch.nn.Module):
                         device: str | torch.device | None = None,
                         expect: EmbeddingConfig | None = None, add_special_tokens: bool = False,
                         trust_remote_code: bool = False, attn_implementation: str = "sdpa",
-                        max_pixels: int = 1024 * 1024) -> Embedder:
+                        max_pixels: int = 1024 * 1024, max_text_tokens: int = 2048
+                        ) -> Embedder:
         """Load a checkpoint; refuse one whose saved embedding config differs from ``expect``.
 
         A base model without ``<think>``/``</think>``/``<emb>`` (a fresh Qwen checkpoint) is
@@ -134,7 +136,7 @@ class Embedder(torch.nn.Module):
             if new:
                 tok.add_special_tokens({"additional_special_tokens": new})
                 model.resize_token_embeddings(len(tok))
-        emb = cls(model, processor, cfg, max_pixels=max_pixels)
+        emb = cls(model, processor, cfg, max_pixels=max_pixels, max_text_tokens=max_text_tokens)
         if device is not None:
             emb.to(device)
         return emb
@@ -173,6 +175,7 @@ class Embedder(torch.nn.Module):
     def prompts(self, inputs: list[EmbedInput], mode: Mode = "direct") -> list[str]:
         """Prompt strings: ``direct`` ignores rationales, ``reason`` requires one per input,
         ``auto`` reasons exactly where a rationale is given (mixed batches)."""
+        inputs = [self._clip(x) for x in inputs]
         if mode == "direct":
             return [embed_prompt(EmbedInput(x.text, x.instruction, x.images), self.config)
                     for x in inputs]
@@ -184,6 +187,22 @@ class Embedder(torch.nn.Module):
         elif mode != "auto":
             raise ValueError(f"mode={mode!r}: choose 'direct', 'reason' or 'auto'")
         return [embed_prompt(x, self.config) for x in inputs]
+
+    def _clip(self, x: EmbedInput) -> EmbedInput:
+        """Keep the first ``max_text_tokens`` tokens of text and rationale (documented
+        handling of huge inputs: the prompt still ends at ``<emb>``, memory stays bounded)."""
+        def clip(t: str | None) -> str | None:
+            if t is None or len(t) <= self.max_text_tokens:  # a token has >= 1 character
+                return t
+            ids = self.tokenizer(t, add_special_tokens=False)["input_ids"]
+            if len(ids) <= self.max_text_tokens:
+                return t
+            return self.tokenizer.decode(ids[: self.max_text_tokens])
+
+        text, rat = clip(x.text), clip(x.rationale)
+        if text is x.text and rat is x.rationale:
+            return x
+        return EmbedInput(text or "", x.instruction, x.images, rat)
 
     # ------------------------------------------------------------------ forward
     def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,78 @@
+"""Evaluation stage config: which model, which data, which modes, and the harness knobs.
+
+Used by ``python -m mmemb.stages.evaluate --config configs/demo.yaml --section evaluate``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from mmemb.configs.base import StageConfig
+
+ModeName = Literal["direct", "reason", "adaptive"]
+
+
+class EvaluateConfig(StageConfig):
+    """Score a checkpoint on MMEB-V2 (a local download) or on eval-rows artifacts."""
+
+    model: str = Field(..., description="checkpoint folder (or hub id in the local cache)")
+    eval: str = Field(..., description="eval_rows artifact / .parquet, or an MMEB-V2 download "
+                      "root folder (layout in docs/evaluation.md)")
+    corpus: str | None = Field(None, description="eval_corpus artifact for global tasks; "
+                               "default: 'eval_corpus' beside the rows, or the MMEB loader's")
+    image_root: str | None = Field(None, description="folder image/frame paths are relative "
+                                   "to; default for an MMEB root: the root itself")
+    out: str = "runs/evaluate"
+
+    modes: list[ModeName] = Field(default_factory=lambda: ["direct", "reason", "adaptive"],
+                                  description="inference modes to score, side by side")
+    tasks: list[str] | None = Field(None, description="task names (default: every task in "
+                                    "the data / all 78 of MMEB-V2)")
+    categories: list[str] | None = None
+    modalities: list[Literal["image", "video", "visdoc"]] | None = None
+    max_queries: int | None = Field(None, ge=1, description="first N queries per task (a "
+                                    "quick subset; the corpus of global tasks stays whole)")
+    skip_missing: bool = Field(False, description="MMEB root: skip tasks whose files are "
+                               "absent (reported as missing) instead of failing")
+    num_frames: int = Field(8, ge=1, description="frames sampled per video (MMEB-V2: 8)")
+
+    baseline: str | None = Field(None, description=".json/.csv of per-task scores (e.g. a "
+                                 "published model) or an earlier run's results folder")
+    baseline_mode: ModeName | None = Field(None, description="which mode of a results-folder "
+                                           "baseline (default: direct)")
+    baseline_name: str = "baseline"
+
+    reason_on_candidates: bool = Field(
+        False, description="embed candidates in the query's mode instead of direct; the gate "
+        "is a query-side decision, so the default indexes targets once, in direct mode")
+    batch_size: int = Field(16, ge=1, description="inputs per forward pass (1 = true "
+                            "per-query latency)")
+    budget: int = Field(64, ge=1, description="max reasoning tokens per query")
+    threshold: float = Field(0.5, ge=0, le=1, description="adaptive: reason if p(<think>) > "
+                             "threshold")
+    temperature: float = Field(0.0, ge=0, description="rationale sampling; 0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    chunk_size: int = Field(256, ge=1, description="inputs per cache chunk (resume unit)")
+    cache_dir: str | None = Field(None, description="embedding cache; default <out>/cache")
+    image_cache: str | None = Field(None, description="where visdoc page images are written; "
+                                    "default <MMEB root>/visdoc-tasks/_images")
+    device: str | None = Field(None, description="default: cuda when available, else cpu")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_pixels: int = Field(1024 * 1024, ge=28 * 28)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluateConfig:
+        if not self.modes:
+            raise ValueError("modes is empty: list at least one of direct, reason, adaptive")
+        if len(set(self.modes)) != len(self.modes):
+            raise ValueError(f"modes {self.modes} repeats a mode; list each once")
+        if self.baseline_mode is not None and self.baseline is None:
+            raise ValueError("baseline_mode is set but baseline is not: set baseline to an "
+                             "earlier run's results folder, or drop baseline_mode")
+        if self.reason_on_candidates and set(self.modes) == {"direct"}:
+            raise ValueError("reason_on_candidates=True has no effect with modes=[direct]; "
+                             "add 'reason' or 'adaptive' to modes, or drop it")
+        return self

@@ -1,0 +1,775 @@
+"""The evaluation harness: one code path scores MMEB-V2 and the synthetic benchmark.
+
+Any object with ``encode(inputs: list[EmbedInput], mode: str) -> EncodeResult`` is an
+:class:`Encoder`: the plain :class:`EmbedderEncoder` below (direct mode, and reasoning mode
+with given rationales) or :class:`mmemb.inference.AdaptiveEncoder` (direct | reason |
+adaptive, generating rationales). The harness reads only the result's fields, so it cannot
+tell them apart and does not need to.
+
+Per task and mode it
+
+1. embeds the candidates once per unique (instruction, text, image) of the task, or the
+   whole corpus of a globally ranked task, and the queries; both are cached as
+   ``EMBEDDINGS`` Parquet under ``<out>/cache/<model key>/<suite>/<task>/<rows digest>/``,
+   written in chunks so an interrupted task resumes mid-way and a finished task is never
+   recomputed for the same model, mode and rows;
+2. ranks each query's own candidate list (local tasks) or the whole corpus (global tasks)
+   by cosine similarity and scores it with :mod:`mmemb.eval.metrics`;
+3. writes one ``EVAL_RESULTS`` row per (task, mode) with the query-side reasoning ratio,
+   generated tokens and latency (mean, p50, p95).
+
+Candidates are embedded in direct mode by default (``reason_on_candidates=False``): in this
+method the gate is a *query-side* decision (the model learns when a query needs an
+inference step before it can match a target), candidates are encoded once and indexed like a
+retrieval corpus, and generating a rationale for every one of a corpus's items would
+multiply the cost by the corpus size for no trained benefit. Set it to ``True`` to embed
+candidates in the query's mode (an ablation).
+
+Inputs that fail (unreadable image, empty frame folder, an exception in the encoder) are
+kept as rows with ``status='error'``: a failed query counts as a miss, a failed candidate
+can never be ranked first, and the task's result row carries ``status='error'`` with the
+count and the first message, so a partial failure is never reported as a clean score.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_contracts import io
+from data_contracts.io import ContractError
+from data_contracts.schemas import EMBEDDINGS, EVAL_CORPUS, EVAL_RESULTS, EVAL_ROWS
+from mmemb.data.mmeb import NUM_FRAMES, media_files
+from mmemb.eval import metrics, report
+from mmemb.eval import synthetic as _synthetic  # noqa: F401  (registers the 'synthetic' suite)
+from mmemb.eval.tasks import TaskSpec, get_task, select_tasks
+from mmemb.model.prompts import EmbedInput
+
+MODES = ("direct", "reason", "adaptive")
+Log = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------- protocol
+
+@dataclass
+class EncodeResult:
+    """Embeddings plus how each was produced, one entry per input."""
+
+    embeddings: Any  # [N, H] torch.Tensor or np.ndarray
+    reasoned: list[bool] = field(default_factory=list)
+    rationales: list[str | None] = field(default_factory=list)
+    n_gen_tokens: list[int] = field(default_factory=list)
+    latency_ms: list[float] = field(default_factory=list)
+    n_prompt_tokens: list[int] = field(default_factory=list)
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """What the harness needs from a model: embed inputs in a mode, report how."""
+
+    def encode(self, inputs: list[EmbedInput], mode: str) -> EncodeResult: ...
+
+
+class EmbedderEncoder:
+    """An :class:`~mmemb.model.embedder.Embedder` as an :class:`Encoder`.
+
+    ``direct``: one forward pass per input. ``reason``: the rationale already on each input
+    (e.g. a teacher's) is placed in ``<think>..</think>`` before ``<emb>``; nothing is
+    generated, so ``n_gen_tokens`` is 0. Generated reasoning and the adaptive gate are
+    :class:`mmemb.inference.AdaptiveEncoder`'s job. Per-input latency is its share of its
+    batch's wall time (``batch_size=1`` gives true per-query latency).
+    """
+
+    modes = ("direct", "reason")
+
+    def __init__(self, embedder, batch_size: int = 16):
+        self.embedder = embedder
+        self.batch_size = batch_size
+
+    def encode(self, inputs: list[EmbedInput], mode: str = "direct") -> EncodeResult:
+        import torch
+
+        if mode not in self.modes:
+            raise ValueError(f"mode={mode!r}: EmbedderEncoder does {self.modes}; for generated "
+                             "reasoning and 'adaptive' use mmemb.inference.AdaptiveEncoder")
+        res = EncodeResult(None)
+        chunks = []
+        for s in range(0, len(inputs), self.batch_size):
+            batch = inputs[s:s + self.batch_size]
+            t0 = time.perf_counter()
+            out = self.embedder.encode(batch, batch_size=len(batch), mode=mode)
+            dt = 1000 * (time.perf_counter() - t0) / len(batch)
+            chunks.append(out.embeddings)
+            res.latency_ms += [dt] * len(batch)
+            res.n_prompt_tokens += [int(n) for n in out.n_tokens]
+        res.embeddings = (torch.cat(chunks) if chunks
+                          else torch.zeros(0, self.embedder.hidden_size))
+        res.reasoned = [mode == "reason"] * len(inputs)
+        res.rationales = [x.rationale if mode == "reason" else None for x in inputs]
+        res.n_gen_tokens = [0] * len(inputs)
+        return res
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def checkpoint_digest(path: str | Path, memo: str | Path | None = None) -> str:
+    """Content digest of a checkpoint folder (every file), memoised by (name, size, mtime)
+    in ``memo`` so a multi-GB checkpoint is hashed once, not on every evaluation."""
+    path = Path(path)
+    if not path.exists():
+        return _digest({"id": str(path)})  # a hub id: its name is all we can key on
+    files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file())
+    memo_path = Path(memo) if memo else None
+    table: dict[str, str] = {}
+    if memo_path and memo_path.is_file():
+        try:
+            table = json.loads(memo_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            table = {}
+    parts = []
+    for p in files:
+        st = p.stat()
+        key = f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        if key not in table:
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                    h.update(chunk)
+            table[key] = h.hexdigest()
+        parts.append((str(p.relative_to(path)) if path.is_dir() else p.name, table[key]))
+    if memo_path:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_name(f".{memo_path.name}.tmp")
+        tmp.write_text(json.dumps(table))
+        tmp.replace(memo_path)
+    return _digest(parts)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _as_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def _normalise(e: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(e, axis=1, keepdims=True)  # [N, 1]
+    return np.where(n > 0, e / np.maximum(n, 1e-12), 0.0).astype(np.float32)  # [N, H]
+
+
+@dataclass
+class EmbedItem:
+    """One thing to embed, with its contract id; ``error`` when its media cannot be read."""
+
+    id: str
+    inp: EmbedInput | None
+    error: str | None = None
+
+
+@dataclass
+class Embedded:
+    """Cached embeddings of one side of a task, in item order."""
+
+    ids: list[str]
+    emb: np.ndarray  # [N, H] L2-normalised; zeros where status != ok
+    ok: np.ndarray  # [N] bool
+    rows: list[dict]  # EMBEDDINGS rows (without the vector)
+    computed: int = 0  # inputs encoded in this call (0 = fully cached)
+
+
+def _make_items(ids: Sequence[str], insts: Sequence[str | None], texts: Sequence[str | None],
+                imgs: Sequence[str | None], image_root: str | Path | None,
+                num_frames: int) -> list[EmbedItem]:
+    out = []
+    for i, inst, text, img in zip(ids, insts, texts, imgs, strict=True):
+        try:
+            files = media_files(img or "", image_root, num_frames)
+            out.append(EmbedItem(i, EmbedInput(text=text or "", instruction=inst or "",
+                                           images=files)))
+        except (OSError, ValueError) as e:
+            out.append(EmbedItem(i, None, f"{type(e).__name__}: {e}"))
+    return out
+
+
+def _result_lists(res: Any, n: int, wall_ms: float) -> dict[str, list]:
+    """Per-input fields of an encoder's result, defaulted where an encoder omits one."""
+    def get(name, default):
+        v = list(getattr(res, name, None) or [])
+        if v and len(v) != n:
+            raise ValueError(f"encoder returned {len(v)} {name} for {n} inputs")
+        return v or [default] * n
+
+    lat = get("latency_ms", wall_ms / max(n, 1))
+    return {"reasoned": [bool(x) for x in get("reasoned", False)],
+            "rationale": get("rationales", None),
+            "n_gen_tokens": [int(x) for x in get("n_gen_tokens", 0)],
+            "n_prompt_tokens": [int(x) for x in get("n_prompt_tokens", 0)] or [0] * n,
+            "latency_ms": [float(x) for x in lat]}
+
+
+def _encode_chunk(encoder: Encoder, items: list[EmbedItem], mode: str, task: str, side: str
+                  ) -> tuple[np.ndarray | None, list[dict]]:
+    """Encode the items that have inputs; on an exception retry one by one so a single bad
+    input fails alone. Returns ([n, H] or None when nothing succeeded, EMBEDDINGS rows)."""
+    rows = [{"id": it.id, "task": task, "side": side, "mode": mode, "embedding": None,
+             "reasoned": False, "rationale": None, "n_prompt_tokens": None,
+             "n_gen_tokens": 0, "latency_ms": None, "status": "error", "error": it.error}
+            for it in items]
+    live = [k for k, it in enumerate(items) if it.inp is not None]
+    vecs: dict[int, np.ndarray] = {}
+
+    def run(idx: list[int]) -> None:
+        t0 = time.perf_counter()
+        res = encoder.encode([items[k].inp for k in idx], mode)
+        wall = 1000 * (time.perf_counter() - t0)
+        e = _as_numpy(res.embeddings)  # [n, H]
+        if e.ndim != 2 or e.shape[0] != len(idx):
+            raise ValueError(f"encoder returned embeddings of shape {e.shape} for {len(idx)} "
+                             "inputs")
+        fields = _result_lists(res, len(idx), wall)
+        for j, k in enumerate(idx):
+            if not np.isfinite(e[j]).all():
+                rows[k].update(status="error", error="non-finite embedding")
+                continue
+            vecs[k] = e[j]
+            rows[k].update(status="ok", error=None, reasoned=fields["reasoned"][j],
+                           rationale=fields["rationale"][j],
+                           n_gen_tokens=fields["n_gen_tokens"][j],
+                           n_prompt_tokens=fields["n_prompt_tokens"][j] or None,
+                           latency_ms=fields["latency_ms"][j])
+
+    if live:
+        try:
+            run(live)
+        except Exception as e:  # noqa: BLE001 - isolate the failing input(s)
+            if len(live) == 1:
+                rows[live[0]]["error"] = f"{type(e).__name__}: {e}"
+            else:
+                for k in live:
+                    try:
+                        run([k])
+                    except Exception as e1:  # noqa: BLE001
+                        rows[k]["error"] = f"{type(e1).__name__}: {e1}"
+    if not vecs:
+        return None, rows
+    dim = next(iter(vecs.values())).shape[0]
+    out = np.zeros((len(items), dim), dtype=np.float32)  # [n, H]
+    for k, v in vecs.items():
+        out[k] = v
+    for k, r in enumerate(rows):
+        r["embedding"] = out[k].tolist() if r["status"] == "ok" else []
+    return out, rows
+
+
+def encode_cached(encoder: Encoder, items: list[EmbedItem], folder: Path, mode: str, task: str,
+                  side: str, chunk_size: int = 256, log: Log = print) -> Embedded:
+    """Embed ``items`` through a chunked Parquet cache under ``folder``.
+
+    ``folder/embeddings`` (a complete ``EMBEDDINGS`` artifact) means done; otherwise
+    ``folder/chunks/chunk-NNNNN.parquet`` files (each written atomically) are reused and
+    only the missing chunks are encoded.
+    """
+    ids = [it.id for it in items]
+    final = folder / "embeddings"
+    if io.exists(final):
+        table = io.read(final, EMBEDDINGS)
+        if table.column("id").to_pylist() == ids:
+            return _embedded(table, ids, computed=0)
+        log(f"[evaluate] {task}/{side}/{mode}: cache holds other ids; recomputing")
+    chunks_dir = folder / "chunks"
+    tables, computed = [], 0
+    for c, s in enumerate(range(0, len(items), chunk_size)):
+        part = items[s:s + chunk_size]
+        path = chunks_dir / f"chunk-{c:05d}.parquet"
+        if path.is_file():
+            try:
+                t = io.conform(pq.read_table(path), EMBEDDINGS, str(path))
+                if t.column("id").to_pylist() == [it.id for it in part]:
+                    tables.append(t)
+                    continue
+            except (ContractError, pa.ArrowException, OSError):
+                pass  # a stale or foreign chunk: recompute it
+        _, rows = _encode_chunk(encoder, part, mode, task, side)
+        computed += len(part)
+        t = io.conform(rows, EMBEDDINGS, str(path))
+        io.atomic_write_parquet(t, path)
+        tables.append(t)
+        if len(items) > chunk_size:
+            log(f"[evaluate] {task}: {side} ({mode}) {min(s + chunk_size, len(items))}"
+                f"/{len(items)}")
+    table = pa.concat_tables(tables) if tables else io.conform([], EMBEDDINGS)
+    io.write(table, final, EMBEDDINGS)
+    shutil.rmtree(chunks_dir, ignore_errors=True)
+    return _embedded(table, ids, computed)
+
+
+def _embedded(table: pa.Table, ids: list[str], computed: int) -> Embedded:
+    rows = table.drop_columns(["embedding"]).to_pylist()
+    vecs = table.column("embedding").to_pylist()
+    ok = np.array([r["status"] == "ok" for r in rows], dtype=bool)  # [N]
+    dim = max((len(v) for v in vecs if v), default=1)
+    emb = np.zeros((len(ids), dim), dtype=np.float32)  # [N, H]
+    for k, v in enumerate(vecs):
+        if ok[k]:
+            emb[k] = v
+    return Embedded(ids, _normalise(emb), ok, rows, computed)
+
+
+# --------------------------------------------------------------------------- one task
+
+@dataclass
+class TaskData:
+    """A task's rows (EVAL_ROWS dicts) and corpus (EVAL_CORPUS dicts, global tasks)."""
+
+    spec: TaskSpec
+    rows: list[dict]
+    corpus: list[dict]
+
+
+@dataclass
+class TaskScore:
+    spec: TaskSpec
+    mode: str
+    per_query: np.ndarray  # [Nq] metric per query
+    query_rows: list[dict]  # EMBEDDINGS rows of the queries (reasoned, tokens, latency)
+    failures: list[str]
+    computed: int  # inputs encoded in this run (0 = all cached)
+
+    @property
+    def score(self) -> float:
+        return float(self.per_query.mean())
+
+
+def _candidates(td: TaskData, image_root, num_frames
+                ) -> tuple[list[EmbedItem], list[list[int]], list]:
+    """Unique candidate items, and per query the candidate indices and gains (a dense
+    array over its own list for local tasks, {corpus index: gain} for global ones)."""
+    spec = td.spec
+    if spec.ranking == "global":
+        if not td.corpus:
+            raise ContractError(f"task {spec.name}", "a globally ranked task needs its corpus "
+                                "(EVAL_CORPUS rows) and none was given.",
+                                fix="pass the eval_corpus artifact (evaluate.corpus)")
+        index = {c["cand_id"]: k for k, c in enumerate(td.corpus)}
+        items = _make_items([c["cand_id"] for c in td.corpus],
+                            [c["cand_inst"] for c in td.corpus],
+                            [c["cand_text"] for c in td.corpus],
+                            [c["cand_img_path"] for c in td.corpus], image_root, num_frames)
+        all_idx = list(range(len(items)))
+        lists, gains = [], []
+        for r in td.rows:
+            g: dict[int, float] = {}  # sparse: a corpus can hold 10^4+ items per query
+            for cid, rel in zip(r["tgt_id"] or [], r["tgt_rel"] or [], strict=True):
+                if cid not in index:
+                    raise ContractError(f"task {spec.name}", f"row {r['row_id']!r}: target "
+                                        f"{cid!r} is not in the task's corpus.",
+                                        column="tgt_id", fix="regenerate the rows and corpus "
+                                        "together (mmemb.data.mmeb)")
+                g[index[cid]] = max(g.get(index[cid], 0.0), float(rel))
+            lists.append(all_idx)
+            gains.append(g)
+        return items, lists, gains
+    key_to_idx: dict[tuple, int] = {}
+    keys: list[tuple] = []
+    lists, gains = [], []
+    for r in td.rows:
+        idx = []
+        for text, img in zip(r["tgt_text"] or [], r["tgt_img_path"] or [], strict=True):
+            key = (r["tgt_inst"] or "", text or "", img or "")
+            if key not in key_to_idx:
+                key_to_idx[key] = len(keys)
+                keys.append(key)
+            idx.append(key_to_idx[key])
+        lists.append(idx)
+        gains.append(np.asarray(r["tgt_rel"] or [], dtype=np.float64))
+    ids = [hashlib.sha1(json.dumps(k).encode()).hexdigest()[:16] for k in keys]
+    items = _make_items(ids, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys],
+                        image_root, num_frames)
+    return items, lists, gains
+
+
+def score_task(encoder: Encoder, td: TaskData, modes: Sequence[str],
+               cache: Callable[[str, str], Path], *, image_root: str | Path | None = None,
+               num_frames: int = NUM_FRAMES, reason_on_candidates: bool = False,
+               chunk_size: int = 256, log: Log = print) -> list[TaskScore]:
+    """Embed (through the cache), rank and score one task in each mode.
+
+    ``cache(side, mode)`` is the cache folder of one side ('query' | 'candidate') embedded in
+    ``mode``; direct-mode candidates are therefore shared by every query mode.
+    """
+    spec = td.spec
+    items, lists, gains = _candidates(td, image_root, num_frames)
+    queries = _make_items([r["row_id"] for r in td.rows], [r["qry_inst"] for r in td.rows],
+                          [r["qry_text"] for r in td.rows], [r["qry_img_path"] for r in td.rows],
+                          image_root, num_frames)
+    kind, _k = metrics._parse_metric(spec.metric)
+    out = []
+    cand_cache: dict[str, Embedded] = {}
+    for mode in modes:
+        cmode = mode if reason_on_candidates else "direct"
+        if cmode not in cand_cache:
+            cand_cache[cmode] = encode_cached(encoder, items, cache("candidate", cmode), cmode,
+                                              spec.name, "candidate", chunk_size, log)
+        cand = cand_cache[cmode]
+        qry = encode_cached(encoder, queries, cache("query", mode), mode, spec.name, "query",
+                            chunk_size, log)
+        if cand.emb.shape[1] != qry.emb.shape[1] and cand.ok.any() and qry.ok.any():
+            raise ValueError(f"task {spec.name}: query dim {qry.emb.shape[1]} != candidate dim "
+                             f"{cand.emb.shape[1]}")
+        dim = max(cand.emb.shape[1], qry.emb.shape[1])
+        c_emb = np.pad(cand.emb, ((0, 0), (0, dim - cand.emb.shape[1])))  # [Nc, H]
+        q_emb = np.pad(qry.emb, ((0, 0), (0, dim - qry.emb.shape[1])))  # [Nq, H]
+        rows_scores, rels = [], []
+        if spec.ranking == "global":
+            sim = q_emb @ c_emb.T  # [Nq, Nc]
+            sim[:, ~cand.ok] = -np.inf
+            rows_scores = list(sim)
+        else:
+            for q, idx in enumerate(lists):
+                s = c_emb[idx] @ q_emb[q]  # [n_cand]
+                s[~cand.ok[idx]] = -np.inf
+                rows_scores.append(s)
+        for g in gains:
+            if isinstance(g, dict):
+                rels.append([i for i, v in g.items() if v > 0] if kind == "hit" else g)
+            else:
+                rels.append(g > 0 if kind == "hit" else g)
+        try:
+            per_query = metrics.query_scores(rows_scores, rels, spec.metric)
+        except ValueError as e:
+            raise ValueError(f"task {spec.name}: {e}") from None
+        per_query[~qry.ok] = 0.0  # a query that could not be embedded is a miss
+        failures = []
+        for side, emb in (("query", qry), ("candidate", cand)):
+            bad = [r for r in emb.rows if r["status"] != "ok"]
+            if bad:
+                failures.append(f"{len(bad)} of {len(emb.rows)} {side} inputs failed "
+                                f"(first: {bad[0]['id']}: {bad[0]['error']})")
+        computed = qry.computed + cand.computed
+        cand.computed = 0  # count a shared candidate encoding once
+        out.append(TaskScore(spec, mode, per_query, qry.rows, failures, computed))
+    return out
+
+
+# --------------------------------------------------------------------------- the run
+
+def _group_tasks(rows: pa.Table, corpus: pa.Table | None, names: Iterable[str] | None,
+                 categories, modalities, max_queries: int | None) -> tuple[str, list[TaskData]]:
+    suites_ = sorted(set(rows.column("suite").to_pylist()))
+    if len(suites_) != 1:
+        raise ContractError("eval rows", f"rows mix suites {suites_}; evaluate one suite at a "
+                            "time (filter the rows by 'suite').", column="suite")
+    suite = suites_[0]
+    present = list(dict.fromkeys(rows.column("task").to_pylist()))
+    for t in present:
+        get_task(t, suite)  # unknown task -> error with a did-you-mean hint
+    specs = select_tasks(suite, names=present if names is None else list(names),
+                         categories=categories, modalities=modalities)
+    specs = [s for s in specs if s.name in set(present)]
+    if names is not None:
+        absent = [n for n in names if n not in set(present)]
+        if absent:
+            raise ContractError("eval rows", f"selected task(s) {absent} have no rows in the "
+                                "eval data.", fix="drop them from evaluate.tasks or load them")
+    if not specs:
+        raise ContractError("eval rows", "the task selection matches no task in the eval data.",
+                            fix="check evaluate.tasks / categories / modalities")
+    by_task: dict[str, list[dict]] = {}
+    for r in rows.to_pylist():
+        by_task.setdefault(r["task"], []).append(r)
+    corp: dict[str, list[dict]] = {}
+    if corpus is not None:
+        for c in corpus.to_pylist():
+            corp.setdefault(c["task"], []).append(c)
+    out = []
+    for s in specs:
+        trows = by_task[s.name]
+        for r in trows[:1]:
+            got = {"modality": r["modality"], "category": r["category"], "metric": r["metric"]}
+            want = {"modality": s.modality, "category": s.category, "metric": s.metric}
+            if got != want:
+                raise ContractError("eval rows", f"task {s.name!r}: rows say {got} but the "
+                                    f"registry says {want}.", fix="regenerate the eval rows")
+        if max_queries is not None:
+            trows = trows[:max_queries]
+        out.append(TaskData(s, trows, corp.get(s.name, [])))
+    return suite, out
+
+
+@dataclass
+class EvalRun:
+    """What one evaluation produced."""
+
+    results: pa.Table  # EVAL_RESULTS
+    aggregates: dict[str, dict]  # mode -> metrics.aggregate(...)
+    per_input: list[dict]  # query-side rows for the reasoning report
+    files: dict[str, Path]
+    suite: str
+    computed: int  # inputs encoded in this run (0 = everything came from the cache)
+
+
+def evaluate(encoder: Encoder, rows: pa.Table, corpus: pa.Table | None, out: str | Path, *,
+             modes: Sequence[str] = ("direct",), model_id: str,
+             mode_settings: Mapping[str, Mapping] | None = None,
+             image_root: str | Path | None = None, tasks: Iterable[str] | None = None,
+             categories: Iterable[str] | None = None, modalities: Iterable[str] | None = None,
+             max_queries: int | None = None, num_frames: int = NUM_FRAMES,
+             reason_on_candidates: bool = False, chunk_size: int = 256,
+             baseline: Mapping[str, float] | None = None, baseline_name: str = "baseline",
+             cache_dir: str | Path | None = None, log: Log = print) -> EvalRun:
+    """Score ``encoder`` on the eval rows in each mode; write results, report and plot.
+
+    ``model_id`` keys the cache (use :func:`checkpoint_digest`); ``mode_settings`` adds what
+    changes a mode's embeddings (reasoning budget, gate threshold...) to that mode's key, so
+    changing the threshold recomputes adaptive embeddings only.
+    """
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"modes {list(modes)}: choose from {MODES}")
+    out = Path(out)
+    cache_root = Path(cache_dir) if cache_dir else out / "cache"
+    io.validate(rows, EVAL_ROWS, "eval rows")
+    suite, tds = _group_tasks(rows, corpus, tasks, categories, modalities, max_queries)
+    settings = dict(mode_settings or {})
+    scores: list[TaskScore] = []
+    root_key = str(Path(image_root).resolve()) if image_root else ""
+    log(f"[evaluate] suite {suite}: {len(tds)} task(s), modes {', '.join(modes)}; "
+        f"cache {cache_root}")
+    mode_key = {m: _digest({"model": model_id, "mode": m, "settings": settings.get(m, {})})[:16]
+                for m in MODES}
+    for n, td in enumerate(tds):
+        t0 = time.perf_counter()
+        rows_key = _digest({"rows": td.rows, "corpus": td.corpus, "frames": num_frames,
+                            "root": root_key})[:16]
+
+        def folder(side: str, mode: str, td=td, rows_key=rows_key) -> Path:
+            return (cache_root / mode_key[mode] / _safe(suite) / _safe(td.spec.name) / rows_key
+                    / side)
+
+        got = score_task(encoder, td, modes, folder, image_root=image_root,
+                         num_frames=num_frames, reason_on_candidates=reason_on_candidates,
+                         chunk_size=chunk_size, log=log)
+        scores += got
+        dt = time.perf_counter() - t0
+        enc = sum(s.computed for s in got)
+        parts = ", ".join(f"{s.mode} {100 * s.score:.1f}" for s in got)
+        log(f"[evaluate] {n + 1}/{len(tds)} {td.spec.name} ({len(td.rows)} queries, "
+            f"{td.spec.ranking}): {parts} ({td.spec.metric})"
+            + (f"; {enc} inputs embedded in {dt:.1f}s" if enc else "; cached"))
+    results = _results_table(suite, scores)
+    per_input = _per_input(scores)
+    aggs = {m: metrics.aggregate(_agg_rows(results, m)) for m in modes}
+    files = write_report(out, results, aggs, per_input, baseline, baseline_name,
+                         model_id=model_id)
+    ref = io.write(results, out / "results", EVAL_RESULTS)
+    files["results"] = Path(ref.uri)
+    return EvalRun(results, aggs, per_input, files, suite, sum(s.computed for s in scores))
+
+
+def _results_table(suite: str, scores: list[TaskScore]) -> pa.Table:
+    out = []
+    for s in scores:
+        lat = np.array([r["latency_ms"] for r in s.query_rows if r["status"] == "ok"
+                        and r["latency_ms"] is not None], dtype=np.float64)  # [n_ok]
+        ok = [r for r in s.query_rows if r["status"] == "ok"]
+        out.append({
+            "suite": suite, "task": s.spec.name, "modality": s.spec.modality,
+            "category": s.spec.category, "metric": s.spec.metric, "mode": s.mode,
+            "score": s.score, "n_queries": int(s.per_query.size),
+            "reasoning_ratio": float(np.mean([bool(r["reasoned"]) for r in ok])) if ok
+            else None,
+            "mean_gen_tokens": float(np.mean([r["n_gen_tokens"] or 0 for r in ok])) if ok
+            else None,
+            "latency_mean_ms": float(lat.mean()) if lat.size else None,
+            "latency_p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
+            "latency_p95_ms": float(np.percentile(lat, 95)) if lat.size else None,
+            "status": "error" if s.failures else "ok",
+            "error": "; ".join(s.failures) or None,
+        })
+    return io.conform(out, EVAL_RESULTS)
+
+
+def _agg_rows(results: pa.Table, mode: str) -> list[dict]:
+    return [r for r in results.to_pylist() if r["mode"] == mode]
+
+
+def _per_input(scores: list[TaskScore]) -> list[dict]:
+    out = []
+    for s in scores:
+        for r in s.query_rows:
+            if r["status"] != "ok":
+                continue
+            out.append({"mode": s.mode, "task": s.spec.name, "modality": s.spec.modality,
+                        "category": s.spec.category, "reasoned": bool(r["reasoned"]),
+                        "tokens": int(r["n_gen_tokens"] or 0),
+                        "latency_ms": float(r["latency_ms"] or 0.0)})
+    return out
+
+
+# --------------------------------------------------------------------------- baseline
+
+def load_baseline_scores(path: str | Path, mode: str | None = None) -> dict[str, float]:
+    """{task: score (fraction)} from a JSON/CSV score file (a published model's per-task
+    numbers, percent or fraction) or from an ``EVAL_RESULTS`` artifact of an earlier run
+    (``mode``: which of its modes; default 'direct' when present, else its first)."""
+    path = Path(path)
+    if not path.exists():
+        raise ContractError(path, "baseline file does not exist.",
+                            fix="point evaluate.baseline at a .json/.csv of per-task scores or "
+                            "an earlier run's results folder")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            data = None  # report.load_baseline names the line of the error
+        if isinstance(data, dict) and isinstance(data.get("metrics"), dict):
+            return _benchmark_report_scores(data["metrics"], path)
+    if path.suffix.lower() in (".json", ".csv"):
+        return report.load_baseline(path)
+    table = io.read(path, EVAL_RESULTS)
+    rows = [r for r in table.to_pylist() if r["score"] is not None]
+    modes_ = list(dict.fromkeys(r["mode"] for r in rows))
+    pick = mode or ("direct" if "direct" in modes_ else (modes_[0] if modes_ else None))
+    if pick not in modes_:
+        raise ContractError(path, f"no results for mode {pick!r}; it has {modes_}.")
+    return {r["task"]: float(r["score"]) for r in rows if r["mode"] == pick}
+
+
+def _benchmark_report_scores(metrics_: dict, path: Path) -> dict[str, float]:
+    """The benchmark's own score report (VLM2Vec ``all_scores/*.json``: ``{"metrics":
+    {modality: {task: {"hit@1": .., "ndcg_linear@5": .., ...}}}}``): per task, the number
+    under the task's registered metric (ndcg@k is the linear-gain NDCG)."""
+    out: dict[str, float] = {}
+    for modality, tasks in metrics_.items():
+        if not isinstance(tasks, dict):
+            raise ContractError(path, f"metrics.{modality} is not an object of tasks.")
+        for task, vals in tasks.items():
+            try:
+                metric = get_task(task).metric
+            except ValueError:
+                metric = "ndcg@5" if modality == "visdoc" else "hit@1"
+            key = metric.replace("ndcg@", "ndcg_linear@")
+            if not isinstance(vals, dict) or key not in vals:
+                raise ContractError(path, f"metrics.{modality}.{task} has no {key!r} value.",
+                                    fix="use the benchmark's score report or a {task: score} "
+                                    "file")
+            out[task] = float(vals[key])
+    if not out:
+        raise ContractError(path, "no task scores under 'metrics'.")
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+def _fmt(score: float | None, metric: str) -> str:
+    return "—" if score is None else f"{100 * score:.1f} ({metric})"
+
+
+def _demote(md: str) -> str:
+    return "\n".join("#" + line if line.startswith("#") else line for line in md.splitlines())
+
+
+def write_report(out: Path, results: pa.Table, aggs: dict[str, dict], per_input: list[dict],
+                 baseline: Mapping[str, float] | None, baseline_name: str = "baseline",
+                 model_id: str = "") -> dict[str, Path]:
+    """``report.md`` (modes side by side, per-mode tables with the baseline, reasoning and
+    latency), ``reasoning.md`` and ``accuracy_latency.png`` under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    modes = list(aggs)
+    suite = next(iter(aggs.values()))["suite"]
+    summary = {s["mode"]: s for s in report.mode_summary(per_input)} if per_input else {}
+    lines = [f"# Evaluation: {suite}", ""]
+    if model_id:
+        lines += [f"Model key `{model_id[:16]}`. Scores x100 with the metric beside each "
+                  "number; overall = mean over tasks.", ""]
+    head = ["mode", "tasks", "overall", "reasoning ratio", "mean tokens", "latency mean (ms)",
+            "p50 (ms)", "p95 (ms)"]
+    body = []
+    for m in modes:
+        g, s = aggs[m]["overall"], summary.get(m)
+        body.append([m, g["n_tasks"], _fmt(g["score"], g["metric"]),
+                     f"{100 * s['reasoning_ratio']:.1f}%" if s else "—",
+                     f"{s['mean_tokens']:.1f}" if s else "—",
+                     f"{s['latency_mean_ms']:.1f}" if s else "—",
+                     f"{s['latency_p50_ms']:.1f}" if s else "—",
+                     f"{s['latency_p95_ms']:.1f}" if s else "—"])
+    lines += ["## Modes", "", report._table(head, body), ""]
+    res = results.to_pylist()
+    by = {(r["task"], r["mode"]): r for r in res}
+    task_names = list(dict.fromkeys(r["task"] for r in res))
+    cols = ["task", "metric", *modes] + ([baseline_name] if baseline is not None else [])
+    trows = []
+    for t in task_names:
+        first = next(by[(t, m)] for m in modes if (t, m) in by)
+        row = [t, first["metric"]] + [
+            (f"{100 * by[(t, m)]['score']:.1f}" + (" ⚠" if by[(t, m)]["status"] != "ok" else ""))
+            if (t, m) in by else "—" for m in modes]
+        if baseline is not None:
+            row.append(f"{100 * baseline[t]:.1f}" if t in baseline else "—")
+        trows.append(row)
+    lines += ["## Per task, modes side by side", "", report._table(cols, trows), ""]
+    errs = [r for r in res if r["status"] != "ok"]
+    if errs:
+        lines += ["## Failed inputs (⚠)", ""] + [f"- {r['task']} / {r['mode']}: {r['error']}"
+                                                 for r in errs] + [""]
+    for m in modes:
+        md = report.markdown_report(aggs[m], baseline)
+        md = md.replace(f"# Evaluation report: {suite}", f"# Mode: {m}", 1)
+        lines += [_demote(md), ""]
+    files: dict[str, Path] = {}
+    if per_input:
+        rr = report.reasoning_report(per_input, aggs[modes[0]])
+        (out / "reasoning.md").write_text(rr + "\n")
+        files["reasoning"] = out / "reasoning.md"
+        lines += [rr, ""]
+        plot_rows = [{"mode": m, "score": aggs[m]["overall"]["score"],
+                      "metric": aggs[m]["overall"]["metric"],
+                      "latency_mean_ms": summary[m]["latency_mean_ms"]}
+                     for m in modes if m in summary]
+        if plot_rows:
+            files["plot"] = report.plot_accuracy_latency(plot_rows, out / "accuracy_latency.png")
+            lines += ["![accuracy vs latency](accuracy_latency.png)", ""]
+    (out / "report.md").write_text("\n".join(lines).rstrip() + "\n")
+    files["report"] = out / "report.md"
+    (out / "aggregate.json").write_text(json.dumps(
+        {m: {k: v for k, v in a.items() if k != "categories"} | {
+            "categories": {"/".join(k): v for k, v in a["categories"].items()}}
+         for m, a in aggs.items()}, indent=2, default=_json_default))
+    files["aggregate"] = out / "aggregate.json"
+    return files
+
+
+def _json_default(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return str(o)
+
+
+def load_eval_data(eval_path: str | Path, corpus_path: str | Path | None = None
+                   ) -> tuple[pa.Table, pa.Table | None]:
+    """EVAL_ROWS (and EVAL_CORPUS) artifacts; the corpus defaults to ``eval_corpus`` beside
+    the rows when present."""
+    rows = io.read(eval_path, EVAL_ROWS)
+    if corpus_path is None:
+        sib = Path(eval_path).parent / "eval_corpus"
+        corpus_path = sib if io.exists(sib) else None
+    corpus = io.read(corpus_path, EVAL_CORPUS) if corpus_path else None
+    return rows, corpus

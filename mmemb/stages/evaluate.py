@@ -1,0 +1,216 @@
+"""Evaluation stage: score a checkpoint in direct / reason / adaptive mode, side by side.
+
+The data is either eval-rows artifacts (the synthetic benchmark, or MMEB-V2 converted with
+``python -m mmemb.data.mmeb eval``) or an MMEB-V2 download folder, loaded here by its layout.
+Both go through :func:`mmemb.eval.harness.evaluate`, so the demo's numbers come from the
+code that would score MMEB-V2. Outputs under ``out``: ``results/`` (EVAL_RESULTS Parquet),
+``report.md``, ``reasoning.md``, ``accuracy_latency.png``, ``aggregate.json`` and the
+resumable embedding cache ``cache/``.
+
+Run alone::
+
+    python -m mmemb.stages.evaluate --config configs/demo.yaml --section evaluate
+    python -m mmemb.stages.evaluate --model runs/demo/gate/policy --eval runs/demo/data/eval \\
+        --image-root runs/demo/data --modes direct,reason,adaptive --out runs/demo/evaluate
+    python -m mmemb.stages.evaluate --model Qwen/Qwen3-VL-4B-Instruct --eval data/mmeb-v2 \\
+        --modalities image --max-queries 100 --baseline scores/VLM2Vec-V2.json --out runs/mmeb
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from data_contracts import io
+from data_contracts.io import ContractError
+from data_contracts.schemas import EVAL_CORPUS, EVAL_ROWS
+from mmemb.configs.base import ConfigError
+from mmemb.configs.evaluate import EvaluateConfig
+from mmemb.eval import harness, report
+from mmemb.stages.base import StageResult, StepLogger, null_logger
+
+
+def _is_artifact(path: Path) -> bool:
+    return io.exists(path)
+
+
+def load_data(cfg: EvaluateConfig):
+    """(rows, corpus, image_root, missing) from artifacts or an MMEB-V2 download folder."""
+    ev = Path(cfg.eval)
+    if _is_artifact(ev):
+        rows, corpus = harness.load_eval_data(ev, cfg.corpus)
+        return rows, corpus, cfg.image_root, {}
+    if not ev.is_dir():
+        raise ContractError(ev, "does not exist.", fix="set evaluate.eval to an eval_rows "
+                            "artifact or an MMEB-V2 download folder (docs/evaluation.md)")
+    from mmemb.data.mmeb import load_mmeb_eval
+
+    print(f"[evaluate] loading MMEB-V2 tasks from {ev}", flush=True)
+    loaded = load_mmeb_eval(ev, cfg.tasks, categories=cfg.categories,
+                            modalities=cfg.modalities, num_frames=cfg.num_frames,
+                            max_queries=cfg.max_queries, image_cache=cfg.image_cache,
+                            skip_missing=cfg.skip_missing)
+    data = Path(cfg.out) / "data"
+    io.write(loaded.rows, data / "eval_rows", EVAL_ROWS)
+    corpus = loaded.corpus if loaded.corpus.num_rows else None
+    if corpus is not None:
+        io.write(corpus, data / "eval_corpus", EVAL_CORPUS)
+    if cfg.corpus:
+        corpus = io.read(cfg.corpus, EVAL_CORPUS)
+    if loaded.missing:
+        first = next(iter(loaded.missing.values()))
+        print(f"[evaluate] skip_missing: {len(loaded.missing)} task(s) absent and skipped "
+              f"({', '.join(loaded.missing)}); e.g. {first}", flush=True)
+    return loaded.rows, corpus, cfg.image_root or str(loaded.image_root), loaded.missing
+
+
+def build_encoder(cfg: EvaluateConfig):
+    """The plain embedder for direct-only runs, the adaptive encoder otherwise."""
+    import torch
+
+    from mmemb.model.embedder import Embedder
+
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    emb = Embedder.from_pretrained(cfg.model, dtype=dtype, device=device,
+                                   max_pixels=cfg.max_pixels)
+    if set(cfg.modes) <= {"direct"}:
+        return harness.EmbedderEncoder(emb, batch_size=cfg.batch_size), dtype
+    from mmemb.inference import AdaptiveEncoder
+
+    return AdaptiveEncoder(emb, budget=cfg.budget, threshold=cfg.threshold,
+                           temperature=cfg.temperature, top_p=cfg.top_p,
+                           batch_size=cfg.batch_size), dtype
+
+
+def run(cfg: EvaluateConfig, log: StepLogger = null_logger) -> StageResult:
+    """Load the data, embed through the cache, score every task in every mode, report."""
+    t0 = time.perf_counter()
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    try:
+        import torch
+
+        torch.manual_seed(cfg.seed)
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass
+    out = Path(cfg.out)
+    rows, corpus, image_root, missing = load_data(cfg)
+    from_mmeb = not _is_artifact(Path(cfg.eval))
+    baseline = (harness.load_baseline_scores(cfg.baseline, cfg.baseline_mode)
+                if cfg.baseline else None)
+    encoder, dtype = build_encoder(cfg)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+    model_id = harness._digest({"checkpoint": harness.checkpoint_digest(
+        cfg.model, cache / "_checkpoint_digests.json"), "dtype": dtype,
+        "max_pixels": cfg.max_pixels})
+    gen = {"budget": cfg.budget, "temperature": cfg.temperature, "top_p": cfg.top_p}
+    mode_settings = {"reason": gen, "adaptive": {**gen, "threshold": cfg.threshold}}
+    print(f"[evaluate] model {cfg.model} ({type(encoder).__name__}, {dtype}); modes "
+          f"{', '.join(cfg.modes)}; candidates in "
+          f"{'the query mode' if cfg.reason_on_candidates else 'direct mode'}", flush=True)
+    res = harness.evaluate(
+        encoder, rows, corpus, out, modes=cfg.modes, model_id=model_id,
+        mode_settings=mode_settings, image_root=image_root,
+        tasks=None if from_mmeb else cfg.tasks,  # the loader already selected them
+        categories=cfg.categories, modalities=cfg.modalities,
+        max_queries=cfg.max_queries, num_frames=cfg.num_frames,
+        reason_on_candidates=cfg.reason_on_candidates, chunk_size=cfg.chunk_size,
+        baseline=baseline, baseline_name=cfg.baseline_name, cache_dir=cache,
+        log=lambda s: print(s, flush=True))
+    metrics: dict[str, float] = {}
+    summary_modes = ({s["mode"]: s for s in report.mode_summary(res.per_input)}
+                     if res.per_input else {})
+    for step, task in enumerate(dict.fromkeys(res.results.column("task").to_pylist())):
+        m = {f"{r['mode']}.score": float(r["score"]) for r in res.results.to_pylist()
+             if r["task"] == task}
+        log(step, m)
+    lines = []
+    for mode, agg in res.aggregates.items():
+        g = agg["overall"]
+        metrics[f"{mode}.overall"] = g["score"]
+        for mod, mg in agg["modalities"].items():
+            metrics[f"{mode}.{mod}"] = mg["score"]
+        for task, t in agg["tasks"].items():
+            metrics[f"{mode}.task.{task}"] = t["score"]
+        s = summary_modes.get(mode)
+        if s:
+            metrics[f"{mode}.reasoning_ratio"] = s["reasoning_ratio"]
+            metrics[f"{mode}.mean_gen_tokens"] = s["mean_tokens"]
+            for k in ("latency_mean_ms", "latency_p50_ms", "latency_p95_ms"):
+                metrics[f"{mode}.{k}"] = s[k]
+        lines.append(f"{mode} {100 * g['score']:.1f} ({g['metric']}, {g['n_tasks']} tasks"
+                     + (f", reasoning {100 * s['reasoning_ratio']:.0f}%, "
+                        f"{s['latency_mean_ms']:.1f} ms/query" if s else "") + ")")
+    n_err = sum(r["status"] != "ok" for r in res.results.to_pylist())
+    metrics["tasks_with_failed_inputs"] = float(n_err)
+    metrics["inputs_embedded"] = float(res.computed)
+    metrics["evaluate_s"] = time.perf_counter() - t0
+    summary = (f"evaluate ({res.suite}): " + "; ".join(lines)
+               + (f"; {n_err} task/mode results with failed inputs" if n_err else "")
+               + (f"; missing {len(missing)} tasks" if missing else "")
+               + f"; report {res.files['report']}")
+    print(f"[evaluate] {summary}", flush=True)
+    files = {k: v for k, v in res.files.items() if k != "results"}
+    return StageResult("evaluate", outputs={"results": io.ref(res.files["results"])},
+                       metrics=metrics, files=files, summary=summary)
+
+
+def _load_config(path: str, section: str | None, over: dict) -> EvaluateConfig:
+    """A pipeline YAML is wired (paths filled from the run dir) for the evaluate section
+    only, so an unrelated invalid section cannot block a standalone evaluation."""
+    data = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
+    if isinstance(data, dict) and ("run" in data or "prepare" in data):
+        from mmemb.configs.pipeline import wire
+
+        sec = section or "evaluate"
+        data = dict(data)
+        data[sec] = {**(data.get(sec) or {}), **over}
+        wired = wire(data)
+        return EvaluateConfig.from_dict(wired.get(sec) or {}, where=f"{path} [{sec}]")
+    if data is None and not Path(path).is_file():
+        raise ConfigError(f"{path}: config file not found")
+    return EvaluateConfig.from_yaml(path, section, over)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Evaluate a checkpoint (direct / reason / "
+                                 "adaptive) on eval rows or an MMEB-V2 download.")
+    ap.add_argument("--config", help="YAML: a pipeline config or an evaluate-only config")
+    ap.add_argument("--section", default=None, help="section of the YAML (pipeline: evaluate)")
+    for k in ("model", "eval", "corpus", "image-root", "out", "baseline", "baseline-mode",
+              "baseline-name", "cache-dir", "image-cache", "device", "dtype"):
+        ap.add_argument(f"--{k}")
+    for k in ("modes", "tasks", "categories", "modalities"):
+        ap.add_argument(f"--{k}", help="comma-separated")
+    for k in ("max-queries", "batch-size", "budget", "num-frames", "chunk-size", "max-pixels",
+              "seed"):
+        ap.add_argument(f"--{k}", type=int)
+    for k in ("threshold", "temperature", "top-p"):
+        ap.add_argument(f"--{k}", type=float)
+    ap.add_argument("--skip-missing", action="store_true", default=None)
+    ap.add_argument("--reason-on-candidates", action="store_true", default=None)
+    a = ap.parse_args(argv)
+    over = {}
+    for k, v in vars(a).items():
+        if k in ("config", "section") or v is None:
+            continue
+        if k in ("modes", "tasks", "categories", "modalities"):
+            v = [x.strip() for x in v.split(",") if x.strip()]
+        over[k] = v
+    cfg = _load_config(a.config, a.section, over) if a.config else \
+        EvaluateConfig.from_dict(over, where="command line")
+    res = run(cfg)
+    print(json.dumps(res.to_dict(), indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

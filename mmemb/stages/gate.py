@@ -272,7 +272,8 @@ def run(cfg: GateConfig, log: StepLogger = null_logger) -> StageResult:
             engine.backward(lo.loss)
             engine.step()
         fam = [queries[idx[j // G]].family or "none" for j in range(len(think))]
-        m = {"loss": float(lo.loss), "kl": float(lo.kl), "clip_fraction": float(lo.clip_fraction),
+        m = {"loss": float(lo.loss.detach()), "kl": float(lo.kl),
+             "clip_fraction": float(lo.clip_fraction),
              "reward": float(parts["reward"].mean()), "reward/hit": float(parts["hit"].mean()),
              "reward/margin": float(parts["margin"].mean()),
              "reward/cost": float(parts["cost"].mean()),

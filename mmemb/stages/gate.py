@@ -297,10 +297,11 @@ def run(cfg: GateConfig, log: StepLogger = null_logger) -> StageResult:
     policy_dir = policy.save_pretrained(out / "policy")
     (policy_dir / "mmemb_gate.json").write_text(json.dumps(
         {"threshold": cfg.threshold, "budget": cfg.budget}, indent=2))
+    import deepspeed.comm as ds_comm
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if dist.is_initialized():  # through DeepSpeed, so its cached groups are reset too
+        ds_comm.destroy_process_group()
     first, last = steps[0][1], steps[-1][1]
     k = max(1, len(steps) // 4)
     metrics = {

@@ -1,0 +1,130 @@
+"""Stage 4 config: contrastive training with DeepSpeed (``TrainConfig``).
+
+Used by ``python -m mmemb.stages.train --config configs/demo.yaml --section train``.
+
+Defaults are set for the embedded default (the tiny Qwen-VL on the synthetic world, CPU),
+so a pipeline YAML whose ``train:`` section is empty still learns something in a few
+hundred steps. For a real 4B backbone change at least ``lr`` (2e-5 full, 1e-4 LoRA),
+``batch_size``/``chunk_size`` and ``gradient_checkpointing`` (see docs/training.md and
+``configs/train_qwen3vl4b.yaml``).
+
+Loss weights (METHOD.md, stage 4, reconstructed; each a config value):
+
+* ``alpha = 1.0`` on the direct-mode NCE. Adaptive inference embeds every input the gate
+  does not reason on (about a quarter in the paper's summaries) in direct mode, so the
+  direct embedding must stay as good as the reasoning one: equal weight. For rows without a
+  rationale both NCE terms see the same embedding, so they get weight 1 + alpha, which is
+  harmless (a uniform scale on those rows).
+* ``lam = 0.5`` on the rationale LM loss. It must be large enough that the student learns
+  to *write* the selected rationales (stage 5 samples them) but it starts near ln|V| (~12
+  for Qwen's vocabulary, ~6 for the tiny one) while an NCE at tau 0.02 starts near ln(batch),
+  so a full weight would let the LM term dominate the first steps; 0.5 keeps the two
+  gradients of the same order from the start.
+* ``tau = 0.02`` (METHOD.md).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from mmemb.configs.base import StageConfig
+
+LM_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LoraSettings(StageConfig):
+    """peft LoRA on the language model's linear layers (the vision tower is not adapted).
+
+    The final ``student`` is saved with the adapter merged (a plain checkpoint every later
+    stage loads the same way); the unmerged adapter is kept beside it in ``out/adapter``.
+    """
+
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="0 keeps the forward deterministic, "
+                           "which gradient caching needs (no RNG replay)")
+    target_modules: list[str] = Field(default_factory=lambda: list(LM_LINEAR))
+
+
+class TrainConfig(StageConfig):
+    """Stage 4: NCE(e(q ⊕ r*), e(t+)) + alpha NCE(e(q), e(t+)) + lam LM(r* | q)."""
+
+    # --- inputs / outputs
+    model: str = Field(..., description="base checkpoint (tiny or real Qwen-VL)")
+    data: str | None = Field(None, description="stage-3 selections (or a pairs artifact: "
+                             "the contract is read from its manifest)")
+    pairs: str | None = Field(None, description="plain training pairs, used when 'data' is "
+                              "not given: a direct-only baseline (no rationales)")
+    image_root: str | None = Field(None, description="folder image paths are relative to")
+    eval: str | None = Field(None, description="eval rows (synthetic suite) for the "
+                             "before/after hit@1 report; None skips it")
+    out: str = "runs/train"
+
+    # --- schedule
+    steps: int = Field(300, ge=1, description="optimizer steps (ignored when epochs is set)")
+    epochs: float | None = Field(None, gt=0, description="train this many passes instead "
+                                 "(steps = ceil(epochs * steps_per_epoch))")
+    batch_size: int = Field(16, ge=1, description="per-device contrastive batch: queries per "
+                            "rank per micro-batch; the global in-batch negatives are "
+                            "batch_size x world_size")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step; does NOT "
+                            "add negatives (each micro-batch is its own contrastive batch)")
+    hard_negatives: int = Field(1, ge=0, description="K hard negatives per query from the "
+                                "rows' neg_text/neg_img_path (extra target columns)")
+    lr: float = Field(1e-3, gt=0, description="peak LR (tiny default; real 4B: 2e-5 full, "
+                      "1e-4 LoRA)")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final LR / peak LR")
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(10, ge=0, description="linear warm-up; capped at steps - 1 for "
+                              "short runs")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, ge=0, description="global grad-norm clip; 0 disables")
+    seed: int = 0
+
+    # --- objective
+    tau: float = Field(0.02, gt=0)
+    alpha: float = Field(1.0, ge=0, description="weight of the direct-mode NCE")
+    lam: float = Field(0.5, ge=0, description="weight of the rationale LM loss")
+
+    # --- memory / parallelism
+    gradcache: bool = Field(True, description="GradCache: the contrastive batch is embedded "
+                            "in chunks, so it can exceed what one forward with a graph fits")
+    chunk_size: int = Field(8, ge=1, description="inputs per forward under gradcache")
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 on a GPU, fp32 on CPU")
+    gradient_checkpointing: bool = Field(False, description="HF gradient checkpointing; "
+                                         "gradcache already bounds activations by chunk_size, "
+                                         "turn it on when one chunk does not fit")
+    vision: Literal["frozen", "merger", "train"] = Field(
+        "merger", description="frozen: the whole vision tower; merger: tower frozen, its "
+        "projector (merger) trained; train: all of it")
+    lora: LoraSettings | None = None
+
+    # --- checkpoints / logging / eval
+    save_every: int = Field(100, ge=1, description="checkpoint every N optimizer steps")
+    keep_checkpoints: int = Field(2, ge=1)
+    resume: bool = Field(True, description="continue from the newest checkpoint in out/")
+    log_every: int = Field(10, ge=1, description="console line every N steps (the step "
+                           "logger gets every step)")
+    eval_before: bool = Field(True, description="also evaluate the untrained model")
+    eval_batch_size: int = Field(64, ge=1)
+    max_text_tokens: int = Field(2048, ge=8)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if not self.data and not self.pairs:
+            raise ValueError("no training data: set 'data' to the stage-3 selections (or any "
+                             "pairs artifact) or 'pairs' to plain pairs for a direct-only "
+                             "baseline")
+        if self.lora is not None and self.lora.dropout > 0 and self.gradcache:
+            raise ValueError("lora.dropout > 0 with gradcache: the cached embeddings and the "
+                             "re-forward would see different dropout masks, so the gradient "
+                             "would be wrong; set lora.dropout: 0 or gradcache: false")
+        if self.precision == "bf16" and self.zero_stage == 0 and self.grad_accum > 1:
+            raise ValueError("bf16 with zero_stage 0 and grad_accum > 1 accumulates gradients "
+                             "in bf16; use zero_stage >= 1 (fp32 accumulation) or grad_accum 1")
+        return self

@@ -1,0 +1,98 @@
+"""The DeepSpeed config, derived from :class:`~mmemb.configs.train.TrainConfig`.
+
+One source of truth: the user edits the pydantic config (validated, logged to MLflow), and
+the DeepSpeed JSON is computed from it, written beside the run (``ds_config.json``) for
+inspection, never edited by hand.
+
+* batch: ``train_micro_batch_size_per_gpu = batch_size`` (queries per rank per micro-batch),
+  ``gradient_accumulation_steps = grad_accum``; gradient caching needs no DeepSpeed setting
+  (the stage marks accumulation boundaries itself, see :mod:`mmemb.losses.gradcache`).
+* precision: bf16 on a GPU (fp32 master weights and optimizer states in ZeRO), fp32 on CPU.
+* optimizer: AdamW (``torch_adam``: torch's implementation, which runs on CPU and GPU
+  without compiling DeepSpeed's fused kernels).
+* schedule: linear warm-up, then cosine / linear decay to ``min_lr_ratio`` or constant. It
+  is a torch ``LambdaLR`` handed to ``deepspeed.initialize`` (:func:`lr_lambda`), not a
+  DeepSpeed ``scheduler`` entry: DeepSpeed's warm-up schedulers give LR 0 to the first two
+  steps (they start from ``last_batch_iteration = -1``); this one gives ``lr / warmup`` to
+  the first. DeepSpeed still saves and restores its state in every checkpoint.
+
+Example::
+
+    >>> from mmemb.configs.train import TrainConfig
+    >>> c = ds_config(TrainConfig(model="m", pairs="p", batch_size=8, zero_stage=3),
+    ...               world_size=2, device="cpu")
+    >>> c["train_batch_size"], c["zero_optimization"]["stage"], c["bf16"]["enabled"]
+    (16, 3, False)
+"""
+
+from __future__ import annotations
+
+import math
+
+from mmemb.configs.train import TrainConfig
+
+
+def use_bf16(cfg: TrainConfig, device: str) -> bool:
+    if cfg.precision == "auto":
+        return device == "cuda"
+    return cfg.precision == "bf16"
+
+
+def ds_config(cfg: TrainConfig, world_size: int, device: str) -> dict:
+    """DeepSpeed JSON for this run (``device``: 'cuda' or 'cpu')."""
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.zero_stage >= 2:
+        # overlap_comm needs a side stream (GPU); on CPU it only adds buffers.
+        zero.update({"contiguous_gradients": True, "overlap_comm": device == "cuda",
+                     "reduce_bucket_size": 5e7})
+    if cfg.zero_stage == 3:
+        zero.update({"stage3_param_persistence_threshold": 1e4,
+                     "stage3_gather_16bit_weights_on_model_save": True})
+    bf16 = use_bf16(cfg, device)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.batch_size * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": False},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": cfg.lr, "betas": list(cfg.betas), "eps": 1e-8,
+            "weight_decay": cfg.weight_decay, "torch_adam": True, "adam_w_mode": True}},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    """LR multiplier for optimizer step ``s`` (0-based): ``(s + 1) / warmup`` while warming
+    up, then decaying so the last step (``total - 1``) runs at ``min_lr_ratio``.
+
+    >>> from mmemb.configs.train import TrainConfig
+    >>> f = lr_lambda(TrainConfig(model="m", pairs="p", warmup_steps=4, steps=14), 14)
+    >>> [round(f(s), 3) for s in (0, 3, 4, 13)]
+    [0.25, 1.0, 0.978, 0.1]
+    """
+    warm, lo = min(cfg.warmup_steps, max(0, total_steps - 1)), cfg.min_lr_ratio
+    span = max(1, total_steps - warm)
+
+    def f(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        p = min(1.0, (s - warm + 1) / span)
+        if cfg.lr_schedule == "cosine":
+            return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * p))
+        if cfg.lr_schedule == "linear":
+            return lo + (1 - lo) * (1 - p)
+        return 1.0
+
+    return f
+
+
+def lr_scheduler(cfg: TrainConfig, total_steps: int):
+    """The ``lr_scheduler`` argument of ``deepspeed.initialize`` (a factory of the optimizer)."""
+    import torch
+
+    return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))

@@ -1,0 +1,157 @@
+"""The module DeepSpeed wraps: batches in, pooled embeddings (+ rationale LM sums) out.
+
+One ``forward`` takes a *list* of tokenised batches, so the reference (no gradient
+caching) path is one ``engine(...)`` and one ``engine.backward`` for the whole step, and the
+gradient-caching path is one of each per chunk. The embedding goes through the base model
+only; the LM head is applied only at rationale positions (:mod:`mmemb.losses.lm`).
+
+Multi-rank ZeRO needs every rank to run the same modules the same number of times in the
+same order (ZeRO-3 gathers parameters per module call, ZeRO-2 reduces gradient buckets per
+backward). Three things make that hold whatever the data:
+
+* every rank builds the same number of chunks per group: :func:`align_chunks` pads a
+  rank's short groups with one-row dummy chunks whose embeddings the loss never sees;
+* the LM head is called on every LM chunk, even one with no rationale token;
+* with ``vision_row`` (several ranks) a chunk without images gets one extra row, an empty
+  prompt with a 4-patch white image, whose embedding is dropped: every forward then runs
+  embeddings -> vision tower -> language model in the same order (ZeRO-3 all-gathers
+  weights module by module in call order, so a text-only chunk on one rank beside an
+  image chunk on another would mismatch), and the projector gets a (zero) gradient on
+  every rank (ZeRO-2 buckets match).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mmemb.losses.gradcache import Chunk
+from mmemb.losses.lm import rationale_lm_loss, rationale_target_mask
+from mmemb.model.embedder import Embedder
+from mmemb.model.prompts import EmbedInput
+from mmemb.training.distributed import is_dist, world_size
+
+GROUPS = ("q_direct", "q_reason", "pos", "neg")
+
+
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF ``*ForConditionalGeneration`` under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class EmbedTrainModule(torch.nn.Module):
+    """Wraps the embedder's HF model for DeepSpeed."""
+
+    def __init__(self, emb: Embedder, vision_row: bool = False):
+        super().__init__()
+        self.model = emb.model  # registered: DeepSpeed sees (and partitions) its parameters
+        object.__setattr__(self, "_emb", emb)  # not a submodule: no double registration
+        self.vision_row = vision_row
+
+    @property
+    def emb(self) -> Embedder:
+        return self._emb
+
+    def forward(self, batches: list[dict], with_lm: list[bool], n_keep: list[int] | None = None
+                ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Per batch: embeddings [n_keep, H] (L2-normalised; rows past ``n_keep`` are
+        alignment rows) and the summed rationale CE [] (zero where ``with_lm`` is False)."""
+        hf = hf_model(self.model)
+        backbone = hf.model
+        embs, lms = [], []
+        keep = n_keep or [None] * len(batches)
+        for batch, lm, n in zip(batches, with_lm, keep, strict=True):
+            kw = {k: v for k, v in batch.items() if k != "labels"}
+            hidden = backbone(**kw, use_cache=False, return_dict=True).last_hidden_state
+            e = self.emb.pool(hidden, batch["input_ids"])  # [b, H]
+            embs.append(e if n is None else e[:n])
+            if lm:
+                s, _ = rationale_lm_loss(hidden, batch["input_ids"], hf.lm_head,
+                                         self.emb.think_id, self.emb.end_think_id)
+                lms.append(s)
+            else:
+                lms.append(hidden.new_zeros((), dtype=torch.float32))
+        return tuple(embs), tuple(lms)
+
+
+@dataclass
+class Item:
+    group: str
+    inp: EmbedInput
+    mode: str  # "direct" | "reason"
+
+
+def _vision_item(group: str) -> Item:
+    from PIL import Image
+
+    return Item(group, EmbedInput(text="", images=[Image.new("RGB", (56, 56), "white")]),
+                "direct")
+
+
+def tokenize_chunk(emb: Embedder, items: list[Item], group: str, lm: bool,
+                   meta: dict | None = None, vision_row: bool = False) -> Chunk:
+    """Tokenise one forward's inputs; ``meta['n']`` real rows (an alignment row may follow)."""
+    n = len(items)
+    if vision_row and not any(it.inp.images for it in items):
+        items = [*items, _vision_item(group)]
+    prompts = [emb.prompts([it.inp], it.mode)[0] for it in items]
+    batch = emb.tokenize(prompts, [it.inp.images for it in items])
+    n_lm = int(rationale_target_mask(batch["input_ids"], emb.think_id,
+                                     emb.end_think_id).sum()) if lm else 0
+    n_tok = int(batch["attention_mask"][:n].sum())
+    return Chunk(group, batch, lm=lm, n_tokens=n_tok,
+                 meta={"n_lm_tokens": n_lm, "n": n, **(meta or {})})
+
+
+def make_chunks(emb: Embedder, items: list[Item], chunk_size: int,
+                vision_row: bool = False) -> list[Chunk]:
+    """Group-ordered chunks of at most ``chunk_size`` inputs (LM on reasoning queries)."""
+    chunks = []
+    for g in GROUPS:
+        its = [it for it in items if it.group == g]
+        for s in range(0, len(its), chunk_size):
+            chunks.append(tokenize_chunk(emb, its[s:s + chunk_size], g, lm=g == "q_reason",
+                                         vision_row=vision_row))
+    return chunks
+
+
+def align_chunks(emb: Embedder, chunks: list[Chunk], vision_row: bool = False) -> list[Chunk]:
+    """Pad each group to the maximum chunk count over ranks with dummy chunks (no-op on one
+    rank). The dummy is one direct-mode empty input; the loss never reads its embedding."""
+    if not is_dist() or world_size() == 1:
+        return chunks
+    import torch.distributed as dist
+
+    counts = torch.tensor([sum(c.group == g for c in chunks) for g in GROUPS])
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+    out = []
+    for g, n in zip(GROUPS, counts.tolist(), strict=True):
+        mine = [c for c in chunks if c.group == g]
+        out += mine
+        for _ in range(n - len(mine)):
+            out.append(tokenize_chunk(emb, [Item(g, EmbedInput(text=""), "direct")], g,
+                                      lm=g == "q_reason", meta={"dummy": True},
+                                      vision_row=vision_row))
+    return out
+
+
+@torch.no_grad()
+def embed_inputs(engine, emb: Embedder, inputs: list[EmbedInput], batch_size: int,
+                 mode: str = "direct") -> torch.Tensor:
+    """Embeddings [N, H] through the (DeepSpeed) module, in eval mode, without a graph.
+
+    Every rank must call it with the same inputs (ZeRO-3 gathers weights per call)."""
+    was = engine.module.training
+    engine.module.eval()
+    try:
+        out = []
+        for s in range(0, len(inputs), batch_size):
+            part = inputs[s:s + batch_size]
+            c = tokenize_chunk(emb, [Item("eval", x, mode) for x in part], "eval", lm=False,
+                               vision_row=engine.module.vision_row)
+            embs, _ = engine([c.batch], [False], [c.meta["n"]])
+            out.append(embs[0].float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, emb.hidden_size)
+    finally:
+        engine.module.train(was)

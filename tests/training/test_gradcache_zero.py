@@ -1,0 +1,134 @@
+"""GradCache under DeepSpeed ZeRO-2 and ZeRO-3 (one CPU process, gloo): the gradient at the
+accumulation boundary equals the plain full-batch gradient of plain torch, and the weights
+after optimizer steps equal those of the same run without gradient caching."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mmemb.configs.train import TrainConfig
+from mmemb.losses.gradcache import gradcache_step, plain_step
+from mmemb.losses.objective import Stage4Objective
+from mmemb.model.embedder import Embedder
+from mmemb.stages.train import build_items, make_loss_fn, prepare_model
+from mmemb.training.data import load_rows
+from mmemb.training.deepspeed_config import ds_config, lr_scheduler
+from mmemb.training.distributed import free_port
+from mmemb.training.module import EmbedTrainModule, make_chunks
+
+OBJ = Stage4Objective(alpha=1.0, lam=0.5, tau=0.05)
+
+# DeepSpeed's ZeRO collectives call torch APIs torch 2.13 deprecates.
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    import deepspeed
+    import torch.distributed as dist
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()))
+    deepspeed.init_distributed()
+    yield
+    if dist.is_initialized():
+        deepspeed.comm.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def batches(synth):
+    rows, _ = load_rows(synth["pairs"], synth["image_root"])
+    out = []
+    for off in (0, 5):
+        picked = rows[off::12][:8]
+        for i, r in enumerate(picked):
+            if i % 3 == 0:
+                r.rationale = f"note {i}: so the answer is {r.positive.text}"
+        out.append(build_items(picked, k=1))
+    return out
+
+
+def _cfg(tiny_model, stage):
+    return TrainConfig(model=str(tiny_model), pairs="x", zero_stage=stage, lr=1e-2,
+                       warmup_steps=0, steps=10, lr_schedule="constant", grad_clip=0.0)
+
+
+def _step(fn, chunk, emb, items, info, encode, backward):
+    chunks = make_chunks(emb, items, chunk)
+    n_lm = sum(c.meta["n_lm_tokens"] for c in chunks)
+    return fn(chunks, encode, make_loss_fn(OBJ, info), backward, OBJ.lm_weight(n_lm))
+
+
+def _reference_grads(tiny_model, items, info, cfg):
+    emb = Embedder.from_pretrained(tiny_model)
+    prepare_model(emb, cfg)
+    mod = EmbedTrainModule(emb)
+
+    def encode(cs, with_lm):
+        embs, lms = mod([c.batch for c in cs], [with_lm and c.lm for c in cs])
+        return [(e, lm if with_lm and c.lm else None)
+                for e, lm, c in zip(embs, lms, cs, strict=True)]
+
+    _step(plain_step, 10**6, emb, items, info, encode, lambda loss, last: loss.backward())
+    return {n: p.grad.clone() for n, p in mod.named_parameters() if p.requires_grad}
+
+
+def _ds_run(tiny_model, cfg, gradcache, batches):
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+
+    emb = Embedder.from_pretrained(tiny_model)
+    prepare_model(emb, cfg)
+    mod = EmbedTrainModule(emb)
+    params = [p for p in mod.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=mod, model_parameters=params,
+                                      config=ds_config(cfg, 1, "cpu"),
+                                      lr_scheduler=lr_scheduler(cfg, cfg.steps))
+
+    def encode(cs, with_lm):
+        embs, lms = engine([c.batch for c in cs], [with_lm and c.lm for c in cs])
+        return [(e, lm if with_lm and c.lm else None)
+                for e, lm, c in zip(embs, lms, cs, strict=True)]
+
+    def backward(loss, last):
+        engine.set_gradient_accumulation_boundary(last)
+        engine.backward(loss)
+
+    grads, n_backward = None, []
+    for items, info in batches:
+        res = _step(gradcache_step if gradcache else plain_step, 3 if gradcache else 10**6,
+                    emb, items, info, encode, backward)
+        n_backward.append(res.n_backward)
+        if grads is None:
+            grads = {n: safe_get_full_grad(p).detach().clone()
+                     for n, p in engine.module.named_parameters() if p.requires_grad}
+        engine.step()
+    weights = {n: safe_get_full_fp32_param(p).detach().clone()
+               for n, p in engine.module.named_parameters() if p.requires_grad}
+    return grads, weights, n_backward
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_gradcache_under_zero(process_group, tiny_model, batches, stage):
+    cfg = _cfg(tiny_model, stage)
+    ref = _reference_grads(tiny_model, *batches[0], cfg)
+    g_gc, w_gc, nb = _ds_run(tiny_model, cfg, True, batches)
+    g_plain, w_plain, nb_plain = _ds_run(tiny_model, cfg, False, batches)
+    assert min(nb) >= 8 and nb_plain == [1, 1]  # several chunk backwards per optimizer step
+    assert set(g_gc) == set(ref) and len(ref) > 30
+    for n, g in ref.items():
+        # the boundary gradient DeepSpeed holds == plain torch full batch, under ZeRO
+        assert torch.allclose(g_gc[n], g, rtol=1e-4, atol=1e-6), (n, stage)
+        assert torch.allclose(g_plain[n], g, rtol=1e-4, atol=1e-6), (n, stage)
+    base = Embedder.from_pretrained(tiny_model)
+    init = dict(base.model.named_parameters())
+    moved = 0
+    for n, w in w_gc.items():
+        # Two Adam steps of lr 1e-2 move each weight by ~2e-2; Adam's g / sqrt(v) turns the
+        # last-bit gradient differences of near-zero entries into ~1e-5, hence atol 1e-4.
+        assert torch.allclose(w, w_plain[n], rtol=0, atol=1e-4), (n, stage)
+        moved += int(not torch.equal(w, init[n.removeprefix("model.")].detach()))
+    assert moved == len(w_gc)  # every trainable parameter was updated

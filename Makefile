@@ -17,7 +17,7 @@ export VLLM_HOST_IP := 127.0.0.1
 export VLLM_CPU_KVCACHE_SPACE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-slow test-faults test-gpu lint ui clean bench
+.PHONY: setup demo test test-slow test-faults test-gpu lint ui clean bench browser postgres
 
 setup: $(STAMP)
 
@@ -41,10 +41,23 @@ endif
 demo: setup
 	$(PY) -m flows.cli run $(CONFIG) --run-dir $(RUN)
 
-test: setup
+# System packages some tests drive for real: headless Chromium (the MLflow UI test) and
+# PostgreSQL (the team MLflow server test). Installed only when missing and apt is usable;
+# otherwise those tests skip and say why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+	  && { apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; } \
+	  || echo ">> chromium not installed (needs apt as root): the browser test will skip"; }
+
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+	  && { apt-get install -y -q postgresql >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q postgresql >/dev/null; }; } \
+	  || echo ">> postgresql not installed (needs apt as root): the PostgreSQL test will skip"; }
+
+test: setup browser
 	$(PY) -m pytest -m "not slow and not gpu and not faults" --timeout=900 -q
 
-test-slow: setup
+test-slow: setup browser postgres
 	$(PY) -m pytest -m "slow and not gpu" --timeout=3600 -q
 
 test-faults: setup

@@ -69,12 +69,18 @@ def build_tokenizer(vocab_size: int = 1024):
     return fast
 
 
-def build_config(arch: str, tok, hidden: int = 64, layers: int = 2, heads: int = 4):
-    """A few-layer config of ``arch`` whose shapes satisfy the real model's constraints."""
+def build_config(arch: str, tok, hidden: int = 64, layers: int = 2, heads: int = 2):
+    """A few-layer config of ``arch`` whose shapes satisfy the real model's constraints.
+
+    head_dim = hidden / heads must be one vLLM's CPU attention supports (32, 64, ...; 16 is
+    refused at the first generate call), hence 2 heads of 32 at hidden 64.
+    """
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
 
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
-    head_dim = hidden // heads  # 16 -> mrope_section must sum to head_dim / 2 = 8
+    head_dim = hidden // heads  # mrope_section must sum to head_dim / 2
+    half = head_dim // 2
+    mrope = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
     text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
                 max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"],
@@ -85,13 +91,13 @@ def build_config(arch: str, tok, hidden: int = 64, layers: int = 2, heads: int =
                   vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
     if arch == "qwen2_vl":
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0,
-                                   "mrope_section": [2, 3, 3]}
+                                   "mrope_section": mrope}
         vision = dict(depth=1, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
         cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **common)
     elif arch == "qwen2_5_vl":
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0,
-                                   "mrope_section": [2, 3, 3]}
+                                   "mrope_section": mrope}
         vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
                       out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
                       temporal_patch_size=2, window_size=56, fullatt_block_indexes=[0])
@@ -99,7 +105,7 @@ def build_config(arch: str, tok, hidden: int = 64, layers: int = 2, heads: int =
     elif arch == "qwen3_vl":
         text["head_dim"] = head_dim
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0,
-                                   "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+                                   "mrope_section": mrope, "mrope_interleaved": True}
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
                       out_hidden_size=hidden, patch_size=16, spatial_merge_size=2,
                       temporal_patch_size=2, num_position_embeddings=64,
@@ -151,13 +157,18 @@ def build_processor(arch: str, tok):
 
 
 def build_tiny(out: str | Path, arch: str = "qwen2_vl", seed: int = 0, hidden: int = 64,
-               layers: int = 2) -> Path:
-    """Create and save the tiny model, tokenizer, processor and embedding config."""
+               layers: int = 2, heads: int = 2, pretrain_steps: int = 0) -> Path:
+    """Create and save the tiny model, tokenizer, processor and embedding config.
+
+    ``pretrain_steps > 0`` then runs the simulated pretraining of
+    :mod:`mmemb.model.pretrain` (the demo's base model needs it: with random weights every
+    rationale scores the same in stage 2); 0 keeps the random weights (fast, for tests).
+    """
     import torch
 
     out = Path(out)
     tok = build_tokenizer()
-    cfg = build_config(arch, tok, hidden=hidden, layers=layers)
+    cfg = build_config(arch, tok, hidden=hidden, layers=layers, heads=heads)
     cfg.architectures = [model_class(arch).__name__]
     torch.manual_seed(seed)
     model = model_class(arch)(cfg)
@@ -166,10 +177,16 @@ def build_tiny(out: str | Path, arch: str = "qwen2_vl", seed: int = 0, hidden: i
     model.save_pretrained(out, safe_serialization=True)
     proc = build_processor(arch, tok)
     proc.save_pretrained(out)
+    proc.image_processor.save_pretrained(out)  # preprocessor_config.json: vLLM's loader reads it
     tok.save_pretrained(out)
     EmbeddingConfig().save(out)
     (out / "mmemb_tiny.json").write_text(json.dumps({"arch": arch, "seed": seed,
-                                                     "hidden": hidden, "layers": layers}))
+                                                     "hidden": hidden, "layers": layers,
+                                                     "heads": heads}))
+    if pretrain_steps > 0:
+        from mmemb.model.pretrain import pretrain_tiny
+
+        pretrain_tiny(out, steps=pretrain_steps, seed=seed)
     return out
 
 
@@ -178,8 +195,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--arch", default="qwen2_vl", choices=ARCHS)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrain-steps", type=int, default=0,
+                   help="simulated pretraining steps (mmemb.model.pretrain; the demo uses 200)")
     a = p.parse_args(argv)
-    print(build_tiny(a.out, a.arch, a.seed))
+    print(build_tiny(a.out, a.arch, a.seed, pretrain_steps=a.pretrain_steps))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,11 @@
+"""Stage 'generate' alone as a Prefect flow::
+
+    python -m flows.generate --config configs/demo.yaml --run-dir runs/demo
+"""
+
+from flows.stage import main, make_stage_flow
+
+flow = make_stage_flow("generate")
+
+if __name__ == "__main__":
+    main("generate")

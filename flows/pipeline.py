@@ -1,0 +1,318 @@
+"""The pipeline flow: prepare -> generate -> score -> select -> train -> gate -> evaluate.
+
+Between tasks travel only small JSON payloads (artifact URI, digest, rows, schema version,
+metrics); data and models stay on disk. Each stage is skipped when its inputs, config and
+code are unchanged (``<run_dir>/<stage>/_stage.json``), so a rerun after a crash or an edit
+recomputes only what changed. Run it::
+
+    python -m flows.cli run configs/demo.yaml --run-dir runs/demo
+    python -m flows.cli run configs/demo.yaml --from train       # retrain, regate, re-eval
+    python -m flows.pipeline --config configs/demo.yaml           # same flow, no CLI extras
+
+Without ``PREFECT_API_URL`` Prefect starts a temporary local API (nothing to start by hand);
+with it set, the flow run appears on that server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+from prefect import flow
+
+from mmemb.configs.base import ConfigError
+from mmemb.configs.pipeline import STAGES, PipelineConfig, StageName
+from tasks import cache
+from tasks.stages import (
+    MissingInput,
+    check_inputs,
+    stage_available,
+    stage_task_for,
+)
+from tasks.tracking import ENV_PARENT, StageRecord, Tracker, redact_uri
+
+PIPELINE_STATE = "_pipeline.json"
+
+
+def plan(config: PipelineConfig, from_stage: str | None = None, only: str | None = None,
+         force: list[str] | None = None) -> list[tuple[str, bool]]:
+    """[(stage, forced)] in order. ``only`` runs one stage (forced); ``from_stage`` forces it
+    and everything after it; ``force`` forces the named stages."""
+    for name, val in (("--from", from_stage), ("--only", only), *(("--force", f)
+                                                                  for f in force or [])):
+        if val is not None and val not in STAGES:
+            raise ConfigError(f"{name} {val!r}: not a stage; choose one of {', '.join(STAGES)}")
+    if only is not None:
+        return [(only, True)]
+    stages = [s for s in STAGES if s in config.run.stages]
+    if from_stage is not None and from_stage not in stages:
+        raise ConfigError(f"--from {from_stage!r}: not in run.stages ({', '.join(stages)})")
+    start = stages.index(from_stage) if from_stage else len(stages)
+    forced = set(force or [])
+    return [(s, i >= start or s in forced) for i, s in enumerate(stages)]
+
+
+# --------------------------------------------------------------------------- parent run
+
+def _prefect_ids() -> dict[str, str]:
+    from prefect.runtime import flow_run
+
+    out = {}
+    for k, v in (("prefect.flow_run_id", flow_run.id), ("prefect.flow_run_name", flow_run.name),
+                 ("prefect.flow_run_url", flow_run.ui_url), ("prefect.api_url",
+                                                             flow_run.api_url)):
+        if v and not str(v).startswith("None"):  # no URL without a Prefect server
+            out[k] = str(v)
+    return out
+
+
+def link_flow_run(tracker: Tracker, parent_run_id: str | None) -> None:
+    """Label the Prefect flow run with the MLflow parent run (and attach a link to it)."""
+    from prefect.runtime import flow_run
+
+    if not parent_run_id or not flow_run.id:
+        return
+    try:
+        from prefect.artifacts import create_link_artifact
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            client.update_flow_run_labels(flow_run.id, {
+                "mlflow.run_id": parent_run_id,
+                "mlflow.experiment_id": str(tracker.experiment_id),
+                "mlflow.tracking_uri": redact_uri(tracker.uri)})
+        create_link_artifact(link=tracker.ui_url(parent_run_id), key="mlflow-pipeline",
+                             link_text="MLflow parent run",
+                             description=f"MLflow run {parent_run_id} (all stages nest here)")
+    except Exception as e:  # noqa: BLE001 - linking is a convenience
+        print(f"[pipeline] could not link the Prefect flow run to MLflow: {e}", flush=True)
+
+
+def open_parent(config: PipelineConfig, tracker: Tracker, kind: str = "pipeline",
+                name: str | None = None) -> str | None:
+    """The MLflow parent run (created now); a placeholder id when the store is unreachable."""
+    tags = {"mmemb.kind": kind, "mmemb.run_dir": str(config.run_dir.resolve()),
+            **_prefect_ids()}
+    run_id = tracker.start_run(name or config.run.name, None, tags)
+    params = {}
+    for sec in ("run", *STAGES):
+        obj = getattr(config, sec)
+        if obj is not None:
+            params.update(obj.flat_params(prefix=sec))
+    if run_id:
+        tracker.log_params(run_id, params)
+    elif tracker.enabled:
+        placeholder = f"pending-{time.time_ns()}"
+        tracker.spool(StageRecord(stage="pipeline", run_name=name or config.run.name,
+                                  tags={**tags, "mmemb.placeholder_id": placeholder},
+                                  params=params))
+        run_id = placeholder
+    cache.atomic_write_json(config.run_dir / PIPELINE_STATE, {
+        "parent_run_id": run_id, "tracking_uri": redact_uri(tracker.uri),
+        "experiment": tracker.experiment, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return run_id
+
+
+def parent_for_stage(config: PipelineConfig, explicit: str | None) -> str | None:
+    """A stage run alone nests under: the given id, env, or the run dir's last pipeline."""
+    if explicit:
+        return explicit
+    if os.environ.get(ENV_PARENT):
+        return os.environ[ENV_PARENT]
+    p = config.run_dir / PIPELINE_STATE
+    if p.is_file():
+        try:
+            return json.loads(p.read_text()).get("parent_run_id")
+        except (OSError, json.JSONDecodeError):
+            return None
+    return None
+
+
+# --------------------------------------------------------------------------- summary
+
+def mode_table(payloads: dict[str, dict]) -> list[dict[str, Any]]:
+    """Per mode, from the evaluate stage's results Parquet: overall score (mean over tasks),
+    reasoning ratio and latency (query-weighted means of the per-task numbers)."""
+    ev = payloads.get("evaluate") or {}
+    m = ev.get("metrics") or {}
+    modes = [k.split(".")[0] for k in m if k.endswith(".overall")]
+    ref = next((r for r in (ev.get("outputs") or {}).values()
+                if r.get("contract") == "eval_results"), None)
+    if ref is None:
+        return []
+    from data_contracts import io
+    from data_contracts.schemas import EVAL_RESULTS
+
+    rows = [r for r in io.read(ref["uri"], EVAL_RESULTS).to_pylist() if r["status"] == "ok"]
+    metric = "/".join(sorted({r["metric"] for r in rows if r["metric"]}))
+    if modes:  # the stage's own per-input latency percentiles are exact; prefer them
+        return [{"mode": md, "tasks": sum(r["mode"] == md for r in rows),
+                 "score": m.get(f"{md}.overall"), "metric": metric,
+                 "reasoning_ratio": m.get(f"{md}.reasoning_ratio"),
+                 "latency_mean_ms": m.get(f"{md}.latency_mean_ms"),
+                 "latency_p95_ms": m.get(f"{md}.latency_p95_ms")} for md in modes]
+    out = []
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        rs = [r for r in rows if r["mode"] == mode]
+        n = [max(1, r["n_queries"] or 0) for r in rs]
+
+        def wmean(k, rs=rs, n=n):
+            vals = [(r[k], w) for r, w in zip(rs, n, strict=True) if r[k] is not None]
+            return sum(v * w for v, w in vals) / sum(w for _, w in vals) if vals else None
+
+        out.append({"mode": mode, "tasks": len(rs),
+                    "score": sum(r["score"] for r in rs) / len(rs) if rs else None,
+                    "metric": ",".join(sorted({r["metric"] or "?" for r in rs})),
+                    "reasoning_ratio": wmean("reasoning_ratio"),
+                    "latency_mean_ms": wmean("latency_mean_ms"),
+                    "latency_p95_ms": wmean("latency_p95_ms")})
+    return out
+
+
+def _f(v, fmt=".3f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def format_summary(config: PipelineConfig, payloads: dict[str, dict], duration_s: float,
+                   tracker: Tracker, parent_run_id: str | None) -> str:
+    lines = [f"== mmemb pipeline '{config.run.name}' in {config.run_dir} "
+             f"({duration_s / 60:.1f} min) =="]
+    for stage, p in payloads.items():
+        st = p["status"]
+        dur = p.get("duration_s")
+        head = f"{stage:<9} {st:<11}" + (f" {dur:7.1f}s" if dur else " " * 9)
+        text = p.get("summary") or p.get("reason") or ""
+        lines.append(f"  {head}  {text}".rstrip())
+    modes = mode_table(payloads)
+    if modes:
+        metric = modes[0]["metric"] or "score"
+        lines += ["", f"  {'mode':<9} {metric + ' (%)':>12} {'reasoning':>10} "
+                  f"{'latency mean':>13} {'p95 (ms)':>9}"]
+        for m in modes:
+            score = None if m["score"] is None else 100 * m["score"]
+            rr = None if m["reasoning_ratio"] is None else 100 * m["reasoning_ratio"]
+            lines.append(f"  {m['mode']:<9} {_f(score, '12.1f')} {_f(rr, '9.0f')}% "
+                         f"{_f(m['latency_mean_ms'], '13.1f')} {_f(m['latency_p95_ms'], '9.1f')}")
+    lines.append("")
+    if tracker.enabled and tracker.offline_reason is None:
+        if tracker.is_local:
+            lines.append(f"  MLflow: {redact_uri(tracker.uri)}; UI: make ui RUN="
+                         f"{config.run_dir}  (or mmemb ui --run-dir {config.run_dir}) -> "
+                         f"{tracker.ui_url(parent_run_id)}")
+        else:
+            lines.append(f"  MLflow run: {tracker.ui_url(parent_run_id)}")
+    elif tracker.enabled:
+        lines.append(f"  MLflow unreachable ({tracker.offline_reason}); records spooled, "
+                     f"send them with: mmemb sync --run-dir {config.run_dir}")
+    lines.append(f"  rerun: mmemb run CONFIG --run-dir {config.run_dir} [--from STAGE] "
+                 "(unchanged stages are reused)")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the flow
+
+@flow(name="mmemb-pipeline", log_prints=True, persist_result=False)
+def pipeline(config: PipelineConfig | None = None, from_stage: StageName | None = None,
+             only: StageName | None = None, force: list[StageName] | None = None,
+             config_path: str | None = None, run_dir: str | None = None,
+             overrides: list[str] | None = None) -> dict:
+    """The whole method on one run directory; returns stage payloads and a summary.
+
+    Give ``config`` (the form), or ``config_path`` (a pipeline YAML, as deployments do) with
+    optional ``run_dir`` and ``overrides`` (``["train.lr=1e-4"]``).
+    """
+    t0 = time.perf_counter()
+    if config is None:
+        if not config_path:
+            raise ConfigError("pipeline: give config (the form) or config_path (a YAML)")
+        config = PipelineConfig.load(config_path, run_dir=run_dir, overrides=overrides)
+    elif run_dir and run_dir != config.run.run_dir:
+        raise ConfigError("pipeline: run_dir goes with config_path; a config object was "
+                          "already wired to its run.run_dir")
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    steps = plan(config, from_stage, only, force)
+    tracker = Tracker.from_config(config.run.tracking, run_dir)
+    tracker.replay()
+    parent = open_parent(config, tracker)
+    link_flow_run(tracker, parent)
+    print(f"[pipeline] {config.run.name}: {' -> '.join(s for s, _ in steps)} in {run_dir}"
+          + (f"; MLflow parent run {parent}" if parent else ""), flush=True)
+    payloads: dict[str, dict] = {}
+    not_run: set[str] = set()
+    status = "FINISHED"
+    try:
+        for stage, forced in steps:
+            ok, why = stage_available(stage)
+            if not ok:
+                print(f"[{stage}] not available yet: {why}", flush=True)
+                payloads[stage] = {"stage": stage, "status": "unavailable", "reason": why}
+                not_run.add(stage)
+                continue
+            if not_run:
+                try:
+                    check_inputs(stage, config.section(stage), run_dir)
+                except MissingInput as e:
+                    why = (f"blocked: needs the output of {', '.join(sorted(not_run))} "
+                           f"({e})")
+                    print(f"[{stage}] {why}", flush=True)
+                    payloads[stage] = {"stage": stage, "status": "blocked", "reason": why}
+                    not_run.add(stage)
+                    continue
+            upstream = {s: {"key": p.get("key"), "outputs": p.get("outputs")}
+                        for s, p in payloads.items() if p.get("key")}
+            payloads[stage] = stage_task_for(config, stage)(
+                config, stage, force=forced, parent_run_id=parent, upstream=upstream)
+    except BaseException as e:
+        status = "FAILED" if not isinstance(e, KeyboardInterrupt) else "KILLED"
+        failed = next((s for s, _ in steps if s not in payloads), "?")
+        print(f"[pipeline] stage {failed!r} failed: {type(e).__name__}: {e}\n"
+              f"[pipeline] finished stages are kept; resume with: mmemb run CONFIG "
+              f"--run-dir {run_dir} (cached stages are skipped) or --from {failed}", flush=True)
+        if parent and not parent.startswith("pending-"):
+            tracker.set_tags(parent, {"mmemb.failed_stage": failed,
+                                      "mmemb.error": f"{type(e).__name__}: {e}"[:8000]})
+        raise
+    finally:
+        duration = time.perf_counter() - t0
+        if parent and not parent.startswith("pending-"):
+            m = {"pipeline_duration_s": duration,
+                 **{f"{s}_duration_s": p["duration_s"] for s, p in payloads.items()
+                    if p.get("duration_s") is not None},
+                 "stages_ran": sum(p["status"] == "ran" for p in payloads.values()),
+                 "stages_cached": sum(p["status"] == "cached" for p in payloads.values())}
+            tracker.log_metrics(parent, m)
+            tracker.end_run(parent, status)
+    text = format_summary(config, payloads, duration, tracker, parent)
+    print("\n" + text, flush=True)
+    try:
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact("```\n" + text + "\n```", key="pipeline-summary",
+                                 description="stage results and the three-mode table")
+    except Exception:  # noqa: BLE001 - a summary artifact is a convenience
+        pass
+    (run_dir / "summary.txt").write_text(text + "\n")
+    return {"run_dir": str(run_dir), "parent_run_id": parent, "duration_s": duration,
+            "stages": payloads, "modes": mode_table(payloads), "summary": text,
+            "tracking_uri": redact_uri(tracker.uri), "experiment_id": tracker.experiment_id}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Run the mmemb pipeline flow (see flows.cli for "
+                                 "the full command line).")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--run-dir")
+    a = ap.parse_args(argv)
+    cfg = PipelineConfig.load(a.config, run_dir=a.run_dir)
+    pipeline(cfg)
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["pipeline", "plan"]

@@ -1,0 +1,11 @@
+"""Stage 'prepare' alone as a Prefect flow::
+
+    python -m flows.prepare --config configs/demo.yaml --run-dir runs/demo
+"""
+
+from flows.stage import main, make_stage_flow
+
+flow = make_stage_flow("prepare")
+
+if __name__ == "__main__":
+    main("prepare")

@@ -1,0 +1,11 @@
+"""Stage 'select' alone as a Prefect flow::
+
+    python -m flows.select --config configs/demo.yaml --run-dir runs/demo
+"""
+
+from flows.stage import main, make_stage_flow
+
+flow = make_stage_flow("select")
+
+if __name__ == "__main__":
+    main("select")

@@ -1,0 +1,315 @@
+"""The pipeline's config: one YAML with a section per stage, wired through one run directory.
+
+A pipeline YAML looks like::
+
+    run:        {name: demo, run_dir: runs/demo, seed: 0, tracking: {...}}
+    prepare:    {...}          # mmemb.configs.prepare.PrepareConfig
+    generate:   {...}          # mmemb.configs.generate.GenerateConfig
+    ...
+    launch:     {train: {launcher: torchrun, nproc_per_node: 8}}
+
+Paths between stages are *wired*, not typed by hand: a stage field that connects it to the
+run directory or to an upstream stage (``out``, ``pairs``, ``model``, ...) and that the YAML
+leaves out is filled from :data:`WIRING`, e.g. ``gate.model = <run_dir>/train/student``.
+A value the YAML does give wins, and ``{run_dir}`` inside any string is replaced, so a user
+can point one stage elsewhere without touching the rest. Wiring happens before validation,
+so the loaded config is complete and every stage's section also runs alone.
+
+Stage config classes are imported lazily: a stage whose module has not landed yet keeps its
+section as a permissive placeholder (:class:`PendingSection`) and the pipeline reports it as
+not available instead of failing to load.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import ConfigDict, Field, model_validator
+
+from mmemb.configs.base import ConfigError, StageConfig
+from mmemb.configs.prepare import PrepareConfig
+
+#: Stage order. ``prepare`` is stage 0 (base model + data), then the method's five stages
+#: (generate, score, select, train, gate) and the evaluation.
+STAGES: tuple[str, ...] = ("prepare", "generate", "score", "select", "train", "gate",
+                           "evaluate")
+StageName = Literal["prepare", "generate", "score", "select", "train", "gate", "evaluate"]
+
+#: stage -> (config module, config class).
+CONFIG_CLASSES: dict[str, tuple[str, str]] = {
+    "prepare": ("mmemb.configs.prepare", "PrepareConfig"),
+    "generate": ("mmemb.configs.generate", "GenerateConfig"),
+    "score": ("mmemb.configs.score", "ScoreConfig"),
+    "select": ("mmemb.configs.select", "SelectConfig"),
+    "train": ("mmemb.configs.train", "TrainConfig"),
+    "gate": ("mmemb.configs.gate", "GateConfig"),
+    "evaluate": ("mmemb.configs.evaluate", "EvaluateConfig"),
+}
+
+#: stage -> {field: template}. Templates use ``{run_dir}`` and the prepare stage's outputs
+#: ``{base_model}``, ``{pairs}``, ``{eval}``, ``{image_root}``. Only fields the stage's config
+#: class declares are filled; a field whose template resolves to None is left alone.
+WIRING: dict[str, dict[str, str]] = {
+    "prepare": {"out": "{run_dir}/data", "model_out": "{run_dir}/base_model"},
+    "generate": {"pairs": "{pairs}", "data": "{pairs}", "image_root": "{image_root}",
+                 "out": "{run_dir}/generate"},
+    "score": {"rationales": "{run_dir}/generate/rationales", "pairs": "{pairs}",
+              "model": "{base_model}", "image_root": "{image_root}", "out": "{run_dir}/score"},
+    "select": {"scores": "{run_dir}/score/scores",
+               "rationales": "{run_dir}/generate/rationales", "pairs": "{pairs}",
+               "out": "{run_dir}/select"},
+    "train": {"model": "{base_model}", "data": "{run_dir}/select/selections",
+              "image_root": "{image_root}", "eval": "{eval}", "out": "{run_dir}/train"},
+    "gate": {"model": "{run_dir}/train/student", "data": "{run_dir}/select/selections",
+             "image_root": "{image_root}", "eval": "{eval}", "out": "{run_dir}/gate"},
+    "evaluate": {"model": "{run_dir}/gate/policy", "eval": "{eval}",
+                 "image_root": "{image_root}", "out": "{run_dir}/evaluate"},
+}
+
+#: Fields that name what a stage writes (everything else wired is an input).
+OUTPUT_FIELDS = frozenset({"out", "model_out"})
+
+
+def config_class(stage: str) -> type[StageConfig] | None:
+    """The stage's config class, or None while its module does not exist yet."""
+    mod, cls = CONFIG_CLASSES[stage]
+    try:
+        module = importlib.import_module(mod)
+    except ModuleNotFoundError as e:
+        if e.name == mod:
+            return None
+        raise
+    return getattr(module, cls, None)
+
+
+class PendingSection(StageConfig):
+    """Placeholder for the section of a stage whose code has not landed: keeps any keys."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class TrackingConfig(StageConfig):
+    """MLflow: where runs go and what is uploaded."""
+
+    enabled: bool = True
+    uri: str | None = Field(None, description="tracking URI; default: env MLFLOW_TRACKING_URI, "
+                            "else sqlite:///<run_dir>/mlflow.db")
+    experiment: str = "mmemb"
+    upload_max_mb: float = Field(50.0, ge=0, description="Parquet artifacts up to this size "
+                                 "are uploaded; larger ones are logged by reference")
+    log_models: Literal["pyfunc", "artifacts", "none"] = Field(
+        "pyfunc", description="pyfunc: an MLflow model (models-from-code, no pickle) with the "
+        "checkpoint as its artifact; artifacts: the checkpoint folder only")
+    model_max_mb: float = Field(2048.0, ge=0, description="bigger checkpoints are logged by "
+                                "reference (path tag) instead of copied")
+    register_models: bool = Field(True, description="register train/gate models with an "
+                                  "alias")
+    model_name: str = "mmemb"
+
+
+class RunSection(StageConfig):
+    """The run as a whole."""
+
+    name: str = "demo"
+    run_dir: str = "runs/demo"
+    seed: int = Field(0, description="default seed of every stage whose section sets none")
+    stages: list[StageName] = Field(default_factory=lambda: list(STAGES),
+                                    description="stages this pipeline runs, in order")
+    tracking: TrackingConfig = TrackingConfig()
+
+
+class LaunchConfig(StageConfig):
+    """How a stage's process(es) start. ``inprocess`` runs it inside the Prefect task.
+
+    ``subprocess``: one fresh Python process (isolates an engine's memory and threads).
+    ``torchrun``: ``torchrun --nnodes N --nproc_per_node P`` with a c10d rendezvous at
+    ``rdzv_endpoint`` (multi-node: start the same command on every node, e.g. via ``prefix:
+    [srun]`` on Slurm). ``deepspeed``: the DeepSpeed launcher, which reaches the hosts of
+    ``hostfile`` over ssh/pdsh from this one task. ``replicas``: data parallelism for a
+    stage with ``replica``/``replicas`` settings (generation): ``nproc_per_node`` processes,
+    each on its own ``gpus_per_replica`` GPUs (``CUDA_VISIBLE_DEVICES``), then one
+    assembling pass in the task.
+    """
+
+    launcher: Literal["inprocess", "subprocess", "torchrun", "deepspeed", "replicas"] = \
+        "inprocess"
+    nnodes: int = Field(1, ge=1)
+    nproc_per_node: int = Field(1, ge=1)
+    hostfile: str | None = None
+    rdzv_endpoint: str | None = Field(None, description="host:port of the c10d rendezvous")
+    rdzv_id: str | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+    prefix: list[str] = Field(default_factory=list, description="e.g. ['srun', '--nodes=2']")
+    gpus_per_replica: int = Field(1, ge=0, description="replicas: GPUs per process (= the "
+                                  "engine's tensor_parallel_size); 0 = no GPU pinning")
+    env: dict[str, str] = Field(default_factory=dict)
+    retries: int = Field(1, ge=0, description="retries after a transient failure only")
+    retry_delay_s: float = Field(10.0, ge=0)
+    timeout_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> LaunchConfig:
+        if self.launcher == "deepspeed" and self.nnodes > 1 and not self.hostfile:
+            raise ValueError("launcher='deepspeed' with nnodes > 1 needs a hostfile (one "
+                             "'host slots=N' line per node); or use launcher='torchrun' with "
+                             "rdzv_endpoint")
+        if self.launcher == "torchrun" and self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("launcher='torchrun' with nnodes > 1 needs rdzv_endpoint "
+                             "(host:port of node 0) so the nodes find each other")
+        if self.launcher == "replicas" and self.nnodes > 1:
+            raise ValueError("launcher='replicas' runs on one node; for several nodes run "
+                             "one replica set per node (docs/deploy.md, Slurm array) and "
+                             "assemble once")
+        if self.launcher in ("inprocess", "subprocess") and (self.nnodes > 1
+                                                             or self.nproc_per_node > 1):
+            raise ValueError(f"launcher={self.launcher!r} starts one process; for "
+                             "nnodes/nproc_per_node > 1 use 'torchrun' or 'deepspeed'")
+        return self
+
+
+def _section_type(stage: str) -> Any:
+    return config_class(stage) or PendingSection
+
+
+_PLACEHOLDER = re.compile(r"^\{(run_dir|base_model|pairs|eval|image_root)\}")
+
+
+def _fmt(value: Any, vars_: dict[str, str | None]) -> Any:
+    """Replace ``{run_dir}`` etc. in strings (nested), leaving other braces alone."""
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            v = vars_.get(m.group(1))
+            return m.group(0) if v is None else str(v)
+        return re.sub(r"\{(run_dir|base_model|pairs|eval|image_root)\}", sub, value)
+    if isinstance(value, dict):
+        return {k: _fmt(v, vars_) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fmt(v, vars_) for v in value]
+    return value
+
+
+def wire(data: dict[str, Any]) -> dict[str, Any]:
+    """Fill the stage fields the YAML leaves out from the run dir and upstream outputs."""
+    data = copy.deepcopy(data)
+    run = dict(data.get("run") or {})
+    run_dir = str(run.get("run_dir") or RunSection.model_fields["run_dir"].default)
+    seed = run.get("seed", 0)
+    vars_: dict[str, str | None] = {"run_dir": run_dir}
+    prep_raw = _fmt(dict(data.get("prepare") or {}), vars_)
+    for k, t in WIRING["prepare"].items():
+        prep_raw.setdefault(k, t.format(run_dir=run_dir))
+    prep_raw.setdefault("seed", seed)
+    data["prepare"] = prep_raw
+    try:
+        prep = PrepareConfig.model_validate(prep_raw)
+    except Exception:  # noqa: BLE001 - reported by the section's own validation below
+        return data
+    vars_.update(base_model=prep.model_path, pairs=prep.pairs_path, eval=prep.eval_path,
+                 image_root=prep.image_root_path)
+    stages = run.get("stages") or STAGES
+    for stage in STAGES[1:]:
+        if data.get(stage) is None and stage not in stages:
+            data[stage] = None
+            continue
+        raw = _fmt(dict(data.get(stage) or {}), vars_)
+        cls = config_class(stage)
+        fields = set(cls.model_fields) if cls is not None else set()
+        for k, template in WIRING[stage].items():
+            if k in fields and k not in raw:
+                val = _fmt(template, vars_)
+                if val is not None and "{" not in val:
+                    raw[k] = val
+        if "seed" in fields and "seed" not in raw:
+            raw["seed"] = seed
+        data[stage] = raw
+    return data
+
+
+class PipelineConfig(StageConfig):
+    """All stages of one run: the parameter model of the pipeline flow."""
+
+    run: RunSection = RunSection()
+    prepare: PrepareConfig = PrepareConfig()
+    # None: the stage is not in run.stages and the YAML has no section for it.
+    generate: _section_type("generate") | None = None
+    score: _section_type("score") | None = None
+    select: _section_type("select") | None = None
+    train: _section_type("train") | None = None
+    gate: _section_type("gate") | None = None
+    evaluate: _section_type("evaluate") | None = None
+    launch: dict[StageName, LaunchConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _wire(cls, data: Any) -> Any:
+        return wire(data) if isinstance(data, dict) else data
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path: str | Path, run_dir: str | None = None,
+             overrides: list[str] | dict[str, Any] | None = None) -> PipelineConfig:
+        """Load a pipeline YAML; ``run_dir`` and ``key.path=value`` overrides win over it."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+        data = apply_overrides(data, overrides or {})
+        if run_dir is not None:
+            data.setdefault("run", {})["run_dir"] = str(run_dir)
+        return cls.from_dict(data, where=str(path))
+
+    # ------------------------------------------------------------------ access
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.run_dir)
+
+    def section(self, stage: str) -> StageConfig:
+        sec = getattr(self, stage)
+        if sec is None:
+            raise ConfigError(f"the config has no '{stage}' section and run.stages does not "
+                              f"include it; add a '{stage}:' section (it may be empty)")
+        return sec
+
+    def available(self, stage: str) -> bool:
+        """True when the stage's config class exists (its section is not a placeholder)."""
+        return config_class(stage) is not None and not isinstance(getattr(self, stage),
+                                                                   PendingSection)
+
+    def launch_for(self, stage: str) -> LaunchConfig:
+        return self.launch.get(stage) or LaunchConfig()
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """``["train.lr=1e-4", "run.stages=[prepare,generate]"]`` -> nested keys; values are YAML."""
+    data = copy.deepcopy(data)
+    items = overrides.items() if isinstance(overrides, dict) else []
+    if isinstance(overrides, list):
+        pairs = []
+        for o in overrides:
+            if "=" not in o:
+                raise ConfigError(f"override {o!r}: write KEY.PATH=VALUE, e.g. train.lr=1e-4")
+            k, v = o.split("=", 1)
+            # "{run_dir}/x" is a placeholder string, not a YAML flow mapping
+            val = v if _PLACEHOLDER.match(v.strip()) else yaml.safe_load(v)
+            pairs.append((k.strip(), val))
+        items = pairs
+    for key, value in items:
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = value
+    return data

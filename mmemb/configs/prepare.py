@@ -1,0 +1,70 @@
+"""Stage 0 config: where the base model and the data come from.
+
+Two sources:
+
+* ``tiny`` (the embedded default): build the 2-layer Qwen-VL of :mod:`mmemb.model.tiny` and
+  the synthetic world of :mod:`mmemb.data.synth` under the run directory. Nothing is
+  downloaded; the same seed gives byte-identical files.
+* ``existing`` (a workstation or cluster): point at a real checkpoint and real data folders.
+  Nothing heavy happens: the stage checks that they exist, reads their manifests (or hashes
+  plain Parquet files once) and hands the references on.
+
+Used by ``python -m mmemb.stages.prepare --config configs/demo.yaml --section prepare``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from mmemb.configs.base import StageConfig
+
+
+class PrepareConfig(StageConfig):
+    """Base model and data for the rest of the pipeline."""
+
+    source: Literal["tiny", "existing"] = Field(
+        "tiny", description="'tiny': build the embedded default; 'existing': use the paths below")
+    # --- tiny
+    arch: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"] = "qwen2_vl"
+    size: Literal["smoke", "demo"] = Field("demo", description="synthetic dataset size")
+    seed: int = 0
+    out: str = Field("runs/demo/data", description="tiny: folder for pairs, eval rows, images")
+    model_out: str = Field("runs/demo/base_model", description="tiny: folder of the model")
+    pretrain_steps: int | None = Field(None, ge=0, description="tiny: steps of the simulated "
+                                       "pretraining (mmemb.model.pretrain); None: its "
+                                       "DEFAULT_STEPS; 0 keeps random weights")
+    # --- existing
+    model: str | None = Field(None, description="existing: checkpoint folder or hub id")
+    pairs: str | None = Field(None, description="existing: training pairs (contract 'pairs')")
+    eval: str | None = Field(None, description="existing: eval rows (contract 'eval_rows')")
+    image_root: str | None = Field(None, description="existing: folder image paths are "
+                                   "relative to")
+
+    @model_validator(mode="after")
+    def _check(self) -> PrepareConfig:
+        if self.source == "existing":
+            missing = [k for k in ("model", "pairs") if not getattr(self, k)]
+            if missing:
+                raise ValueError(
+                    f"source='existing' needs {missing}: set prepare.model to a checkpoint "
+                    "folder and prepare.pairs to a training-pairs Parquet (folder or file); "
+                    "or use source='tiny' for the embedded default")
+        return self
+
+    @property
+    def model_path(self) -> str:
+        return self.model if self.source == "existing" else self.model_out
+
+    @property
+    def pairs_path(self) -> str:
+        return self.pairs if self.source == "existing" else f"{self.out}/pairs"
+
+    @property
+    def eval_path(self) -> str | None:
+        return self.eval if self.source == "existing" else f"{self.out}/eval"
+
+    @property
+    def image_root_path(self) -> str | None:
+        return self.image_root if self.source == "existing" else self.out

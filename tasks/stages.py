@@ -1,0 +1,347 @@
+"""Thin Prefect tasks around the stages: cache check, launch, MLflow record, small result.
+
+A stage is plain library code (``mmemb.stages.<name>.run(config, log=...)``); this module
+adds what the library must not know about: the run directory's stage cache
+(:mod:`tasks.cache`), launching (:mod:`tasks.launch`), tracking (:mod:`tasks.tracking`) and
+the Prefect task with its retry policy. What a task returns to the flow is a small JSON
+payload (artifact references, metrics, paths), never data or models.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import task
+from prefect.cache_policies import NONE as NO_CACHE
+
+from data_contracts import io
+from data_contracts.io import ContractError
+from mmemb.configs.base import ConfigError, StageConfig
+from mmemb.configs.pipeline import (
+    STAGES,
+    WIRING,
+    PendingSection,
+    PipelineConfig,
+    config_class,
+)
+from mmemb.stages.base import StageResult
+from tasks import cache
+from tasks.launch import StageFailed, is_transient, launch
+from tasks.tracking import ENV_RUN, StageRecord, Tracker, artifact_entries, dataset_entries
+
+#: Stages whose models are registered in the MLflow model registry (with aliases).
+REGISTER_STAGES = {"train", "gate"}
+#: Training stages: their step metrics are the curves the UI plots.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class StageUnavailable(RuntimeError):
+    transient = False
+
+
+class MissingInput(ContractError):
+    """An input a stage needs is not there (its upstream stage has not run)."""
+
+
+# --------------------------------------------------------------------------- stage modules
+
+def stage_module(stage: str) -> str:
+    return f"mmemb.stages.{stage}"
+
+
+def stage_available(stage: str) -> tuple[bool, str]:
+    """Can this stage run in this checkout? (False, why) while its code has not landed."""
+    if stage not in STAGES:
+        return False, f"unknown stage {stage!r}; known: {', '.join(STAGES)}"
+    mod = stage_module(stage)
+    if importlib.util.find_spec(mod) is None:
+        return False, f"stage {stage!r} is not available yet ({mod.replace('.', '/')}.py " \
+                      "does not exist in this checkout)"
+    if config_class(stage) is None:
+        return False, f"stage {stage!r} has no config class yet (mmemb/configs/{stage}.py)"
+    return True, ""
+
+
+def load_stage_config(stage: str, path: str | Path, run_dir: str | None = None,
+                      overrides: list[str] | None = None) -> StageConfig:
+    """A stage's config from a pipeline YAML (its wired section) or a stage-only YAML."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if data is None and not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    cls = config_class(stage)
+    if cls is None:
+        raise StageUnavailable(stage_available(stage)[1])
+    is_pipeline = isinstance(data, dict) and ("run" in data or stage in data) and not (
+        set(data) <= set(cls.model_fields))
+    if is_pipeline:
+        pc = PipelineConfig.load(path, run_dir=run_dir, overrides=overrides)
+        sec = pc.section(stage)
+        return sec
+    over = dict(o.split("=", 1) for o in overrides or [])
+    return cls.from_yaml(path, overrides={k: yaml.safe_load(v) for k, v in over.items()})
+
+
+def call_stage(stage: str, cfg: StageConfig, log=None) -> StageResult:
+    """Import the stage and call ``run(cfg[, log=...])`` in this process."""
+    module = importlib.import_module(stage_module(stage))
+    run = module.run
+    kw = {}
+    if log is not None:
+        params = inspect.signature(run).parameters
+        for name in ("log", "step_logger", "logger"):
+            if name in params:
+                kw[name] = log
+                break
+    res = run(cfg, **kw)
+    if not isinstance(res, StageResult):
+        raise TypeError(f"{stage_module(stage)}.run returned {type(res).__name__}, expected "
+                        "StageResult")
+    return res
+
+
+# --------------------------------------------------------------------------- inputs
+
+def upstream_of(stage: str, path: str, run_dir: Path) -> str | None:
+    """The stage whose wired output folder holds ``path`` (for 'run X first' messages)."""
+    try:
+        rel = Path(path).resolve().relative_to(run_dir.resolve())
+    except ValueError:
+        return None
+    first = rel.parts[0] if rel.parts else ""
+    if first in STAGES and first != stage:
+        return first
+    prep_out = {Path(WIRING["prepare"][k].format(run_dir=".")).parts[-1]
+                for k in ("out", "model_out")}
+    return "prepare" if first in prep_out else None
+
+
+def check_inputs(stage: str, cfg: StageConfig, run_dir: Path) -> None:
+    """Raise :class:`MissingInput` naming the stage to run first, before anything starts."""
+    for field, path in cache.input_fields(stage, cfg).items():
+        if Path(path).exists():
+            continue
+        if field == "model" and _HUB_ID.match(path) and not path.startswith(("runs/", "./")):
+            continue  # a hub id, resolved from the local cache by transformers
+        up = upstream_of(stage, path, run_dir)
+        hint = (f"run stage {up!r} first (`mmemb run CONFIG --only {up}`), or set "
+                f"{stage}.{field} in the config") if up else f"set {stage}.{field} in the config"
+        raise MissingInput(path, f"{stage}.{field} does not exist.", fix=hint + ".")
+
+
+def _input_datasets(stage: str, cfg: StageConfig, digests: dict[str, str | None]) -> list[dict]:
+    refs = []
+    for field, path in cache.input_fields(stage, cfg).items():
+        d = digests.get(field) or ""
+        if d.startswith("artifact:"):
+            try:
+                refs.append((field, io.ref(path).to_dict()))
+            except ValueError:
+                continue
+        elif d.startswith("file:") and path.endswith(".parquet"):
+            refs.append((field, {"uri": path, "contract": field, "digest": d[5:],
+                                 "rows": None, "schema_version": None}))
+    return dataset_entries(refs, "input")
+
+
+# --------------------------------------------------------------------------- one stage
+
+def _payload(stage: str, status: str, res: StageResult | None = None, **kw) -> dict:
+    out: dict[str, Any] = {"stage": stage, "status": status}
+    if res is not None:
+        out.update(outputs={k: v.to_dict() for k, v in res.outputs.items()},
+                   metrics=dict(res.metrics), summary=res.summary,
+                   files={k: str(v) for k, v in res.files.items()},
+                   models={k: str(v) for k, v in res.models.items()})
+    out.update(kw)
+    return out
+
+
+def _alias(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "-", s).strip("-") or "run"
+
+
+def build_record(pcfg: PipelineConfig, stage: str, cfg: StageConfig, res: StageResult,
+                 digests: dict, *, parent_run_id: str | None, tags: dict[str, str],
+                 cached_from: dict | None = None) -> StageRecord:
+    tr = pcfg.run.tracking
+    rec = StageRecord(stage=stage, run_name=stage, parent_run_id=parent_run_id,
+                      tags={"mmemb.stage": stage, "mmemb.kind": "stage",
+                            "mmemb.run_name": pcfg.run.name, **tags})
+    rec.params = cfg.flat_params()
+    launch_cfg = pcfg.launch_for(stage)
+    rec.params.update({f"launch.{k}": v for k, v in launch_cfg.flat_params().items()})
+    rec.metrics = dict(res.metrics)
+    outs = {k: v.to_dict() for k, v in res.outputs.items()}
+    rec.datasets = _input_datasets(stage, cfg, digests) + dataset_entries(outs.items(), "output")
+    if cached_from is not None:
+        rec.tags.update({"mmemb.cached": "true",
+                         "mmemb.cached_from_run": str(cached_from.get("mlflow_run_id")),
+                         "mmemb.cached_at": str(cached_from.get("finished_at"))})
+        return rec
+    rec.step_metrics = [[s, m] for s, m in res.step_metrics]
+    arts, out_tags = artifact_entries(outs, {k: str(v) for k, v in res.files.items()},
+                                      tr.upload_max_mb)
+    rec.artifacts = arts
+    rec.tags.update(out_tags)
+    for name, path in res.models.items():
+        reg = None
+        if tr.register_models and stage in REGISTER_STAGES:
+            reg = {"name": f"{tr.model_name}-{stage}-{name}",
+                   "aliases": sorted({"current", _alias(pcfg.run.name)})}
+        rec.models.append({"name": name, "path": str(path), "stage": stage, "register_as": reg})
+    return rec
+
+
+def execute_stage(pcfg: PipelineConfig, stage: str, *, force: bool = False,
+                  parent_run_id: str | None = None, tracker: Tracker | None = None,
+                  tags: dict[str, str] | None = None) -> dict:
+    """Run one stage (or reuse its cached result); returns the small JSON payload."""
+    ok, why = stage_available(stage)
+    if not ok:
+        print(f"[{stage}] skipped: {why}", flush=True)
+        return _payload(stage, "unavailable", reason=why)
+    cfg = pcfg.section(stage)
+    if isinstance(cfg, PendingSection):
+        raise ConfigError(f"section {stage!r} was loaded before its config class existed; "
+                          "reload the config")
+    run_dir = pcfg.run_dir
+    state_dir = run_dir / stage
+    check_inputs(stage, cfg, run_dir)
+    memo = cache.DigestMemo(run_dir / "_digests.json")
+    digests = cache.input_digests(stage, cfg, memo)
+    memo.save()
+    code = cache.code_version(stage_module(stage))
+    key = cache.cache_key(stage, cfg, digests, code)
+    tracker = tracker or Tracker.from_config(pcfg.run.tracking, run_dir)
+    tags = dict(tags or {})
+    if not force:
+        res, reason = cache.lookup(run_dir, stage, key)
+        if res is not None:
+            st = cache.read_state(run_dir, stage) or {}
+            print(f"[{stage}] cached: inputs, config and code unchanged (key {key[:12]}); "
+                  f"{res.summary}", flush=True)
+            rec = build_record(pcfg, stage, cfg, res, digests, parent_run_id=parent_run_id,
+                               tags=tags, cached_from=st)
+            run_id = tracker.log_record(rec)
+            return _payload(stage, "cached", res, key=key, mlflow_run_id=run_id,
+                            duration_s=0.0, original_duration_s=st.get("duration_s"))
+        print(f"[{stage}] running: {reason}", flush=True)
+    else:
+        print(f"[{stage}] running: forced", flush=True)
+
+    rec_tags = {"mmemb.stage": stage, "mmemb.kind": "stage", "mmemb.cache_key": key,
+                "mmemb.code_version": code[:12], **tags}
+    run_id = tracker.start_run(stage, parent_run_id, rec_tags)
+    launch_cfg = pcfg.launch_for(stage)
+    t0 = time.perf_counter()
+    steps_live = 0
+    try:
+        if launch_cfg.launcher == "inprocess":
+            record_steps = StageRecord(stage, stage)
+            res = call_stage(stage, cfg, tracker.step_logger(run_id, record_steps))
+            steps_live = record_steps.steps_logged
+        else:
+            env = {ENV_RUN: run_id} if run_id else {}
+            if run_id:
+                env["MLFLOW_TRACKING_URI"] = tracker.uri
+            res, steps_live = launch(launch_cfg, stage, cfg, state_dir, env)
+    except BaseException as e:
+        tracker.set_tags(run_id, {"mmemb.error": f"{type(e).__name__}: {e}"[:8000],
+                                  "mmemb.transient": str(is_transient(e))})
+        tracker.end_run(run_id, "FAILED")
+        raise
+    duration = time.perf_counter() - t0
+    # Outputs first: the stage's result is on disk before anything talks to MLflow.
+    cache.write_state(run_dir, stage, key, res, inputs=digests, code=code,
+                      config=cfg.model_dump(mode="json"), duration_s=duration,
+                      extra={"mlflow_run_id": run_id})
+    rec = build_record(pcfg, stage, cfg, res, digests, parent_run_id=parent_run_id,
+                       tags=rec_tags)
+    rec.run_id = run_id
+    rec.steps_logged = steps_live if run_id else 0
+    rec.metrics["stage_duration_s"] = duration
+    logged = tracker.log_record(rec)
+    if logged and logged != run_id:
+        st = cache.read_state(run_dir, stage)
+        if st is not None:
+            st["mlflow_run_id"] = logged
+            cache.atomic_write_json(cache.state_path(run_dir, stage), st)
+    print(f"[{stage}] done in {duration:.1f}s: {res.summary}", flush=True)
+    return _payload(stage, "ran", res, key=key, mlflow_run_id=logged or run_id,
+                    duration_s=duration)
+
+
+# --------------------------------------------------------------------------- Prefect task
+
+def retry_condition(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's signature
+    """Retry only transient failures (engine start-up, I/O), never bad input."""
+    try:
+        state.result(raise_on_failure=True)
+    except BaseException as e:  # noqa: BLE001
+        transient = is_transient(e)
+        verdict = ("transient, retrying" if transient
+                   else "not transient (bad input, config or code), not retrying")
+        print(f"[retry] {type(e).__name__}: {verdict}", flush=True)
+        return transient
+    return False
+
+
+def _prefect_tags() -> dict[str, str]:
+    from prefect.runtime import flow_run, task_run
+
+    tags = {}
+    for k, v in (("prefect.flow_run_id", flow_run.id), ("prefect.flow_run_name", flow_run.name),
+                 ("prefect.task_run_id", task_run.id), ("prefect.flow_run_url", flow_run.ui_url),
+                 ("prefect.api_url", flow_run.api_url)):
+        if v and not str(v).startswith("None"):  # no URL without a Prefect server
+            tags[k] = str(v)
+    return tags
+
+
+def link_in_prefect(stage: str, tracker: Tracker, run_id: str | None) -> None:
+    """A link artifact on the Prefect flow run pointing at the MLflow run (the other way)."""
+    if not run_id:
+        return
+    try:
+        from prefect.artifacts import create_link_artifact
+
+        create_link_artifact(link=tracker.ui_url(run_id), link_text=f"MLflow run ({stage})",
+                             key=f"mlflow-{stage}",
+                             description=f"MLflow run {run_id} of stage {stage}")
+    except Exception as e:  # noqa: BLE001 - a missing link must not fail the stage
+        print(f"[{stage}] could not attach the MLflow link to the Prefect run: {e}")
+
+
+@task(name="stage", task_run_name="{stage}", cache_policy=NO_CACHE, persist_result=False,
+      retry_condition_fn=retry_condition, log_prints=True)
+def stage_task(config: PipelineConfig, stage: str, force: bool = False,
+               parent_run_id: str | None = None, upstream: dict | None = None) -> dict:
+    """One stage as a Prefect task; ``upstream`` (payloads) draws the dependency edges."""
+    del upstream
+    tracker = Tracker.from_config(config.run.tracking, config.run_dir)
+    out = execute_stage(config, stage, force=force, parent_run_id=parent_run_id,
+                        tracker=tracker, tags=_prefect_tags())
+    link_in_prefect(stage, tracker, out.get("mlflow_run_id"))
+    return out
+
+
+def stage_task_for(config: PipelineConfig, stage: str):
+    """``stage_task`` with the stage's retry settings (transient failures only)."""
+    lc = config.launch_for(stage)
+    return stage_task.with_options(retries=lc.retries, retry_delay_seconds=lc.retry_delay_s,
+                                   timeout_seconds=lc.timeout_s)
+
+
+__all__ = ["MissingInput", "StageFailed", "StageUnavailable", "call_stage", "execute_stage",
+           "load_stage_config", "stage_available", "stage_task", "stage_task_for"]

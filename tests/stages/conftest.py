@@ -1,9 +1,10 @@
 """Fixtures for the stage 1-3 tests: real vLLM generation runs and a pretrained tiny model.
 
-Session-scoped and lazy: the warm-up (~35 s on 2 free cores) and each vLLM engine start-up
+Session-scoped and lazy: the warm-up (~20 s, one thread) and each vLLM engine start-up
 (~20 s) happen once, and only when a test asks for them. ``vllm_run`` (random tiny model,
-24 pairs) serves the default suite; ``run13`` (pretrained model, all smoke pairs, stages
-1-3) serves the slow acceptance test.
+24 pairs) serves the default suite; ``run23_oracle`` (pretrained model, oracle, all smoke
+pairs, stages 1-3, no engine) the default acceptance test; ``run13`` (the same plus vLLM
+noise) the slow one.
 """
 
 from __future__ import annotations
@@ -48,21 +49,18 @@ def vllm_run(tiny_model, synth, tmp_path_factory) -> tuple:
     return cfg, generate.run(cfg)
 
 
-@pytest.fixture(scope="session")
-def run13(pretrained_tiny, synth, tmp_path_factory) -> dict:
-    """Stages 1, 2 and 3 run once on the smoke data: configs and results."""
+def _run13(model: Path, synth: dict, root: Path, teachers: list[dict]) -> dict:
     from mmemb.configs.generate import GenerateConfig
     from mmemb.configs.score import ScoreConfig
     from mmemb.configs.select import SelectConfig
     from mmemb.stages import generate, score, select
 
-    root = tmp_path_factory.mktemp("run13")
-    teachers = [{**t, "model": str(pretrained_tiny)} for t in TEACHERS]
+    teachers = [{**t, "model": str(model)} if t["backend"] != "oracle" else t for t in teachers]
     gcfg = GenerateConfig(pairs=str(synth["pairs"]), image_root=str(synth["image_root"]),
                           out=str(root / "generate"), teachers=teachers, shard_size=64)
     gres = generate.run(gcfg)
     scfg = ScoreConfig(pairs=str(synth["pairs"]),
-                       rationales=str(gres.outputs["rationales"].uri), model=str(pretrained_tiny),
+                       rationales=str(gres.outputs["rationales"].uri), model=str(model),
                        image_root=str(synth["image_root"]), out=str(root / "score"),
                        progress=False, torch_threads=1)
     sres = score.run(scfg)
@@ -71,3 +69,15 @@ def run13(pretrained_tiny, synth, tmp_path_factory) -> dict:
     lres = select.run(lcfg)
     return {"generate": (gcfg, gres), "score": (scfg, sres), "select": (lcfg, lres),
             "root": root}
+
+
+@pytest.fixture(scope="session")
+def run23_oracle(pretrained_tiny, synth, tmp_path_factory) -> dict:
+    """Stages 1-3 on the smoke world with the oracle only (no engine): the fast acceptance."""
+    return _run13(pretrained_tiny, synth, tmp_path_factory.mktemp("run23"), [TEACHERS[2]])
+
+
+@pytest.fixture(scope="session")
+def run13(pretrained_tiny, synth, tmp_path_factory) -> dict:
+    """Stages 1-3 on the smoke world: two vLLM-noise teachers + the oracle (slow)."""
+    return _run13(pretrained_tiny, synth, tmp_path_factory.mktemp("run13"), TEACHERS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,10 +85,14 @@ def test_prefect_deploy_registers_deployments(prefect_harness, tmp_path):
 
     with get_client(sync_client=True) as c:
         c.create_work_pool(WorkPoolCreate(name="mmemb-process", type="process"))
-    env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value(),
+    # The venv's bin may not be on PATH (CI runs .venv/bin/python without activating it).
+    venv_bin = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+           "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value(),
            "PREFECT_HOME": str(tmp_path), "MMEMB_HOME": str(DEPLOY.parent),
            "MLFLOW_TRACKING_URI": "http://mlflow.test:5000"}
-    out = subprocess.run(["prefect", "--no-prompt", "deploy", "--prefect-file",
+    prefect_cli = str(Path(venv_bin) / "prefect")
+    out = subprocess.run([prefect_cli, "--no-prompt", "deploy", "--prefect-file",
                           str(DEPLOY / "prefect.yaml"), "--name", "pipeline-process",
                           "--name", "train-process"], cwd=DEPLOY.parent, env=env,
                          capture_output=True, text=True, timeout=300)

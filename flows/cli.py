@@ -89,6 +89,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     cfg = PipelineConfig.load(a.config, run_dir=a.run_dir, overrides=overrides)
     t0 = time.perf_counter()
     out = pipeline(cfg, from_stage=a.from_stage, only=a.only, force=a.force or None)
+    print("\n" + out["summary"])
     print(f"  wall time incl. Prefect start-up: {time.perf_counter() - t0:.0f}s", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2, default=str))

@@ -287,7 +287,11 @@ def pipeline(config: PipelineConfig | None = None, from_stage: StageName | None 
             tracker.log_metrics(parent, m)
             tracker.end_run(parent, status)
     text = format_summary(config, payloads, duration, tracker, parent)
-    print("\n" + text, flush=True)
+    # The command line prints the summary itself (plain, on stdout); here it goes to the
+    # run directory and to the Prefect UI (a markdown artifact), not twice to the console.
+    print(f"[pipeline] finished in {duration:.0f}s: "
+          + ", ".join(f"{s} {p['status']}" for s, p in payloads.items())
+          + f"; summary in {run_dir / 'summary.txt'}", flush=True)
     try:
         from prefect.artifacts import create_markdown_artifact
 

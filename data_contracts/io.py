@@ -70,7 +70,8 @@ class ArtifactRef:
         return asdict(self)
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """Streaming sha256 of a file (1 MiB chunks: checkpoints can be many GB)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -157,7 +158,7 @@ def atomic_write_parquet(table: pa.Table, path: str | Path) -> str:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return _sha256_file(path)
+    return sha256_file(path)
 
 
 def write(table: pa.Table | list[dict], path: str | Path, contract: Contract, *,
@@ -180,7 +181,7 @@ def write(table: pa.Table | list[dict], path: str | Path, contract: Contract, *,
             part = table.slice(i * shard_rows, shard_rows)
             name = f"part-{i:05d}.parquet"
             pq.write_table(part, tmp / name, compression="zstd")
-            parts.append({"file": name, "rows": part.num_rows, "sha256": _sha256_file(tmp / name)})
+            parts.append({"file": name, "rows": part.num_rows, "sha256": sha256_file(tmp / name)})
         digest = hashlib.sha256("".join(p["sha256"] for p in parts).encode()).hexdigest()
         manifest = {"contract": contract.name, "schema_version": contract.version,
                     "rows": table.num_rows, "digest": digest, "parts": parts}
@@ -258,7 +259,7 @@ def read(path: str | Path, contract: Contract, *, check_paths: bool = False,
             if not f.is_file():
                 raise ContractError(f, "listed in the manifest but missing.",
                                     fix="rerun the stage that produces it.")
-            if verify_digest and _sha256_file(f) != p["sha256"]:
+            if verify_digest and sha256_file(f) != p["sha256"]:
                 raise ContractError(f, "content digest differs from the manifest: the file "
                                     "was modified or corrupted.", fix="rerun the stage.")
     else:

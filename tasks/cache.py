@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from data_contracts import io
-from data_contracts.io import ArtifactRef
+from data_contracts.io import ArtifactRef, sha256_file
 from mmemb.configs.base import StageConfig
 from mmemb.configs.pipeline import OUTPUT_FIELDS, WIRING
 from mmemb.stages.base import StageResult
@@ -97,14 +97,6 @@ def code_version(module: str) -> str:
 
 # --------------------------------------------------------------------------- input digests
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class DigestMemo:
     """Remembers file digests by (path, size, mtime) so a 16 GB checkpoint is hashed once."""
 
@@ -124,7 +116,7 @@ class DigestMemo:
         hit = self.data.get(k)
         if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
             return hit[2]
-        d = _sha256_file(p)
+        d = sha256_file(p)
         self.data[k] = [st.st_size, st.st_mtime_ns, d]
         self.dirty = True
         return d

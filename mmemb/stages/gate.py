@@ -149,7 +149,7 @@ def rewards_for(emb: Embedder, inputs: list[EmbedInput], rationales: list[str | 
     return {"reward": total, "hit": hit_t, "margin": margin_t, "cost": cost, "malformed": fmt}
 
 
-def _deepspeed_engine(model: torch.nn.Module, cfg: GateConfig, n_params: int):
+def _deepspeed_engine(model: torch.nn.Module, cfg: GateConfig):
     """DeepSpeed as in stage 4: single process here, launcher-driven on a cluster."""
     import deepspeed
 
@@ -176,7 +176,6 @@ def _deepspeed_engine(model: torch.nn.Module, cfg: GateConfig, n_params: int):
             "warmup_num_steps": max(1, cfg.warmup_steps)}},
         "steps_per_print": 10**9,
     }
-    del n_params
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_cfg)
     return engine
@@ -221,7 +220,7 @@ def run(cfg: GateConfig, log: StepLogger = null_logger) -> StageResult:
     eval_rows = io.read(cfg.eval, EVAL_ROWS).to_pylist() if cfg.eval else []
     before = gate_report(enc, eval_rows, cfg.image_root)
     start_params = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
-    engine = _deepspeed_engine(policy.model, cfg, len(queries))
+    engine = _deepspeed_engine(policy.model, cfg)
     print(f"[gate] GRPO: {len(queries)} queries, {cfg.steps} steps x {cfg.queries_per_step} "
           f"queries x G={cfg.group_size} rollouts, budget {cfg.budget} tokens, "
           f"ZeRO-{cfg.zero_stage}", flush=True)
@@ -302,7 +301,6 @@ def run(cfg: GateConfig, log: StepLogger = null_logger) -> StageResult:
 
     if dist.is_initialized():  # through DeepSpeed, so its cached groups are reset too
         ds_comm.destroy_process_group()
-    first, last = steps[0][1], steps[-1][1]
     k = max(1, len(steps) // 4)
     metrics = {
         "reward_first_quarter": sum(s[1]["reward"] for s in steps[:k]) / k,
@@ -313,7 +311,6 @@ def run(cfg: GateConfig, log: StepLogger = null_logger) -> StageResult:
         **{f"before/{a}": b for a, b in before.items()},
         **{f"after/{a}": b for a, b in after.items()},
     }
-    del first, last
     summary = (f"gate: reward {metrics['reward_first_quarter']:+.3f} -> "
                f"{metrics['reward_last_quarter']:+.3f}; reasoning ratio on eval "
                + ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in after.items()

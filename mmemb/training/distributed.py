@@ -108,22 +108,18 @@ def gather_nograd(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def all_reduce_sum(values: dict[str, float], mean: bool = False) -> dict[str, float]:
+    """Sum (or mean) of scalar metrics over ranks, one collective for the whole dict."""
+    if not is_dist() or dist.get_world_size() == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    if mean:
+        t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
-    """Mean of scalar metrics over ranks (one collective for the whole dict)."""
-    if not is_dist() or dist.get_world_size() == 1 or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist(), strict=True))
-
-
-def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
-    """Sum of scalar metrics over ranks (samples, tokens)."""
-    if not is_dist() or dist.get_world_size() == 1 or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return dict(zip(keys, t.tolist(), strict=True))
+    """Mean of scalar metrics over ranks (losses, accuracies)."""
+    return all_reduce_sum(values, mean=True)

@@ -26,6 +26,7 @@ from prefect import flow
 from mmemb.configs.base import ConfigError
 from mmemb.configs.pipeline import STAGES, PipelineConfig, StageName
 from tasks import cache
+from tasks.launch import disk_full_hint
 from tasks.stages import (
     MissingInput,
     check_inputs,
@@ -269,7 +270,9 @@ def pipeline(config: PipelineConfig | None = None, from_stage: StageName | None 
     except BaseException as e:
         status = "FAILED" if not isinstance(e, KeyboardInterrupt) else "KILLED"
         failed = next((s for s, _ in steps if s not in payloads), "?")
-        print(f"[pipeline] stage {failed!r} failed: {type(e).__name__}: {e}\n"
+        hint = disk_full_hint(e)
+        hint = f"\n[pipeline] {hint}" if hint and hint not in str(e) else ""
+        print(f"[pipeline] stage {failed!r} failed: {type(e).__name__}: {e}{hint}\n"
               f"[pipeline] finished stages are kept; resume with: mmemb run CONFIG "
               f"--run-dir {run_dir} (cached stages are skipped) or --from {failed}", flush=True)
         if parent and not parent.startswith("pending-"):

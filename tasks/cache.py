@@ -250,14 +250,32 @@ def state_path(run_dir: str | Path, stage: str) -> Path:
     return Path(run_dir) / stage / STATE_FILE
 
 
+def digest_memo(run_dir: str | Path) -> DigestMemo:
+    """The run directory's file-digest memo (shared by input keys and output checks)."""
+    return DigestMemo(Path(run_dir) / "_digests.json")
+
+
+def model_digests(res: StageResult, memo: DigestMemo | None = None) -> dict[str, str | None]:
+    """Content digests of a result's models (model files only, as for input keys)."""
+    return {name: path_digest(p, memo) for name, p in res.models.items()}
+
+
 def write_state(run_dir: str | Path, stage: str, key: str, res: StageResult, *,
                 inputs: dict, code: str, config: dict, duration_s: float,
                 extra: dict | None = None) -> Path:
+    """Record a finished stage. Its models' content digests go in too: a model folder is
+    written in place (``save_pretrained``), so a later forced rerun killed while saving
+    would leave a torn checkpoint behind a state file whose key still matches; the digests
+    let :func:`lookup` refuse it. The memo makes the next stage's input key reuse them."""
     path = state_path(run_dir, stage)
+    memo = digest_memo(run_dir)
+    outs = model_digests(res, memo)
+    memo.save()
     atomic_write_json(path, {"stage": stage, "key": key, "inputs": inputs, "code_version": code,
                              "config": config, "duration_s": duration_s,
                              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                             "result": result_to_state(res), **(extra or {})})
+                             "result": result_to_state(res), "model_digests": outs,
+                             **(extra or {})})
     return path
 
 
@@ -271,8 +289,13 @@ def read_state(run_dir: str | Path, stage: str) -> dict | None:
         return None  # a torn or foreign file is no cache hit; the stage reruns
 
 
-def outputs_intact(res: StageResult) -> tuple[bool, str]:
-    """Do the recorded outputs still exist with their recorded digests?"""
+def outputs_intact(res: StageResult, models: dict[str, str | None] | None = None,
+                   memo: DigestMemo | None = None) -> tuple[bool, str]:
+    """Do the recorded outputs still exist with their recorded digests?
+
+    ``models``: the model digests the state file recorded (None: existence only, as for
+    state files written before digests were recorded).
+    """
     for name, r in res.outputs.items():
         p = Path(r.uri)
         if not io.exists(p):
@@ -286,6 +309,10 @@ def outputs_intact(res: StageResult) -> tuple[bool, str]:
     for name, p in {**res.models, **res.files}.items():
         if not Path(p).exists():
             return False, f"{name!r} ({p}) is missing"
+    for name, want in (models or {}).items():
+        if name in res.models and want is not None and \
+                path_digest(res.models[name], memo) != want:
+            return False, f"model {name!r} ({res.models[name]}) changed since it was written"
     return True, ""
 
 
@@ -300,5 +327,7 @@ def lookup(run_dir: str | Path, stage: str, key: str) -> tuple[StageResult | Non
         res = result_from_state(st["result"])
     except (KeyError, TypeError, ValueError) as e:
         return None, f"unreadable state file ({e})"
-    ok, why = outputs_intact(res)
+    memo = digest_memo(run_dir)
+    ok, why = outputs_intact(res, st.get("model_digests"), memo)
+    memo.save()
     return (res, "") if ok else (None, why)

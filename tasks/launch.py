@@ -77,6 +77,25 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+_DISK_FULL_ERRNO = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_DISK_FULL_TEXT = re.compile(r"\[errno (28|27|122)\]|no space left on device|file too large|"
+                             r"disk quota exceeded", re.IGNORECASE)
+DISK_FULL_HINT = ("The disk is full (or a quota or file-size limit was reached): free space "
+                  "where the stage writes and rerun the same command; finished stages and "
+                  "shards are kept and reused.")
+
+
+def disk_full_hint(err: BaseException | str) -> str:
+    """:data:`DISK_FULL_HINT` when a failure is a full disk (ENOSPC, EDQUOT, EFBIG), else ''.
+
+    Not transient (an immediate retry fails the same way), so it is not retried; what the
+    user needs is where the room ran out and that a rerun loses nothing.
+    """
+    if isinstance(err, OSError) and err.errno in _DISK_FULL_ERRNO:
+        return DISK_FULL_HINT
+    return DISK_FULL_HINT if _DISK_FULL_TEXT.search(str(err)) else ""
+
+
 # --------------------------------------------------------------------------- commands
 
 def worker_command(stage: str, config_path: Path, result_path: Path) -> list[str]:
@@ -139,7 +158,10 @@ def _failure(stage: str, rc: int, result_path: Path, seconds: float) -> StageFai
             info = json.loads(err_path.read_text())
         except (OSError, json.JSONDecodeError):
             info = {}
-    msg = info.get("message") or f"exit status {rc}"
+    msg = info.get("message") or (f"exit status {rc}; it wrote no error report, so the "
+                                  "cause is in its output above")
+    if hint := disk_full_hint(msg):
+        msg = f"{msg}. {hint}"
     # killed by a signal other than SIGKILL (OOM killer, operator): a retry may help
     return StageFailed(f"stage {stage!r} failed in its launched process(es) after "
                        f"{seconds:.0f}s: {info.get('type', 'Error')}: {msg}",

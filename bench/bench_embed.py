@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--image-size", type=int, default=56)
     ap.add_argument("--words", type=int, default=40)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--count-flops", action="store_true", help="count one pass of each with "
+                    "torch's FlopCounterMode and report achieved TFLOP/s")
     add_size_args(ap)  # --vocab N alone resizes the vocabulary (e.g. 151936, Qwen's) to see
     a = ap.parse_args(argv)  # the logits cost at a real vocabulary size; new rows are unused
     tmp = tempfile.TemporaryDirectory()
@@ -194,6 +196,14 @@ def main(argv: list[str] | None = None) -> dict:
         assert diff <= tol, f"embedder and plain loop disagree (max |diff| {diff:.2e})"
         if cuda:
             base_mem = torch.cuda.memory_allocated()
+        flops = {}
+        if a.count_flops:  # matmul/conv/attention FLOPs of one pass (the rest is noise)
+            from torch.utils.flop_counter import FlopCounterMode
+
+            for name, fn in (("embedder", embedder_pass), ("plain", plain_pass)):
+                with FlopCounterMode(display=False) as fc:
+                    fn()
+                flops[name] = float(fc.get_total_flops())
         for _ in range(a.repeats):
             for name, fn in (("embedder", embedder_pass), ("plain", plain_pass)):
                 if cuda:
@@ -229,6 +239,9 @@ def main(argv: list[str] | None = None) -> dict:
            "embedder_tokens_per_s": n_tok / best["embedder"],
            "plain_tokens_per_s": n_tok / best["plain"], "params": n_params(emb.model),
            "device": dev, "dtype": a.dtype, "max_abs_diff": diff}
+    for k, f in flops.items():
+        out[f"{k}_tflops"] = f / best[k] / 1e12
+        print(f"  {k:<8} {f / 1e9:10.1f} GFLOP per pass {out[f'{k}_tflops']:9.3f} TFLOP/s")
     if cuda:
         print(f"  peak GPU memory: embedder {peak['embedder']:.0f} MiB, plain "
               f"{peak['plain']:.0f} MiB (weights {base_mem / 2**20:.0f} MiB)")

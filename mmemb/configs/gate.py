@@ -43,18 +43,31 @@ class GateConfig(StageConfig):
     num_iterations: int = Field(1, ge=1, description="policy updates per rollout batch")
     budget: int = Field(32, ge=1, description="max reasoning tokens per rollout")
     temperature: float = Field(1.0, gt=0, description="rationale sampling temperature")
-    lr: float = Field(5e-5, gt=0)  # higher rates erode the stage-4 embedding space (docs)
-    warmup_steps: int = Field(0, ge=0)
+    lr: float = Field(5e-5, gt=0)
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up, then constant")
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
     beta: float = Field(0.1, ge=0, description="KL weight to the frozen reference")
     eps_low: float = Field(0.2, gt=0)
     eps_high: float = Field(0.2, gt=0)
     aggregation: Literal["sequence", "token"] = "sequence"
     scale_advantages: bool = True
     reward: RewardConfig = RewardConfig()
+    # The anchor (PPO-ptx style): the policy gradient moves shared weights, and with tied
+    # input/output embeddings even the gate rows are the <emb> token's input vector, so
+    # GRPO alone drifts the embedding space that its own reward is measured in (measured
+    # on the demo: hit@1 0.885 -> 0.61). Each step therefore also takes the stage-4
+    # objective on the step's queries and their selected rationales.
+    anchor_weight: float = Field(1.0, ge=0, description="weight of the stage-4 objective "
+                                 "added to the GRPO loss; 0 = pure GRPO")
+    anchor_alpha: float = Field(1.0, ge=0, description="anchor's direct-NCE weight (alpha)")
+    anchor_lam: float = Field(1.0, ge=0, description="anchor's rationale-LM weight (lambda)")
+    anchor_tau: float = Field(0.02, gt=0, description="anchor's InfoNCE temperature")
 
     rollout_backend: Literal["hf", "vllm"] = "hf"
     zero_stage: Literal[0, 1, 2, 3] = 0
-    bf16: bool = False
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 on a GPU, fp32 on CPU (as stage 4)")
     grad_clip: float = 1.0
     seed: int = 0
     threshold: float = Field(0.5, ge=0, le=1, description="adaptive inference: reason if "
@@ -67,6 +80,11 @@ class GateConfig(StageConfig):
                 "rollout_backend='vllm' needs policy weights synced into a running engine "
                 "after every update, which this release does not do; use 'hf' (the "
                 "transformers path) — see docs/gate.md")
+        if self.zero_stage == 3:
+            raise ValueError(
+                "zero_stage=3 partitions the weights that rollouts (transformers generate) "
+                "read outside the engine's forward; use zero_stage 0-2 for stage 5 (the "
+                "policy is the stage-4 model, which fits where stage 4 ran with ZeRO-2)")
         if self.reward.pool_size > 64:
             raise ValueError("reward.pool_size > 64 makes every rollout's reward cost a "
                              "large embedding pass; keep it <= 64")

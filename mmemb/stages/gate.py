@@ -34,9 +34,12 @@ from data_contracts.schemas import EVAL_ROWS, PAIRS, SELECTIONS
 from mmemb.configs.gate import GateConfig
 from mmemb.inference import AdaptiveEncoder, Rollout
 from mmemb.losses.grpo import group_advantages, grpo_loss
+from mmemb.losses.lm import rationale_lm_loss
+from mmemb.losses.objective import ObjectiveOutput, Stage4Objective
 from mmemb.model.embedder import Embedder
 from mmemb.model.prompts import EmbedInput
 from mmemb.stages.base import StageResult, StepLogger, null_logger
+from mmemb.training.data import content_key
 
 
 @dataclass
@@ -47,6 +50,7 @@ class Query:
     inp: EmbedInput
     positive: str
     negatives: list[str]
+    rationale: str | None = None  # r* of stage 3 (selections only): the anchor's target
 
 
 def load_queries(cfg: GateConfig) -> list[Query]:
@@ -58,7 +62,8 @@ def load_queries(cfg: GateConfig) -> list[Query]:
         out.append(Query(r["pair_id"], r["dataset"], r["family"],
                          EmbedInput.from_row(r["qry_inst"], r["qry_text"], r["qry_img_path"],
                                              cfg.image_root),
-                         r["pos_text"] or "", list(r["neg_text"] or [])))
+                         r["pos_text"] or "", list(r["neg_text"] or []),
+                         r.get("rationale") or None))
     return out
 
 
@@ -150,35 +155,54 @@ def rewards_for(emb: Embedder, inputs: list[EmbedInput], rationales: list[str | 
 
 
 def _deepspeed_engine(model: torch.nn.Module, cfg: GateConfig):
-    """DeepSpeed as in stage 4: single process here, launcher-driven on a cluster."""
+    """DeepSpeed as in stage 4 (same JSON builder): one GRPO batch per optimizer step,
+    linear warm-up then a constant LR. Single process here, launcher-driven on a cluster."""
     import deepspeed
 
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        import socket
+    from mmemb.training.deepspeed_config import ds_config
+    from mmemb.training.distributed import single_process_env
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    ds_cfg = {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": cfg.bf16},
-        "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": 0.0,
-                                                   "torch_adam": True}},
-        "scheduler": {"type": "WarmupLR", "params": {
-            "warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr,
-            "warmup_num_steps": max(1, cfg.warmup_steps)}},
-        "steps_per_print": 10**9,
-    }
+    single_process_env()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ds = ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), device, micro_batch=1,
+                   grad_accum=1)
+    warm = max(1, cfg.warmup_steps)
+    sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
+        opt, lambda s: min(1.0, (s + 1) / warm))
     params = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds,
+                                           lr_scheduler=sched)
     return engine
+
+
+def anchor_loss(emb: Embedder, qs: list[Query], cfg: GateConfig) -> ObjectiveOutput:
+    """The stage-4 objective on this step's queries (with graph): the anchor of the policy's
+    embedding space. Rows whose selection kept a rationale r* are embedded with it, as in
+    stage 4; the positive and first hard negative are text targets, as in the reward pool.
+    """
+    has_r = torch.tensor([q.rationale is not None for q in qs])  # [B]
+    q_d = emb.embed([q.inp for q in qs], mode="direct").embeddings  # [B, H]
+    r_in = [EmbedInput(q.inp.text, q.inp.instruction, q.inp.images, rationale=q.rationale)
+            for q in qs if q.rationale is not None]
+    out_r = emb.embed(r_in, mode="reason", return_hidden=True) if r_in else None
+    t = emb.embed([EmbedInput(text=q.positive) for q in qs]).embeddings  # [B, H]
+    negs = [next((n for n in q.negatives if n and n != q.positive), None) for q in qs]
+    neg_mask = torch.tensor([[n is not None] for n in negs], device=t.device)  # [B, 1]
+    neg_e = emb.embed([EmbedInput(text=n or q.positive) for n, q in zip(negs, qs,
+                                                                      strict=True)]
+                      ).embeddings[:, None]  # [B, 1, H]
+    keys = torch.tensor([content_key(EmbedInput(text=q.positive)) for q in qs])  # [B]
+    nkeys = torch.tensor([[content_key(EmbedInput(text=n or q.positive))]
+                          for n, q in zip(negs, qs, strict=True)])  # [B, 1]
+    obj = Stage4Objective(alpha=cfg.anchor_alpha, lam=cfg.anchor_lam, tau=cfg.anchor_tau)
+    out = obj.contrastive(q_d, out_r.embeddings if out_r is not None else None, has_r, t,
+                          hard_neg=neg_e, hard_neg_mask=neg_mask, keys=keys.to(t.device),
+                          neg_keys=nkeys.to(t.device))
+    if out_r is not None and cfg.anchor_lam > 0:
+        lm_sum, n_tok = rationale_lm_loss(out_r.hidden, out_r.input_ids, emb.model.lm_head,
+                                          emb.think_id, emb.end_think_id)
+        out = obj.add_lm(out, lm_sum, n_tok)
+    return out
 
 
 @torch.no_grad()
@@ -268,10 +292,15 @@ def run(cfg: GateConfig, log: StepLogger = null_logger) -> StageResult:
             lo = grpo_loss(logp, logp_old, logp_ref, adv.to(logp.device), mask,
                            beta=cfg.beta, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
                            aggregation=cfg.aggregation)
-            engine.backward(lo.loss)
+            total = lo.loss
+            if cfg.anchor_weight > 0:
+                anc = anchor_loss(policy, [queries[i] for i in idx], cfg)
+                total = total + cfg.anchor_weight * anc.loss
+            engine.backward(total)
             engine.step()
         fam = [queries[idx[j // G]].family or "none" for j in range(len(think))]
-        m = {"loss": float(lo.loss.detach()), "kl": float(lo.kl),
+        m = {"loss": float(total.detach()), "loss/grpo": float(lo.loss.detach()),
+             "kl": float(lo.kl),
              "clip_fraction": float(lo.clip_fraction),
              "reward": float(parts["reward"].mean()), "reward/hit": float(parts["hit"].mean()),
              "reward/margin": float(parts["margin"].mean()),
@@ -280,6 +309,9 @@ def run(cfg: GateConfig, log: StepLogger = null_logger) -> StageResult:
              "reason_ratio": sum(think) / len(think), "p_think": float(p.mean()),
              "reason_len": (sum(ntok) / max(1, len(t_idx))),
              "lr": float(engine.get_lr()[0]), "step_s": time.perf_counter() - t0}
+        if cfg.anchor_weight > 0:
+            m.update({f"anchor/{k.split('/', 1)[-1]}": v for k, v in anc.parts().items()
+                      if k in ("loss", "loss/nce_reason", "loss/nce_direct", "loss/lm")})
         for f in sorted(set(fam)):
             ids = [j for j, x in enumerate(fam) if x == f]
             m[f"reason_ratio/{f}"] = sum(think[j] for j in ids) / len(ids)

@@ -1,4 +1,5 @@
-"""The DeepSpeed config, derived from :class:`~mmemb.configs.train.TrainConfig`.
+"""The DeepSpeed config, derived from a stage config (stage 4's ``TrainConfig``, stage 5's
+``GateConfig``).
 
 One source of truth: the user edits the pydantic config (validated, logged to MLflow), and
 the DeepSpeed JSON is computed from it, written beside the run (``ds_config.json``) for
@@ -29,17 +30,36 @@ from __future__ import annotations
 
 import math
 
+from typing import Protocol
+
 from mmemb.configs.train import TrainConfig
 
 
-def use_bf16(cfg: TrainConfig, device: str) -> bool:
+class OptimSettings(Protocol):
+    """What both training stages' configs give the DeepSpeed JSON."""
+
+    zero_stage: int
+    precision: str
+    grad_clip: float
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+
+
+def use_bf16(cfg: OptimSettings, device: str) -> bool:
     if cfg.precision == "auto":
         return device == "cuda"
     return cfg.precision == "bf16"
 
 
-def ds_config(cfg: TrainConfig, world_size: int, device: str) -> dict:
-    """DeepSpeed JSON for this run (``device``: 'cuda' or 'cpu')."""
+def ds_config(cfg: OptimSettings, world_size: int, device: str, *,
+              micro_batch: int | None = None, grad_accum: int | None = None) -> dict:
+    """DeepSpeed JSON for this run (``device``: 'cuda' or 'cpu').
+
+    ``micro_batch``/``grad_accum`` default to the config's ``batch_size``/``grad_accum``
+    (stage 4); stage 5 passes 1/1 (one GRPO batch per optimizer step)."""
+    micro = micro_batch if micro_batch is not None else cfg.batch_size  # type: ignore[attr-defined]
+    accum = grad_accum if grad_accum is not None else cfg.grad_accum  # type: ignore[attr-defined]
     zero: dict = {"stage": cfg.zero_stage}
     if cfg.zero_stage >= 2:
         # overlap_comm needs a side stream (GPU); on CPU it only adds buffers.
@@ -50,9 +70,9 @@ def ds_config(cfg: TrainConfig, world_size: int, device: str) -> dict:
                      "stage3_gather_16bit_weights_on_model_save": True})
     bf16 = use_bf16(cfg, device)
     return {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "train_batch_size": cfg.batch_size * cfg.grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world_size,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},

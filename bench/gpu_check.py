@@ -36,6 +36,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -160,7 +161,9 @@ class Check:
         self.out, self.quick, self.t0, self.budget = out, quick, time.monotonic(), budget
         self.logs = out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.work = out / "work"
+        # Scratch (tiny model, synthetic data, checkpoints) outside $OUT: none of it is
+        # worth carrying back.
+        self.work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
         self.res: dict = {"mode": "quick (CPU, small shapes)" if quick else "gpu",
                           "started": time.strftime("%Y-%m-%d %H:%M:%S"), "parts": {}}
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
@@ -184,7 +187,11 @@ class Check:
     def save(self) -> None:
         self.res["elapsed_s"] = round(time.monotonic() - self.t0, 1)
         (self.out / "gpu_check.json").write_text(json.dumps(self.res, indent=2, default=str))
-        (self.out / "gpu_check.md").write_text(markdown(self.res))
+        try:
+            md = markdown(self.res)
+        except Exception as e:  # noqa: BLE001 - the JSON above still holds every number
+            md = f"# GPU check\n\nsummary failed ({type(e).__name__}: {e}); see gpu_check.json\n"
+        (self.out / "gpu_check.md").write_text(md)
 
     def run(self, name: str, cmd: list[str], cap: float, extra_env: dict | None = None
             ) -> dict:
@@ -406,7 +413,9 @@ def markdown(res: dict) -> str:
         L += [f"- {c['test']}: {c['result']} ({c['seconds']:.1f} s)" for c in r["cases"]]
     for k, v in P.items():
         if v.get("status") != "ok" and v.get("log_tail"):
-            L += ["", f"## {k}: {v.get('status')} ({v.get('failed') or v.get('error') or ''})",
+            why = v.get("failed") or v.get("error") or f"rc {v.get('rc')}"
+            L += ["", f"## {k}: {v.get('status')} ({why}"
+                  f"{', timed out' if v.get('timed_out') else ''})",
                   "", "```", *v["log_tail"], "```"]
     return "\n".join(L) + "\n"
 
@@ -469,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
         chk.part(name, fns[name])
     chk.save()
     chk.say("summary:\n" + (out / "gpu_check.md").read_text())
-    shutil.rmtree(chk.work, ignore_errors=True)  # model/data scratch: not worth carrying back
+    shutil.rmtree(chk.work, ignore_errors=True)
 
 
 if __name__ == "__main__":

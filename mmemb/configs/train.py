@@ -86,8 +86,13 @@ class TrainConfig(StageConfig):
 
     # --- objective
     tau: float = Field(0.02, gt=0)
-    alpha: float = Field(1.0, ge=0, description="weight of the direct-mode NCE")
+    alpha: float = Field(1.0, ge=0, description="weight of the direct-mode NCE on rows that "
+                         "have a rationale (rows without one always train in direct mode); 0 "
+                         "= each row trains only in the mode stage 3 chose for it")
     lam: float = Field(0.5, ge=0, description="weight of the rationale LM loss")
+    lm_warmup_steps: int = Field(0, ge=0, description="rationale SFT first: optimizer steps "
+                                 "of LM(r*|q) alone on rows with a rationale, before the "
+                                 "'steps' of the joint objective (see docs/training.md)")
 
     # --- memory / parallelism
     gradcache: bool = Field(True, description="GradCache: the contrastive batch is embedded "

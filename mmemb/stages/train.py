@@ -323,8 +323,14 @@ def _run(cfg: TrainConfig, log: StepLogger) -> StageResult:
     sampler = EpochSampler(len(rows), G, cfg.seed)  # refuses a dataset < one global batch
     micro_per_epoch = sampler.steps_per_epoch
     steps_per_epoch = micro_per_epoch / A
-    total = (math.ceil(cfg.epochs * micro_per_epoch / A) if cfg.epochs else cfg.steps)
+    main_steps = (math.ceil(cfg.epochs * micro_per_epoch / A) if cfg.epochs else cfg.steps)
     n_r = sum(r.rationale is not None for r in rows)
+    r_rows = [r for r in rows if r.rationale is not None]
+    warm_lm = cfg.lm_warmup_steps if r_rows else 0
+    if cfg.lm_warmup_steps and not r_rows:
+        _say("lm_warmup_steps is set but no row has a rationale: no rationale warm-up")
+    r_sampler = EpochSampler(len(r_rows), G, cfg.seed + 1) if warm_lm else None
+    total = warm_lm + main_steps
     max_k = min(K, max((len(r.negatives) for r in rows), default=0))
     _say(f"world size {W} | per-device batch {B} | global contrastive batch {G} "
          f"(= {B} x {W} ranks: each query is contrasted with {G - 1} in-batch targets + "
@@ -336,7 +342,9 @@ def _run(cfg: TrainConfig, log: StepLogger) -> StageResult:
          "batch grows through batch_size with gradcache)")
     _say(f"{len(rows)} rows from {contract} {data_path} ({n_r} with a rationale = "
          f"{n_r / len(rows):.0%}; the rest train in direct mode) | {steps_per_epoch:g} "
-         f"steps/epoch | {total} steps (~{total / steps_per_epoch:.1f} epochs)")
+         f"steps/epoch | {main_steps} steps (~{main_steps / steps_per_epoch:.1f} epochs)"
+         + (f" after {warm_lm} rationale warm-up steps (LM only, {len(r_rows)} rows)"
+            if warm_lm else ""))
 
     # ---- model + engine
     emb = Embedder.from_pretrained(cfg.model, max_text_tokens=cfg.max_text_tokens,
@@ -355,7 +363,7 @@ def _run(cfg: TrainConfig, log: StepLogger) -> StageResult:
         (out / "ds_config.json").write_text(json.dumps(ds, indent=2))
     engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=[p for _, p in trainable], config=ds,
-        lr_scheduler=lr_scheduler(cfg, total))
+        lr_scheduler=lr_scheduler(cfg, total, warm_lm))
     _say(f"ZeRO-{cfg.zero_stage} | {'bf16' if bf16 else 'fp32'} | "
          f"{'gradcache chunks of ' + str(cfg.chunk_size) if cfg.gradcache else 'no gradcache'}"
          f" | trainable {n_train:,} of {n_all:,} params"
@@ -371,7 +379,8 @@ def _run(cfg: TrainConfig, log: StepLogger) -> StageResult:
 
     # ---- resume
     order_meta = {"seed": cfg.seed, "global_batch": G, "grad_accum": A, "rows": len(rows),
-                  "data_digest": _data_digest(data_path), "world_size": W}
+                  "data_digest": _data_digest(data_path), "world_size": W,
+                  "lm_warmup_steps": warm_lm}
     start = 0
     steps_file = out / "steps.jsonl"
     history: list[tuple[int, dict[str, float]]] = []
@@ -418,8 +427,28 @@ def _run(cfg: TrainConfig, log: StepLogger) -> StageResult:
         t0 = time.perf_counter()
         sums: dict[str, float] = defaultdict(float)
         counts = {"tokens": 0.0, "samples": 0.0}
-        for a in range(A):
-            idx = sampler.indices(step * A + a, rk, B)
+        if step < warm_lm:  # rationale SFT: LM(r*|q) alone, reasoning-mode queries only
+            for a in range(A):
+                idx = r_sampler.indices(step * A + a, rk, B)
+                items = [Item("q_reason", EmbedInput(r.query.text, r.query.instruction,
+                                                     r.query.images, r.rationale), "reason")
+                         for r in (r_rows[i] for i in idx)]
+                chunks = align_chunks(emb, make_chunks(emb, items, chunk, module.vision_row),
+                                      module.vision_row)
+                n_lm = sum(c.meta["n_lm_tokens"] for c in chunks)
+                state["last_micro"] = a == A - 1
+                for j, c in enumerate(chunks):
+                    (e,), (lm_sum,) = engine([c.batch], [c.lm], [c.meta["n"]])
+                    # + 0 * e: an alignment (dummy) chunk has no LM term but must still
+                    # reach backward, as every rank makes the same collective calls
+                    backward(lm_sum / max(1, n_lm) / A + 0.0 * e.sum(), j == len(chunks) - 1)
+                    sums["loss/lm"] += float(lm_sum.detach()) / max(1, n_lm) / A
+                counts["tokens"] += sum(c.n_tokens for c in chunks if not c.meta.get("dummy"))
+                counts["samples"] += len(idx)
+            sums["loss"] = sums["loss/lm"]
+            sums["phase_lm_warmup"] = 1.0
+        for a in range(A if step >= warm_lm else 0):
+            idx = sampler.indices((step - warm_lm) * A + a, rk, B)
             items, info = build_items([rows[i] for i in idx], max_k)
             chunks = align_chunks(emb, make_chunks(emb, items, chunk, module.vision_row),
                                   module.vision_row)
@@ -447,13 +476,19 @@ def _run(cfg: TrainConfig, log: StepLogger) -> StageResult:
         m.update({"lr": lr, "grad_norm": float(gn) if gn is not None else float("nan"),
                   "samples_per_s": c["samples"] / dt, "tokens_per_s": c["tokens"] / dt,
                   "step_s": dt, "epoch": (step + 1) / steps_per_epoch,
-                  "global_batch": float(G), "gathered_batch": m["n_candidates"] - max_k})
+                  "global_batch": float(G)})
+        if "n_candidates" in m:
+            m["gathered_batch"] = m["n_candidates"] - max_k
         if is_main():
             history.append((step + 1, m))
             log(step + 1, m)
             with steps_file.open("a") as f:
                 f.write(json.dumps([step + 1, m]) + "\n")
-            if (step + 1) % cfg.log_every == 0 or step == start or step + 1 == total:
+            if step < warm_lm and ((step + 1) % cfg.log_every == 0 or step == start):
+                print(f"[train] step {step + 1}/{total} rationale warm-up: lm "
+                      f"{m['loss/lm']:.3f} lr {lr:.2e} gn {m['grad_norm']:.2f} "
+                      f"{m['samples_per_s']:.1f} samples/s", flush=True)
+            elif (step + 1) % cfg.log_every == 0 or step == start or step + 1 == total:
                 print(f"[train] step {step + 1}/{total} loss {m['loss']:.4f} (nce_r "
                       f"{m['loss/nce_reason']:.3f} nce_d {m['loss/nce_direct']:.3f} lm "
                       f"{m['loss/lm']:.3f}) acc {m['acc/in_batch_direct']:.2f} lr {lr:.2e} "
@@ -478,10 +513,16 @@ def _run(cfg: TrainConfig, log: StepLogger) -> StageResult:
         metrics.update({"params_trainable": float(len(prints)), "params_changed": float(changed),
                         "steps": float(total), "train_s": time.perf_counter() - t_start,
                         "world_size": float(W), "global_batch": float(G)})
-        if history:
-            k = max(1, len(history) // 10)
-            metrics["loss_first"] = sum(h[1]["loss"] for h in history[:k]) / k
-            metrics["loss_last"] = sum(h[1]["loss"] for h in history[-k:]) / k
+        joint = [h for h in history if not h[1].get("phase_lm_warmup")]
+        if joint:  # the joint objective's loss (the warm-up's is LM alone)
+            k = max(1, len(joint) // 10)
+            metrics["loss_first"] = sum(h[1]["loss"] for h in joint[:k]) / k
+            metrics["loss_last"] = sum(h[1]["loss"] for h in joint[-k:]) / k
+        warm = [h for h in history if h[1].get("phase_lm_warmup")]
+        if warm:
+            k = max(1, len(warm) // 10)
+            metrics["warmup_lm_first"] = sum(h[1]["loss/lm"] for h in warm[:k]) / k
+            metrics["warmup_lm_last"] = sum(h[1]["loss/lm"] for h in warm[-k:]) / k
         student = save_student(cfg, sd, out, bf16)
         (out / "train_summary.json").write_text(json.dumps(metrics, indent=2))
     barrier()

@@ -111,8 +111,17 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
     return f
 
 
-def lr_scheduler(cfg: TrainConfig, total_steps: int):
-    """The ``lr_scheduler`` argument of ``deepspeed.initialize`` (a factory of the optimizer)."""
+def lr_scheduler(cfg: TrainConfig, total_steps: int, warmup_phase: int = 0):
+    """The ``lr_scheduler`` argument of ``deepspeed.initialize`` (a factory of the optimizer).
+
+    ``warmup_phase`` > 0 (stage 4's rationale warm-up): the first ``warmup_phase`` steps and
+    the remaining ones each get the full schedule (warm-up, then decay), so the joint phase
+    starts at the peak LR instead of halfway down a decay it shares with the warm-up."""
     import torch
 
-    return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
+    if warmup_phase <= 0:
+        f = lr_lambda(cfg, total_steps)
+    else:
+        f1, f2 = lr_lambda(cfg, warmup_phase), lr_lambda(cfg, total_steps - warmup_phase)
+        f = lambda s: f1(s) if s < warmup_phase else f2(s - warmup_phase)  # noqa: E731
+    return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, f)

@@ -198,3 +198,26 @@ def test_two_ranks_zero3_with_eval(tiny_model, synth, selections, tmp_path):
     _, summary = _two_ranks(tiny_model, synth, selections, tmp_path, zero_stage=3,
                             eval=synth["eval"])
     assert 0 <= summary["eval/mean"] <= 1 and "eval_before/mean" in summary
+
+
+def test_rationale_warmup_trains_the_writer_before_the_joint_objective(tiny_model, synth,
+                                                                       selections, tmp_path):
+    """lm_warmup_steps: LM(r*|q) alone first (its loss falls), then the joint objective; the
+    two phases are told apart in the log and each gets the full LR schedule."""
+    logged: list[tuple[int, dict]] = []
+    cfg = TrainConfig(model=str(tiny_model), data=str(selections), out=str(tmp_path / "t"),
+                      image_root=str(synth["image_root"]),
+                      lm_warmup_steps=40, steps=4, batch_size=8, lr=2e-3, warmup_steps=2,
+                      save_every=10**6, log_every=10**6)
+    res = stage.run(cfg, log=lambda s, m: logged.append((s, m)))
+    warm = [m for _, m in logged if m.get("phase_lm_warmup")]
+    joint = [m for _, m in logged if not m.get("phase_lm_warmup")]
+    assert len(warm) == 40 and len(joint) == 4 and len(logged) == 44
+    assert all("loss/nce_direct" not in m for m in warm)  # LM alone: no contrastive pass
+    first = sum(m["loss/lm"] for m in warm[:5]) / 5
+    last = sum(m["loss/lm"] for m in warm[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    assert res.metrics["warmup_lm_last"] < res.metrics["warmup_lm_first"]
+    # each phase restarts the schedule: first step of each at lr / warmup_steps
+    assert warm[0]["lr"] == pytest.approx(2e-3 / 2) and joint[0]["lr"] == pytest.approx(2e-3 / 2)
+    assert {"loss/nce_direct", "loss/nce_reason", "loss/lm"} <= set(joint[0])

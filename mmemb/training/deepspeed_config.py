@@ -29,7 +29,6 @@ Example::
 from __future__ import annotations
 
 import math
-
 from typing import Protocol
 
 from mmemb.configs.train import TrainConfig

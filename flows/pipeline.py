@@ -289,6 +289,12 @@ def pipeline(config: PipelineConfig | None = None, from_stage: StageName | None 
                  "stages_cached": sum(p["status"] == "cached" for p in payloads.values())}
             tracker.log_metrics(parent, m)
             tracker.end_run(parent, status)
+            if tracker.enabled and tracker.offline_reason is not None:
+                # The store went away during the run: spool the parent's metrics and final
+                # status like the stages' records, so `mmemb sync` closes it (else it
+                # would stay RUNNING, without its totals, once the store is back).
+                tracker.spool(StageRecord(stage="pipeline-end", run_name=config.run.name,
+                                          run_id=parent, metrics=m, status=status))
     text = format_summary(config, payloads, duration, tracker, parent)
     # The command line prints the summary itself (plain, on stdout); here it goes to the
     # run directory and to the Prefect UI (a markdown artifact), not twice to the console.

@@ -17,13 +17,23 @@ path (:mod:`mmemb.teachers.hf`) exists only as an explicit fallback.
   attention supports (32, 64, ...; not 16), and the torchvision shim (:mod:`mmemb._compat`)
   inside vLLM's model-inspection subprocess too (:func:`prepare_environment`). Chunked
   prefill is switched off there: with per-request seeds it crashes the CPU worker.
+* An engine that does not start raises :class:`EngineStartError` naming the teacher, the
+  model and the root cause. vLLM reports a failed start in the parent only as "Engine core
+  initialization failed. See root cause above": the cause is printed by the engine's own
+  processes, so while it starts, fds 1 and 2 are copied through pipes (:class:`_OutputTail`)
+  and the most specific error line of their output is quoted. A checkpoint that cannot load
+  (unreadable ``config.json``, truncated ``*.safetensors``) is refused before the engine
+  starts (:func:`check_model`), in a second instead of a minute.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import os
+import re
 import sys
+import threading
 from pathlib import Path
 
 from mmemb.teachers.base import Candidate, GenRequest, TeacherInfo, finalize
@@ -74,8 +84,150 @@ def engine_key(cfg, seed: int) -> tuple:
             json.dumps(cfg.engine_kwargs, sort_keys=True, default=str))
 
 
+class EngineStartError(RuntimeError):
+    """A teacher's vLLM engine did not start; the message names teacher, model and cause.
+
+    ``transient`` is read by the pipeline's retry policy: a cause that a retry cannot fix
+    (a broken checkpoint, a configuration that does not fit in memory) is not retried.
+    """
+
+    def __init__(self, message: str, *, transient: bool):
+        super().__init__(message)
+        self.transient = transient
+
+
+_GENERIC = re.compile(r"engine core initialization failed|workerproc initialization failed|"
+                      r"see (the )?(stack trace|root cause)", re.IGNORECASE)
+_ERROR_LINE = re.compile(r"(?:^|\] |\) )((?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception)): "
+                         r"(.+)$")
+_CAUSES = (
+    (re.compile(r"memory|kv[ _-]?cache|cache blocks|out of memory|oom", re.IGNORECASE), False,
+     "not enough memory for the model and its KV cache: lower max_model_len, raise "
+     "gpu_memory_utilization (GPU) or lower VLLM_CPU_KVCACHE_SPACE (CPU, in GiB), or free "
+     "memory other processes hold; then rerun"),
+    (re.compile(r"safetensor|deserializ|config\.json|no such file|not a (valid|directory)|"
+                r"unrecognized|not supported|architecture", re.IGNORECASE), False,
+     "the model folder cannot be loaded (missing, corrupt or unsupported files): fix or "
+     "re-export the checkpoint; then rerun"),
+)
+
+
+def root_cause(text: str) -> str | None:
+    """The first specific ``SomeError: message`` line of an engine's output (vLLM's own
+    log prefixes stripped), skipping the generic "initialization failed" wrappers; a line
+    of a precise type (``ValueError``...) wins over a ``RuntimeError``/``Exception`` that
+    only wraps it (vLLM re-raises a worker's error as "RuntimeError: Worker failed...")."""
+    found = []
+    for line in text.splitlines():
+        m = _ERROR_LINE.search(line.strip())
+        if m and not _GENERIC.search(m.group(2)):
+            found.append((m.group(1).rsplit(".", 1)[-1], m.group(2).strip()))
+    precise = [f for f in found if f[0] not in ("RuntimeError", "Exception")]
+    best = (precise or found or [None])[0]
+    return f"{best[0]}: {best[1]}" if best else None
+
+
+def explain(teacher: str, model: str, cause: str, known_transient: bool | None = None
+            ) -> EngineStartError:
+    """The error for a teacher whose engine did not start, with a fix for known causes."""
+    cause = cause.rstrip(". ")
+    for pattern, transient, fix in _CAUSES:
+        if pattern.search(cause):
+            return EngineStartError(f"teacher {teacher!r}: the vLLM engine for model {model} did "
+                                    f"not start: {cause}. Likely {fix}.", transient=transient)
+    return EngineStartError(f"teacher {teacher!r}: the vLLM engine for model {model} did not "
+                            f"start: {cause}. The engine's output above has the details.",
+                            transient=True if known_transient is None else known_transient)
+
+
+def check_model(teacher: str, model: str) -> None:
+    """Refuse a local checkpoint vLLM could not load, before paying for an engine start:
+    ``config.json`` must be JSON and every ``*.safetensors`` header must read (a file
+    truncated by a killed copy or a full disk fails here). Hub ids are left to vLLM."""
+    p = Path(model)
+    if not p.is_dir():
+        return
+    try:
+        json.loads((p / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise explain(teacher, model, f"config.json: {type(e).__name__}: {e}") from e
+    from safetensors import safe_open
+
+    for f in sorted(p.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                h.keys()
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+            raise explain(teacher, model, f"{f.name}: SafetensorError: {e}") from e
+
+
+class _OutputTail:
+    """Copy fds 1 and 2 through pipes, keeping their last 64 KiB, while an engine starts.
+
+    vLLM's processes log to stdout (its default logging stream) and print tracebacks to
+    stderr; they inherit both pipes and keep them after start-up, so the copying threads
+    run until the last of them exits, and what they print still reaches the original
+    streams unchanged. A stream that cannot be duplicated is left alone.
+    """
+
+    KEEP = 1 << 16
+
+    def __init__(self):
+        self.buf = bytearray()
+        self._lock = threading.Lock()
+        self._saved: dict[int, int] = {}
+
+    def __enter__(self) -> _OutputTail:
+        for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+            try:
+                stream.flush()
+                saved, out = os.dup(fd), os.dup(fd)
+                r, w = os.pipe()
+            except (OSError, ValueError, AttributeError):
+                continue
+            os.dup2(w, fd)
+            os.close(w)
+            self._saved[fd] = saved
+            threading.Thread(target=self._pump, args=(r, out), daemon=True,
+                             name=f"vllm-output-{fd}").start()
+        return self
+
+    def _pump(self, r: int, out: int) -> None:
+        try:
+            while chunk := os.read(r, 65536):
+                try:
+                    os.write(out, chunk)
+                except OSError:
+                    pass
+                with self._lock:
+                    self.buf += chunk
+                    del self.buf[:-self.KEEP]
+        finally:
+            os.close(r)
+            os.close(out)
+
+    def __exit__(self, *exc) -> None:
+        for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+            if fd in self._saved:
+                try:
+                    stream.flush()
+                except (OSError, ValueError, AttributeError):
+                    pass
+                os.dup2(self._saved[fd], fd)
+                os.close(self._saved.pop(fd))
+
+    def text(self) -> str:
+        with self._lock:
+            return bytes(self.buf).decode("utf-8", "replace")
+
+
 def start_engine(cfg, seed: int, max_images: int = 1, log=print):
-    """``vllm.LLM`` for a teacher config (start-up: 12-28 s on CPU, once per stage run)."""
+    """``vllm.LLM`` for a teacher config (start-up: 12-28 s on CPU, once per stage run).
+
+    Raises :class:`EngineStartError` (teacher, model, root cause, fix) when it does not start.
+    """
+    teacher = getattr(cfg, "id", "?")
+    check_model(teacher, cfg.model)
     prepare_environment()
     from vllm import LLM
 
@@ -91,7 +243,18 @@ def start_engine(cfg, seed: int, max_images: int = 1, log=print):
                       max_num_batched_tokens=max(cfg.max_model_len, 8192))
     kwargs.update(cfg.engine_kwargs)
     log(f"[generate] starting a vLLM engine ({cfg.model}, tp={cfg.tensor_parallel_size})")
-    return LLM(**kwargs)
+    tail = _OutputTail()
+    try:
+        with tail:
+            return LLM(**kwargs)
+    except Exception as e:  # noqa: BLE001 - re-raised with the teacher, model and cause
+        import time
+
+        time.sleep(0.5)  # the engine's last lines may still be in the pipe
+        cause = root_cause(tail.text()) or f"{type(e).__name__}: {e}"
+        generic = isinstance(e, RuntimeError) and bool(_GENERIC.search(str(e)))
+        raise explain(teacher, cfg.model, cause,
+                      known_transient=True if generic else False) from e
 
 
 def close_engine(llm) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.faults import harness
 from tests.faults.harness import (
     CONFIG,
     STAGES,
@@ -78,7 +79,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG0
 
 @pytest.fixture(scope="session")
 def fault_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("faults")
+    """The session's folder; the pipeline code is snapshotted into ``src`` first and every
+    CLI run of the suite starts from there (see harness.snapshot)."""
+    root = tmp_path_factory.mktemp("faults")
+    harness.SRC = harness.snapshot(root / "src")
+    return root
 
 
 @pytest.fixture(scope="session")

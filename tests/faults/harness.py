@@ -28,6 +28,21 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = Path(__file__).with_name("pipeline.yaml")
+#: Where the pipeline's code is run from: a copy of the repository's packages taken once
+#: per session (:func:`snapshot`), so that edits made while the suite runs cannot change a
+#: stage's code version, hence its cache key and outputs, between two runs being compared.
+SRC = REPO
+PACKAGES = ("mmemb", "data_contracts", "tasks", "flows", "configs")
+
+
+def snapshot(dest: Path) -> Path:
+    """Copy the project's packages to ``dest``; ``python -m flows.cli`` run there imports
+    them (the current directory precedes the editable install's finder on sys.path), and
+    launched stages and vLLM's processes get ``dest`` on PYTHONPATH from the code itself."""
+    for name in PACKAGES:
+        shutil.copytree(REPO / name, dest / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
 STAGES = ("prepare", "generate", "score", "select", "train", "gate", "evaluate")
 #: The checkpoints the pipeline writes (folder relative to the run dir).
 MODELS = ("base_model", "train/student", "gate/policy")
@@ -70,7 +85,7 @@ def cli_command(config: Path, run_dir: Path, *extra: str) -> list[str]:
 def run_cli(args: list[str], timeout: float = 900, env: dict | None = None
             ) -> subprocess.CompletedProcess:
     """Run the CLI to completion (own process group; the whole group is killed on timeout)."""
-    p = subprocess.Popen(args, cwd=REPO, env=env or fault_env(), stdout=subprocess.PIPE,
+    p = subprocess.Popen(args, cwd=SRC, env=env or fault_env(), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = p.communicate(timeout=timeout)
@@ -79,6 +94,28 @@ def run_cli(args: list[str], timeout: float = 900, env: dict | None = None
         out, _ = p.communicate()
         raise AssertionError(f"{' '.join(args)} ran past {timeout}s:\n{out[-6000:]}") from None
     return subprocess.CompletedProcess(args, p.returncode, out, "")
+
+
+def run_cli_with(args: list[str], marker: str, action, timeout: float = 900,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI to completion, calling ``action()`` once when a line contains ``marker``
+    (to break something the run depends on, at that point of the run)."""
+    p = subprocess.Popen(args, cwd=SRC, env=env or fault_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen, fired = [], False
+    timer = threading.Timer(timeout, kill_group, args=(p.pid,))
+    timer.start()
+    try:
+        for line in p.stdout:
+            seen.append(line)
+            if not fired and marker in line:
+                fired = True
+                action()
+        p.wait()
+    finally:
+        timer.cancel()
+    assert fired, f"{marker!r} never appeared:\n" + "".join(seen)[-6000:]
+    return subprocess.CompletedProcess(args, p.returncode, "".join(seen), "")
 
 
 # --------------------------------------------------------------------------- killing
@@ -127,7 +164,7 @@ def kill_during(args: list[str], run_dir: Path, stage: str, delay_s: float,
     """
     state = run_dir / stage / "_stage.json"
     before = state.stat().st_mtime_ns if state.exists() else None
-    p = subprocess.Popen(args, cwd=REPO, env=env or fault_env(), stdout=subprocess.PIPE,
+    p = subprocess.Popen(args, cwd=SRC, env=env or fault_env(), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: queue.Queue[str | None] = queue.Queue()
     seen: list[str] = []

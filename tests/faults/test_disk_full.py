@@ -62,6 +62,7 @@ def test_disk_full_while_replacing_an_artifact_keeps_the_old_one(tmp_path, fault
                       "old one kept, rewrite succeeded"})
 
 
+@pytest.mark.usefixtures("fault_root")  # the session's code snapshot runs the pipeline
 def test_disk_full_in_a_launched_stage_then_rerun(tmp_path, fault_log):
     """The generate stage (its own process, as in the pipeline) runs out of room: the
     pipeline fails with the cause, no artifact appears, finished shards stay whole; the

@@ -43,3 +43,42 @@ def test_a_full_disk_is_named_and_not_retried():
                           "[errno 27] File too large") == DISK_FULL_HINT
     assert disk_full_hint(OSError(errno.EIO, "Input/output error")) == ""
     assert disk_full_hint(ValueError("bad config")) == ""
+
+
+def test_an_engine_start_failure_quotes_the_cause_its_processes_printed(capfd):
+    """vLLM's parent only says "Engine core initialization failed"; the cause is printed by
+    the engine's processes, which inherit fd 2: the tail copies it and finds the cause."""
+    import subprocess
+    import sys
+    import time
+
+    from mmemb.teachers.vllm import _OutputTail, explain, root_cause
+
+    lines = ["(EngineCore pid=1) ERROR 11-26 10:15:32 [core.py:1510] Exception: WorkerProc "
+             "initialization failed due to an exception in a background process.",
+             "RuntimeError: Worker failed with error 'Available memory on node 0', please "
+             "check the stack trace above for the root cause",
+             "(Worker pid=2) ERROR 11-26 10:15:32 [cpu_worker.py:218] ValueError: Available "
+             "memory on node 0 (1.00/2.00 GiB) on kv cache allocation is less than requested "
+             "memory for kv (4.00 GiB).",
+             "RuntimeError: Engine core initialization failed. See root cause above."]
+    tail = _OutputTail()
+    with tail:
+        # as vLLM does: log records on stdout, the traceback on stderr
+        subprocess.run([sys.executable, "-c", "import sys; print(sys.argv[1]); "
+                        "sys.stderr.write(sys.argv[2])", "\n".join(lines[:3]),
+                        lines[3] + "\n"], check=True)
+    time.sleep(0.5)
+    cause = root_cause(tail.text())
+    assert cause == ("ValueError: Available memory on node 0 (1.00/2.00 GiB) on kv cache "
+                     "allocation is less than requested memory for kv (4.00 GiB).")
+    seen = capfd.readouterr()  # still shown on the console, unchanged
+    assert lines[2] in seen.out and lines[3] in seen.err
+    e = explain("tiny-vllm", "/models/x", cause)
+    assert str(e).startswith("teacher 'tiny-vllm': the vLLM engine for model /models/x did "
+                             "not start: ValueError: Available memory")
+    assert "VLLM_CPU_KVCACHE_SPACE" in str(e) and not e.transient
+    # an unknown cause behind the generic failure keeps the old policy: one retry
+    assert explain("t", "/m", "RuntimeError: Engine core died", known_transient=True).transient
+    assert root_cause("\n".join([lines[0], lines[3]])) is None
+    assert root_cause("\n".join(lines[:2])).startswith("RuntimeError: Worker failed")

@@ -21,6 +21,10 @@ Loss weights (METHOD.md, stage 4, reconstructed; each a config value):
   so a full weight would let the LM term dominate the first steps; 0.5 keeps the two
   gradients of the same order from the start.
 * ``tau = 0.02`` (METHOD.md).
+* ``lm_warmup_steps = 0``: no rationale SFT before the joint objective. The demo uses 400
+  with ``lam = 4`` and ``alpha = 0``, because on the tiny model the contrastive loss
+  otherwise leaves the rationale writer untrained and the direct mode learns the inference
+  family by heart (measured numbers: docs/training.md).
 """
 
 from __future__ import annotations

@@ -215,6 +215,17 @@ def _fingerprint(t: torch.Tensor) -> tuple[float, float]:
     return float(t.sum()), float((t * t).sum())
 
 
+#: Fields that do not change what a run computes (where it writes, how often it logs or
+#: saves, what it evaluates): a checkpoint may be resumed across a change of these only.
+_RESUME_NEUTRAL = {"out", "resume", "log_every", "save_every", "keep_checkpoints", "eval",
+                   "eval_before", "eval_batch_size"}
+
+
+def _config_digest(cfg: TrainConfig) -> str:
+    d = cfg.model_dump(mode="json", exclude=_RESUME_NEUTRAL)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _data_digest(path: str) -> str:
     from data_contracts import io
 
@@ -380,13 +391,22 @@ def _run(cfg: TrainConfig, log: StepLogger) -> StageResult:
     # ---- resume
     order_meta = {"seed": cfg.seed, "global_batch": G, "grad_accum": A, "rows": len(rows),
                   "data_digest": _data_digest(data_path), "world_size": W,
-                  "lm_warmup_steps": warm_lm}
+                  "config": _config_digest(cfg)}
     start = 0
     steps_file = out / "steps.jsonl"
     history: list[tuple[int, dict[str, float]]] = []
     latest = ckpt.latest_checkpoint(ck_root) if cfg.resume else None
+    if latest is not None and (diff := ckpt.meta_diff(latest[1], order_meta)):
+        # A pipeline rerun after a config or data change: resuming would continue another
+        # run's optimisation. Start over; the old checkpoints are kept aside, not deleted.
+        _say(f"{ck_root} holds checkpoints of a different run (differs in "
+             f"{sorted(diff)}): starting over; they are moved to {ck_root}.stale")
+        if is_main():
+            shutil.rmtree(f"{ck_root}.stale", ignore_errors=True)
+            ck_root.rename(f"{ck_root}.stale")
+        barrier()
+        latest = None
     if latest is not None:
-        ckpt.check_meta(latest[1], order_meta)
         client = ckpt.load_checkpoint(engine, latest[1])
         start = int(client["step"])
         if steps_file.is_file():

@@ -92,15 +92,10 @@ def save_checkpoint(engine, root: str | Path, step: int, meta: dict,
     return final
 
 
-def check_meta(path: Path, expect: dict) -> dict:
-    """The checkpoint's meta; raise if a value fixing the data order differs."""
+def meta_diff(path: Path, expect: dict) -> dict:
+    """``{key: (checkpoint's, now)}`` for every value of ``expect`` the checkpoint differs in."""
     meta = json.loads((path / META).read_text())
-    diff = {k: (meta.get(k), v) for k, v in expect.items() if meta.get(k) != v}
-    if diff:
-        raise ValueError(f"{path}: cannot resume, the run differs in {diff} (checkpoint, now); "
-                         "the data order would change. Use another 'out' folder, or delete "
-                         f"{path.parent} to start over, or set resume: false")
-    return meta
+    return {k: (meta.get(k), v) for k, v in expect.items() if meta.get(k) != v}
 
 
 def load_checkpoint(engine, path: str | Path) -> dict:

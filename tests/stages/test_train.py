@@ -221,3 +221,18 @@ def test_rationale_warmup_trains_the_writer_before_the_joint_objective(tiny_mode
     # each phase restarts the schedule: first step of each at lr / warmup_steps
     assert warm[0]["lr"] == pytest.approx(2e-3 / 2) and joint[0]["lr"] == pytest.approx(2e-3 / 2)
     assert {"loss/nce_direct", "loss/nce_reason", "loss/lm"} <= set(joint[0])
+
+
+def test_a_changed_config_starts_over_instead_of_resuming(tiny_model, synth, selections,
+                                                           tmp_path):
+    """A rerun with a different objective must not continue the old run's checkpoint (the
+    pipeline reruns stage 4 after a config change into the same folder)."""
+    common = dict(model=str(tiny_model), data=str(selections), out=str(tmp_path / "t"),
+                  image_root=str(synth["image_root"]), steps=4, batch_size=8,
+                  save_every=2, keep_checkpoints=1, log_every=10**6)
+    stage.run(TrainConfig(**common, lam=0.5))
+    assert (tmp_path / "t" / "checkpoints").is_dir()
+    logged: list[tuple[int, dict]] = []
+    stage.run(TrainConfig(**common, lam=2.0), log=lambda s, m: logged.append((s, m)))
+    assert [s for s, _ in logged] == [1, 2, 3, 4]  # started over, not resumed at step 2
+    assert (tmp_path / "t" / "checkpoints.stale").is_dir()  # kept aside, not deleted

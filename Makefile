@@ -60,8 +60,10 @@ test: setup browser
 test-slow: setup browser postgres
 	$(PY) -m pytest -m "slow and not gpu" --timeout=3600 -q
 
+# The fault suite (docs/reliability.md): ~12 min on 2 cores. MMEMB_FAULT_SEED=N replays the
+# kill points of an earlier session; its figures go to MMEMB_FAULT_SUMMARY (a JSON file).
 test-faults: setup
-	$(PY) -m pytest -m faults --timeout=3600 -q
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest tests/faults -m faults --timeout=1800 -q
 
 test-gpu: setup
 	$(PY) -m pytest -m gpu -q

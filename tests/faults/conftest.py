@@ -51,15 +51,16 @@ def fault_log():
 def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG001
     if not _LOG:
         return
+    faults = [e for e in _LOG if e["kind"] != "determinism"]  # a check, not a fault
     summary = {
         "seed": _SEED[0] if _SEED else None,
-        "faults_injected": len(_LOG),
-        "recovered": sum(bool(e.get("recovered")) for e in _LOG),
-        "rows_lost": sum(int(e.get("rows_lost") or 0) for e in _LOG),
+        "faults_injected": len(faults),
+        "recovered": sum(bool(e.get("recovered")) for e in faults),
+        "rows_lost": sum(int(e.get("rows_lost") or 0) for e in faults),
         "by_kind": {},
         "faults": _LOG,
     }
-    for e in _LOG:
+    for e in faults:
         k = summary["by_kind"].setdefault(e["kind"], {"injected": 0, "recovered": 0})
         k["injected"] += 1
         k["recovered"] += int(bool(e.get("recovered")))
@@ -71,8 +72,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG0
     tr.write_line(f"seed {summary['seed']}: {summary['faults_injected']} faults injected, "
                   f"{summary['recovered']} recovered, {summary['rows_lost']} rows lost")
     for e in _LOG:
+        ok = "identical" if e["kind"] == "determinism" else "recovered"
         tr.write_line(f"  {e['kind']:<14} {e.get('where', ''):<10} "
-                      f"{'recovered' if e.get('recovered') else 'NOT RECOVERED'}  "
+                      f"{ok if e.get('recovered') else 'NOT ' + ok.upper()}  "
                       f"{e.get('detail', '')}")
     tr.write_line(f"summary: {dest}")
 

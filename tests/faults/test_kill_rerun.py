@@ -35,6 +35,23 @@ from tests.faults.harness import (
 pytestmark = pytest.mark.faults
 
 
+def _how_it_resumed(stage: str, text: str) -> str:
+    """What the run after a kill in ``stage`` says about picking up that stage's work."""
+    notes, cached_tasks = [], 0
+    for line in text.splitlines():
+        line = line.split(" - ", 1)[-1].strip()  # drop Prefect's log prefix
+        if line.startswith("[evaluate] ") and line.endswith("; cached"):
+            cached_tasks += 1  # a task whose embeddings were all in the chunk cache
+        if line.startswith(f"[{stage}] running:"):
+            notes.append(line.removeprefix(f"[{stage}] running: "))
+        elif ("resumed from" in line or "resuming:" in line or "already done" in line) \
+                and (line.startswith(f"[{stage}]") or line.startswith("[shards]")):
+            notes.append(line)
+    if stage == "evaluate" and cached_tasks:
+        notes.append(f"{cached_tasks} task(s) read from the embedding cache")
+    return "; ".join(dict.fromkeys(notes))
+
+
 def _diff(a: dict, b: dict) -> dict:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
@@ -100,9 +117,13 @@ def test_sigkill_in_every_stage_then_rerun_equals_the_uninterrupted_run(
     final_audit = audit(run)
     assert final_audit.broken == []
     park(run, fault_root / "killed")
-    for k, a in kills:
+    # the run after each kill is the next kill's run (or the final one): how it resumed
+    after = [k.output for k, _ in kills[1:]] + [final.stdout]
+    for (k, a), nxt in zip(kills, after, strict=True):
         if k.inside:
+            how = _how_it_resumed(k.stage, nxt)
+            print(f"[faults] after the kill in {k.stage}: {how}")
             fault_log.append({
                 "kind": "sigkill", "where": k.stage, "recovered": True, "rows_lost": 0,
                 "detail": f"{k.delay_s:.2f}s after start (try {k.attempt}); "
-                          f"{a.artifacts} artifacts + {a.shards} shards verified"})
+                          f"{a.artifacts} artifacts + {a.shards} shards verified; rerun: {how}"})

@@ -37,13 +37,14 @@ class GateConfig(StageConfig):
     eval: str | None = Field(None, description="eval rows, for the per-family gate report")
     out: str = "runs/gate"
 
-    steps: int = Field(40, ge=1)
-    queries_per_step: int = Field(8, ge=1)
+    steps: int = Field(60, ge=1)
+    queries_per_step: int = Field(16, ge=1)
     group_size: int = Field(4, ge=2, description="G rollouts per query")
     num_iterations: int = Field(1, ge=1, description="policy updates per rollout batch")
-    budget: int = Field(32, ge=1, description="max reasoning tokens per rollout")
-    temperature: float = Field(1.0, gt=0, description="rationale sampling temperature")
-    lr: float = Field(5e-5, gt=0)
+    budget: int = Field(48, ge=1, description="max reasoning tokens per rollout")
+    temperature: float = Field(0.7, gt=0, description="rationale sampling temperature (0.7: "
+                               "on the demo, reward 0.57 -> 0.66 vs 0.43 -> 0.54 at 1.0)")
+    lr: float = Field(5e-4, gt=0, description="tiny-model default; real 2-8B: ~1e-6")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up, then constant")
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
@@ -64,7 +65,11 @@ class GateConfig(StageConfig):
     anchor_lam: float = Field(1.0, ge=0, description="anchor's rationale-LM weight (lambda)")
     anchor_tau: float = Field(0.02, gt=0, description="anchor's InfoNCE temperature")
 
-    rollout_backend: Literal["hf", "vllm"] = "hf"
+    rollout_backend: Literal["hf", "vllm"] = Field(
+        "hf", description="rationale sampling: 'hf' (transformers generate) or 'vllm' (an "
+        "engine started once, weights synced in place after every update)")
+    vllm_engine_kwargs: dict = Field(default_factory=dict, description="extra vllm.LLM "
+                                     "arguments for the rollout engine")
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 on a GPU, fp32 on CPU (as stage 4)")
@@ -75,11 +80,6 @@ class GateConfig(StageConfig):
 
     @model_validator(mode="after")
     def _check(self) -> GateConfig:
-        if self.rollout_backend == "vllm":
-            raise ValueError(
-                "rollout_backend='vllm' needs policy weights synced into a running engine "
-                "after every update, which this release does not do; use 'hf' (the "
-                "transformers path) — see docs/gate.md")
         if self.zero_stage == 3:
             raise ValueError(
                 "zero_stage=3 partitions the weights that rollouts (transformers generate) "

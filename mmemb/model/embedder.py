@@ -150,6 +150,8 @@ class Embedder(torch.nn.Module):
             model = model.merge_and_unload()
         model.save_pretrained(out, safe_serialization=True)
         self.processor.save_pretrained(out)
+        if hasattr(self.processor, "image_processor"):  # preprocessor_config.json: vLLM's
+            self.processor.image_processor.save_pretrained(out)  # loader reads it
         self.config.save(out)
         return out
 

@@ -205,6 +205,21 @@ def anchor_loss(emb: Embedder, qs: list[Query], cfg: GateConfig) -> ObjectiveOut
     return out
 
 
+def _vllm_policy(policy: Embedder, cfg: GateConfig, out: Path):
+    """The rollout engine, started on the stage-4 weights (saved once in this stage's folder
+    when the checkpoint lacks what vLLM's loader reads, e.g. preprocessor_config.json)."""
+    from mmemb.vllm_policy import VLLMPolicy
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("rollout_backend='vllm' runs one engine beside one trainer process; "
+                         "launch stage 5 with one process per node or use 'hf'")
+    src = Path(cfg.model)
+    if not (src / "preprocessor_config.json").is_file():
+        src = policy.save_pretrained(out / "vllm_init")
+    return VLLMPolicy(src, budget=cfg.budget, seed=cfg.seed,
+                      engine_kwargs=cfg.vllm_engine_kwargs)
+
+
 @torch.no_grad()
 def gate_report(enc: AdaptiveEncoder, rows: list[dict], image_root: str | None
                 ) -> dict[str, float]:
@@ -239,7 +254,8 @@ def run(cfg: GateConfig, log: StepLogger = null_logger) -> StageResult:
     policy = Embedder.from_pretrained(cfg.model)
     ref_model = copy.deepcopy(policy.model).eval().requires_grad_(False)
     ref = Embedder(ref_model, policy.processor, policy.config)
-    enc = AdaptiveEncoder(policy, budget=cfg.budget, threshold=cfg.threshold)
+    vpol = _vllm_policy(policy, cfg, out) if cfg.rollout_backend == "vllm" else None
+    enc = AdaptiveEncoder(policy, budget=cfg.budget, threshold=cfg.threshold, vllm=vpol)
     ref_enc = AdaptiveEncoder(ref, budget=cfg.budget)
     eval_rows = io.read(cfg.eval, EVAL_ROWS).to_pylist() if cfg.eval else []
     before = gate_report(enc, eval_rows, cfg.image_root)
@@ -298,6 +314,8 @@ def run(cfg: GateConfig, log: StepLogger = null_logger) -> StageResult:
                 total = total + cfg.anchor_weight * anc.loss
             engine.backward(total)
             engine.step()
+            if vpol is not None:  # the next rollouts must come from the updated policy
+                sync_s = vpol.sync(policy.model)
         fam = [queries[idx[j // G]].family or "none" for j in range(len(think))]
         m = {"loss": float(total.detach()), "loss/grpo": float(lo.loss.detach()),
              "kl": float(lo.kl),
@@ -309,6 +327,8 @@ def run(cfg: GateConfig, log: StepLogger = null_logger) -> StageResult:
              "reason_ratio": sum(think) / len(think), "p_think": float(p.mean()),
              "reason_len": (sum(ntok) / max(1, len(t_idx))),
              "lr": float(engine.get_lr()[0]), "step_s": time.perf_counter() - t0}
+        if vpol is not None:
+            m["rollout/sync_s"] = sync_s
         if cfg.anchor_weight > 0:
             m.update({f"anchor/{k.split('/', 1)[-1]}": v for k, v in anc.parts().items()
                       if k in ("loss", "loss/nce_reason", "loss/nce_direct", "loss/lm")})
@@ -323,6 +343,8 @@ def run(cfg: GateConfig, log: StepLogger = null_logger) -> StageResult:
                   f"kl {m['kl']:.4f} {m['step_s']:.1f}s", flush=True)
     policy.model.eval()
     after = gate_report(enc, eval_rows, cfg.image_root)
+    if vpol is not None:
+        vpol.close()
     changed = sum(int(not torch.equal(start_params[n], p.detach()))
                   for n, p in policy.model.named_parameters())
     policy_dir = policy.save_pretrained(out / "policy")

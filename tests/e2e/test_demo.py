@@ -81,6 +81,21 @@ def test_mlflow_holds_parent_and_six_stage_runs_with_metrics_and_artifacts(demo)
     assert children["evaluate"].data.metrics["adaptive.overall"] >= 0
 
 
+def test_the_gate_reasons_where_it_helps_and_adaptive_beats_always_reasoning(demo):
+    """Issue 6's promise on the demo data: after GRPO the policy reasons on the family that
+    needs inference and skips the easy one; the reward rose; every weight moved; adaptive
+    inference is at least as accurate as always-reason while reasoning on fewer inputs."""
+    g = json.loads((demo["run_dir"] / "gate" / "gate_summary.json").read_text())
+    inf, easy = g["after/reason_ratio/family/inference"], g["after/reason_ratio/family/easy"]
+    assert inf >= easy + 0.4, g
+    assert easy <= 0.2, g
+    assert g["reward_last_quarter"] > g["reward_first_quarter"], g
+    assert g["params_changed"] == g["params_total"], g
+    modes = {m["mode"]: m for m in demo["out"]["modes"]}
+    assert modes["adaptive"]["overall"] >= modes["reason"]["overall"], modes
+    assert modes["adaptive"]["reason_ratio"] < modes["reason"]["reason_ratio"], modes
+
+
 def test_registered_models_load_and_embed(demo):
     import mlflow
     import pandas as pd

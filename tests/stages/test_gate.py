@@ -15,9 +15,25 @@ from mmemb.model.prompts import EmbedInput
 from mmemb.stages import gate
 
 
-def test_config_refuses_vllm_rollouts_with_a_reason():
-    with pytest.raises(ConfigError, match="weights synced"):
-        GateConfig.from_dict({"model": "m", "data": "d", "rollout_backend": "vllm"})
+def test_config_refuses_zero3_with_a_reason():
+    with pytest.raises(ConfigError, match="zero_stage 0-2"):
+        GateConfig.from_dict({"model": "m", "data": "d", "zero_stage": 3})
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_gate_with_vllm_rollouts_syncs_after_every_update(tiny_model, synth, tmp_path):
+    """rollout_backend='vllm': rationales come from one engine, re-synced after each step."""
+    cfg = GateConfig(model=str(tiny_model), data=str(synth["pairs"]),
+                     image_root=str(synth["image_root"]), out=str(tmp_path / "gate"),
+                     steps=3, queries_per_step=4, group_size=4, budget=8, lr=5e-3,
+                     rollout_backend="vllm")
+    logged = []
+    res = gate.run(cfg, log=lambda s, m: logged.append((s, m)))
+    assert [s for s, _ in logged] == [1, 2, 3]
+    assert all(m["rollout/sync_s"] > 0 for _, m in logged)
+    assert sum(m["reason_ratio"] for _, m in logged) > 0  # some rollouts went through vLLM
+    assert res.metrics["params_changed"] == res.metrics["params_total"]
 
 
 def test_rollout_logps_match_generation_scores(tiny_model, synth):

@@ -5,7 +5,11 @@ equal or better accuracy. Each query is embedded alone (batch size 1) so its lat
 its own; candidates are embedded once, in direct mode, and shared by the three modes.
 
     python bench/bench_adaptive.py --model runs/demo/gate/policy --eval runs/demo/data/eval \\
-        --image-root runs/demo/data [--limit 60]
+        --image-root runs/demo/data [--limit N] [--vllm]
+
+``--limit N`` takes every k-th row (all tasks stay represented); budget and threshold
+default to the ones the gate stage saved beside the policy (``mmemb_gate.json``).
+``--vllm`` generates the rationales with a vLLM engine on the same weights.
 
 Without ``--model`` it builds the untrained tiny model (numbers then only show the
 mechanics, not the method).
@@ -14,6 +18,7 @@ mechanics, not the method).
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import sys
@@ -42,9 +47,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model")
     ap.add_argument("--eval")
     ap.add_argument("--image-root")
-    ap.add_argument("--limit", type=int, default=60)
-    ap.add_argument("--budget", type=int, default=32)
-    ap.add_argument("--threshold", type=float, default=0.5)
+    ap.add_argument("--limit", type=int, default=0, help="0 = every eval row")
+    ap.add_argument("--budget", type=int)
+    ap.add_argument("--threshold", type=float)
+    ap.add_argument("--vllm", action="store_true", help="generate rationales with vLLM")
     a = ap.parse_args(argv)
     tmp = tempfile.TemporaryDirectory()
     if not a.model or not a.eval:
@@ -56,9 +62,21 @@ def main(argv: list[str] | None = None) -> dict:
             d = generate(Path(tmp.name) / "data", "smoke", 0)
             a.eval, a.image_root = str(d["eval"]), str(d["image_root"])
     torch.manual_seed(0)
+    saved = Path(a.model, "mmemb_gate.json")
+    gate = json.loads(saved.read_text()) if saved.is_file() else {}
+    budget = a.budget or gate.get("budget", 48)
+    threshold = a.threshold if a.threshold is not None else gate.get("threshold", 0.5)
     emb = Embedder.from_pretrained(a.model)
-    enc = AdaptiveEncoder(emb, budget=a.budget, threshold=a.threshold)
-    rows = io.read(a.eval, EVAL_ROWS).to_pylist()[: a.limit]
+    vpol = None
+    if a.vllm:
+        from mmemb.vllm_policy import VLLMPolicy
+
+        vpol = VLLMPolicy(a.model, budget=budget)
+    enc = AdaptiveEncoder(emb, budget=budget, threshold=threshold, vllm=vpol)
+    rows = io.read(a.eval, EVAL_ROWS).to_pylist()
+    if a.limit and a.limit < len(rows):
+        step = len(rows) / a.limit
+        rows = [rows[int(i * step)] for i in range(a.limit)]
     queries = [EmbedInput.from_row(r["qry_inst"], r["qry_text"], r["qry_img_path"],
                                    a.image_root) for r in rows]
     cands = sorted({t for r in rows for t in r["tgt_text"]})
@@ -81,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "lat_mean": statistics.mean(lat), "lat_p50": pct(lat, 0.5),
                          "lat_p95": pct(lat, 0.95), "wall_s": wall}
     print(f"# adaptive inference bench: {len(rows)} queries, {platform.processor() or 'cpu'}, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}, budget {budget}, "
+          f"threshold {threshold}, generation {'vLLM' if vpol else 'transformers'}")
     print("| mode | hit@1 | reasoning ratio | gen tokens | latency mean / p50 / p95 (ms) |")
     print("|---|---|---|---|---|")
     for m, r in results.items():
@@ -92,6 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"always-reason / adaptive: {rs['lat_mean'] / ad['lat_mean']:.2f}x")
     print(f"adaptive - always-reason hit@1: {ad['hit@1'] - rs['hit@1']:+.1f} points; "
           f"adaptive - direct: {ad['hit@1'] - results['direct']['hit@1']:+.1f} points")
+    if vpol is not None:
+        vpol.close()
     tmp.cleanup()
     return results
 

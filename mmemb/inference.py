@@ -2,12 +2,15 @@
 
 ``encode(inputs, mode)`` runs, per batch:
 
-1. the decision pass: one forward pass over the prompts up to the assistant header; the
-   gate is the next-token choice between ``<think>`` and ``<emb>`` (only those two rows of
-   the LM head are applied, no vocabulary-sized logits);
+1. the decision pass: one forward pass over the *direct* prompts ``prefix <emb>``. The gate
+   is read at the token before ``<emb>`` (the next-token choice between ``<think>`` and
+   ``<emb>``; only those two rows of the LM head are applied), and since the model is
+   causal the same pass already holds the direct embedding at ``<emb>``: an input the gate
+   does not send to reasoning costs exactly what direct mode costs;
 2. generation only for the inputs that reason (``<think>`` ... ``</think>``, within a token
-   budget); vLLM is used when it is installed and asked for, else transformers ``generate``;
-3. one embedding pass over all inputs (direct prompt or ``<think> r </think><emb>``).
+   budget), by a vLLM engine when one is given (:mod:`mmemb.vllm_policy`), else
+   transformers ``generate``;
+3. a second embedding pass for those inputs only (``<think> r </think><emb>``).
 
 Modes: ``direct`` (never reason), ``reason`` (always), ``adaptive`` (the gate decides).
 
@@ -180,12 +183,31 @@ class AdaptiveEncoder:
                           else torch.zeros(0, self.emb.hidden_size))
         return res
 
+    @torch.no_grad()
+    def gate_and_direct(self, inputs: list[EmbedInput]
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One pass over the direct prompts ``prefix <emb>``: p(``<think>``) [N] read at the
+        token before ``<emb>`` and the direct embeddings [N, H] at ``<emb>``, plus prompt
+        token counts [N]. The model is causal, so the gate's hidden state is the one the
+        prefix alone gives; an input the gate does not send to reasoning is then done."""
+        batch = self.emb.tokenize(self.emb.prompts(inputs, "direct"),
+                                  [x.images for x in inputs])
+        hidden = self.emb.hidden_states(batch)  # [N, T, H]
+        ids = batch["input_ids"]  # [N, T]
+        t = torch.arange(ids.shape[1], device=ids.device)
+        at_emb = torch.where(ids == self.emb.emb_id, t, torch.full_like(t, -1)).max(1).values
+        h = hidden[torch.arange(ids.shape[0], device=ids.device), at_emb - 1]  # [N, H]
+        w = self.emb.model.lm_head.weight[[self.emb.emb_id, self.emb.think_id]]  # [2, H]
+        p = torch.softmax((h @ w.T).float(), dim=-1)[:, 1].cpu()  # [N]
+        return p, self.emb.pool(hidden, ids), batch["attention_mask"].sum(1)
+
     def _encode_batch(self, xs: list[EmbedInput], mode: Mode, res: EncodeResult
                       ) -> torch.Tensor:
         n = len(xs)
         t0 = time.perf_counter()
-        if mode == "adaptive":
-            p = self.p_think(xs)
+        direct = None
+        if mode == "adaptive":  # the decision pass is also the direct embedding pass
+            p, direct, n_direct = self.gate_and_direct(xs)
             think = (p > self.threshold).tolist()
         else:
             p = torch.full((n,), 1.0 if mode == "reason" else 0.0)
@@ -201,17 +223,31 @@ class AdaptiveEncoder:
         for i, r in zip(idx, rolls, strict=True):
             rat[i], ngen[i], malformed[i] = r.text, len(r.ids), not r.finished
         t2 = time.perf_counter()
-        emb_in = [EmbedInput(x.text, x.instruction, x.images, rationale=rat[i])
-                  for i, x in enumerate(xs)]
-        out = self.emb.embed(emb_in, mode="auto")  # reasoning prompt where a rationale exists
+        if direct is None:
+            emb_in = [EmbedInput(x.text, x.instruction, x.images, rationale=rat[i])
+                      for i, x in enumerate(xs)]
+            out = self.emb.embed(emb_in, mode="auto")  # reasoning prompt where r exists
+            embs, n_tok = out.embeddings, out.n_tokens
+        else:  # adaptive: only the inputs that reasoned need a second (reasoning) pass
+            embs, n_tok = direct.clone(), n_direct.clone()
+            if idx:
+                out = self.emb.embed([EmbedInput(xs[i].text, xs[i].instruction, xs[i].images,
+                                                 rationale=rat[i]) for i in idx], mode="reason")
+                embs[idx] = out.embeddings.to(embs.dtype)
+                n_tok[idx] = out.n_tokens.to(n_tok.dtype)
         t_emb = time.perf_counter() - t2
-        shared = (t_dec + t_emb) / n
+        shared = (t_dec + t_emb) / n  # direct / reason: one embedding pass shared by the batch
         gen_share = t_gen / max(1, len(idx))
         res.reasoned += think
         res.rationales += rat
         res.n_gen_tokens += ngen
-        res.n_prompt_tokens += out.n_tokens.tolist()
+        res.n_prompt_tokens += n_tok.tolist()
         res.p_think += p.tolist()
         res.malformed += malformed
-        res.latency_ms += [1000 * (shared + (gen_share if think[i] else 0.0)) for i in range(n)]
-        return out.embeddings.cpu()
+        if direct is None:
+            res.latency_ms += [1000 * (shared + (gen_share if think[i] else 0.0))
+                               for i in range(n)]
+        else:  # the decision pass is shared; generation and the second pass by the reasoners
+            res.latency_ms += [1000 * (t_dec / n + ((gen_share + t_emb / len(idx))
+                                                    if think[i] else 0.0)) for i in range(n)]
+        return embs.cpu()

@@ -27,6 +27,18 @@ def test_gate_probability_equals_full_model_softmax(tiny_model, synth):
         assert abs(float(torch.softmax(two, -1)[1]) - float(p[i])) < 1e-5
 
 
+def test_the_decision_pass_is_also_the_direct_pass(tiny_model, synth):
+    """Adaptive reads the gate at the token before <emb> of the direct prompt: the same
+    probability as the prefix-only pass (causal model) and the direct embedding for free."""
+    emb = Embedder.from_pretrained(tiny_model)
+    enc = AdaptiveEncoder(emb)
+    xs = _inputs(synth)
+    p, direct, n_tok = enc.gate_and_direct(xs)
+    torch.testing.assert_close(p, enc.p_think(xs), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(direct, emb.encode(xs).embeddings, atol=1e-5, rtol=1e-4)
+    assert n_tok.tolist() == emb.encode(xs).n_tokens.tolist()
+
+
 def test_modes_route_generation(tiny_model, synth):
     emb = Embedder.from_pretrained(tiny_model)
     xs = _inputs(synth)

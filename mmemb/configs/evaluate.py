@@ -53,6 +53,9 @@ class EvaluateConfig(StageConfig):
     threshold: float = Field(0.5, ge=0, le=1, description="adaptive: reason if p(<think>) > "
                              "threshold")
     temperature: float = Field(0.0, ge=0, description="rationale sampling; 0 = greedy")
+    generation: Literal["hf", "vllm"] = Field(
+        "hf", description="who writes the rationales: transformers generate, or a vLLM "
+        "engine on the same checkpoint (the gate and the embedding pass stay in transformers)")
     top_p: float = Field(1.0, gt=0, le=1)
     chunk_size: int = Field(256, ge=1, description="inputs per cache chunk (resume unit)")
     cache_dir: str | None = Field(None, description="embedding cache; default <out>/cache")

@@ -86,9 +86,14 @@ def build_encoder(cfg: EvaluateConfig):
         return harness.EmbedderEncoder(emb, batch_size=cfg.batch_size), dtype
     from mmemb.inference import AdaptiveEncoder
 
+    vpol = None
+    if cfg.generation == "vllm" and set(cfg.modes) - {"direct"}:
+        from mmemb.vllm_policy import VLLMPolicy
+
+        vpol = VLLMPolicy(cfg.model, budget=cfg.budget, seed=cfg.seed)
     return AdaptiveEncoder(emb, budget=cfg.budget, threshold=cfg.threshold,
                            temperature=cfg.temperature, top_p=cfg.top_p,
-                           batch_size=cfg.batch_size), dtype
+                           batch_size=cfg.batch_size, vllm=vpol), dtype
 
 
 def run(cfg: EvaluateConfig, log: StepLogger = null_logger) -> StageResult:
@@ -112,20 +117,25 @@ def run(cfg: EvaluateConfig, log: StepLogger = null_logger) -> StageResult:
     model_id = harness._digest({"checkpoint": harness.checkpoint_digest(
         cfg.model, cache / "_checkpoint_digests.json"), "dtype": dtype,
         "max_pixels": cfg.max_pixels})
-    gen = {"budget": cfg.budget, "temperature": cfg.temperature, "top_p": cfg.top_p}
+    gen = {"budget": cfg.budget, "temperature": cfg.temperature, "top_p": cfg.top_p,
+           "generation": cfg.generation}
     mode_settings = {"reason": gen, "adaptive": {**gen, "threshold": cfg.threshold}}
     print(f"[evaluate] model {cfg.model} ({type(encoder).__name__}, {dtype}); modes "
           f"{', '.join(cfg.modes)}; candidates in "
           f"{'the query mode' if cfg.reason_on_candidates else 'direct mode'}", flush=True)
-    res = harness.evaluate(
-        encoder, rows, corpus, out, modes=cfg.modes, model_id=model_id,
-        mode_settings=mode_settings, image_root=image_root,
-        tasks=None if from_mmeb else cfg.tasks,  # the loader already selected them
-        categories=cfg.categories, modalities=cfg.modalities,
-        max_queries=cfg.max_queries, num_frames=cfg.num_frames,
-        reason_on_candidates=cfg.reason_on_candidates, chunk_size=cfg.chunk_size,
-        baseline=baseline, baseline_name=cfg.baseline_name, cache_dir=cache,
-        log=lambda s: print(s, flush=True))
+    try:
+        res = harness.evaluate(
+            encoder, rows, corpus, out, modes=cfg.modes, model_id=model_id,
+            mode_settings=mode_settings, image_root=image_root,
+            tasks=None if from_mmeb else cfg.tasks,  # the loader already selected them
+            categories=cfg.categories, modalities=cfg.modalities,
+            max_queries=cfg.max_queries, num_frames=cfg.num_frames,
+            reason_on_candidates=cfg.reason_on_candidates, chunk_size=cfg.chunk_size,
+            baseline=baseline, baseline_name=cfg.baseline_name, cache_dir=cache,
+            log=lambda s: print(s, flush=True))
+    finally:
+        if getattr(encoder, "vllm", None) is not None:
+            encoder.vllm.close()
     metrics: dict[str, float] = {}
     summary_modes = ({s["mode"]: s for s in report.mode_summary(res.per_input)}
                      if res.per_input else {})

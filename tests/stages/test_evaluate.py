@@ -135,3 +135,21 @@ def test_config_from_pipeline_yaml_is_wired():
 def test_config_rejects_bad_combinations(bad, why):
     with pytest.raises(ConfigError, match=why):
         EvaluateConfig.from_dict({"model": "m", "eval": "e", **bad})
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_generation_gives_the_transformers_scores(tiny_model, synth, tmp_path):
+    """generation='vllm' writes the rationales with an engine on the same checkpoint; greedy
+    decoding then gives the same reason-mode scores as transformers (the tiny model may
+    break one near-tie differently, hence the tolerance)."""
+    common = dict(model=str(tiny_model), eval=str(synth["eval"]),
+                  image_root=str(synth["image_root"]), modes=["reason"],
+                  tasks=["syn_qa_count", "syn_cls_shape"], max_queries=6, budget=6)
+    hf = run(EvaluateConfig(**common, out=str(tmp_path / "hf")))
+    vl = run(EvaluateConfig(**common, out=str(tmp_path / "vllm"), generation="vllm"))
+    assert vl.metrics["reason.overall"] == pytest.approx(hf.metrics["reason.overall"], abs=20)
+    table = {r["mode"]: r for r in io.read(vl.outputs["results"].uri,
+                                           EVAL_RESULTS).to_pylist()}
+    assert table["reason"]["reasoning_ratio"] == 1.0
+    assert 0 < table["reason"]["mean_gen_tokens"] <= 6

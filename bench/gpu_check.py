@@ -132,17 +132,13 @@ def child_selections(pairs: str, out: str) -> dict:
     """Stage-3-like selections from pairs: oracle steps on inference rows (the LM term
     trains, ~40% of rows reason), none on the easy rows (direct mode)."""
     from data_contracts import io
-    from data_contracts.schemas import PAIRS, SELECTIONS
+    from data_contracts.schemas import SELECTIONS
+    from mmemb.teachers.oracle import oracle_selections
 
-    rows = []
-    for r in io.read(pairs, PAIRS).to_pylist():
-        steps = json.loads(r["meta"])["steps"] if r["family"] == "inference" else None
-        rows.append({**r, "rationale": steps, "utility": 0.5 if steps else -0.1,
-                     "teacher_id": "oracle", "cand_idx": 0 if steps else None,
-                     "n_candidates": 4, "n_kept": 4})
-    ref = io.write(rows, out, SELECTIONS)
+    uri = oracle_selections(pairs, out)
+    rows = io.read(uri, SELECTIONS).to_pylist()
     return {"rows": len(rows), "with_rationale": sum(r["rationale"] is not None for r in rows),
-            "uri": ref.uri}
+            "uri": str(uri)}
 
 
 def run_child(a: argparse.Namespace) -> None:

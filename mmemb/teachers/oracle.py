@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 import re
+from pathlib import Path
 
 from mmemb.teachers.base import Candidate, GenRequest, TeacherInfo, finalize
 
@@ -119,3 +120,21 @@ class OracleTeacher:
 
     def close(self) -> None:
         pass
+
+
+def oracle_selections(pairs: str | Path, out: str | Path) -> Path:
+    """A stage-3-like selections artifact without stages 1-3, for tests and benchmarks of
+    stage 4/5: inference-family rows keep their correct oracle steps as r* (so the rationale
+    LM term trains), easy rows get none (direct mode). Returns the artifact's folder."""
+    import json
+
+    from data_contracts import io
+    from data_contracts.schemas import PAIRS, SELECTIONS
+
+    rows = []
+    for r in io.read(pairs, PAIRS).to_pylist():
+        steps = json.loads(r["meta"])["steps"] if r["family"] == "inference" else None
+        rows.append({**r, "rationale": steps, "utility": 0.5 if steps else -0.1,
+                     "teacher_id": "oracle", "cand_idx": 0 if steps else None,
+                     "n_candidates": 4, "n_kept": 4})
+    return Path(io.write(rows, out, SELECTIONS).uri)

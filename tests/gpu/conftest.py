@@ -7,15 +7,13 @@ tightly), so a lent GPU's minutes are not spent finding a broken test.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from data_contracts import io
-from data_contracts.schemas import PAIRS, SELECTIONS
+from mmemb.teachers.oracle import oracle_selections
 
 DEVICE = os.environ.get("MMEMB_GPU_TESTS_DEVICE", "cuda")
 
@@ -37,13 +35,5 @@ def exact_fp32():
 
 @pytest.fixture(scope="session")
 def gpu_selections(synth, tmp_path_factory) -> Path:
-    """A stage-3-like selections artifact: inference-family rows keep their oracle steps
-    (so the rationale LM term trains), the easy rows keep none (direct mode)."""
-    rows = []
-    for r in io.read(synth["pairs"], PAIRS).to_pylist():
-        steps = json.loads(r["meta"])["steps"] if r["family"] == "inference" else None
-        rows.append({**r, "rationale": steps, "utility": 0.5 if steps else -0.1,
-                     "teacher_id": "oracle", "cand_idx": 0 if steps else None,
-                     "n_candidates": 4, "n_kept": 4})
-    out = tmp_path_factory.mktemp("gpu_sel") / "selections"
-    return Path(io.write(rows, out, SELECTIONS).uri)
+    """Oracle selections (inference rows reason, easy rows direct)."""
+    return oracle_selections(synth["pairs"], tmp_path_factory.mktemp("gpu_sel") / "selections")

@@ -16,10 +16,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from data_contracts import io
-from data_contracts.schemas import PAIRS, SELECTIONS
 from mmemb.configs.train import TrainConfig
 from mmemb.stages import train as stage
+from mmemb.teachers.oracle import oracle_selections
 
 ROOT = Path(__file__).resolve().parents[2]
 # One intra-op thread: the tiny model's ops are too small to gain from two, and on a shared
@@ -32,15 +31,7 @@ for _k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT"
 
 @pytest.fixture(scope="module")
 def selections(synth, tmp_path_factory) -> Path:
-    """Oracle selections: inference rows keep their correct steps, easy rows train direct."""
-    rows = []
-    for r in io.read(synth["pairs"], PAIRS).to_pylist():
-        steps = json.loads(r["meta"])["steps"] if r["family"] == "inference" else None
-        rows.append({**r, "rationale": steps, "utility": 0.5 if steps else -0.1,
-                     "teacher_id": "oracle", "cand_idx": 0 if steps else None,
-                     "n_candidates": 4, "n_kept": 4})
-    out = tmp_path_factory.mktemp("sel") / "selections"
-    return Path(io.write(rows, out, SELECTIONS).uri)
+    return oracle_selections(synth["pairs"], tmp_path_factory.mktemp("sel") / "selections")
 
 
 @pytest.fixture(autouse=True)

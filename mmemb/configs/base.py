@@ -41,6 +41,33 @@ class StageConfig(BaseModel):
         return cls.from_dict(data, where=f"{path}" + (f" [{section}]" if section else ""))
 
     @classmethod
+    def from_any_yaml(cls: type[T], path: str | Path, section: str,
+                      overrides: dict[str, Any] | None = None) -> T:
+        """A stage's config for a standalone run (``python -m mmemb.stages.X --config F``).
+
+        A pipeline YAML (it has ``run:`` or ``prepare:``) gives its ``section``, with the
+        paths the pipeline would wire from the run dir filled in; only that section (and
+        ``run``/``prepare``, which the wiring reads) is validated, so an unrelated broken
+        section cannot block a standalone run. Any other YAML is the section's fields (or
+        has them under ``section``). ``overrides`` (command-line flags) win.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if isinstance(data, dict) and ("run" in data or "prepare" in data):
+            from mmemb.configs.pipeline import wire
+
+            keep = {k: v for k, v in data.items() if k in ("run", "prepare", section)}
+            keep[section] = {**(keep.get(section) or {}), **(overrides or {})}
+            return cls.from_dict(wire(keep).get(section) or {}, where=f"{path} [{section}]")
+        has_section = isinstance(data, dict) and isinstance(data.get(section), dict)
+        return cls.from_yaml(path, section if has_section else None, overrides)
+
+    @classmethod
     def from_dict(cls: type[T], data: dict, where: str = "<config>") -> T:
         try:
             return cls.model_validate(data)

@@ -25,12 +25,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from data_contracts import io
 from data_contracts.io import ContractError
 from data_contracts.schemas import EVAL_CORPUS, EVAL_ROWS
-from mmemb.configs.base import ConfigError
 from mmemb.configs.evaluate import EvaluateConfig
 from mmemb.eval import harness, report
 from mmemb.stages.base import StageResult, StepLogger, null_logger
@@ -174,23 +172,6 @@ def run(cfg: EvaluateConfig, log: StepLogger = null_logger) -> StageResult:
                        metrics=metrics, files=files, summary=summary)
 
 
-def _load_config(path: str, section: str | None, over: dict) -> EvaluateConfig:
-    """A pipeline YAML is wired (paths filled from the run dir) for the evaluate section
-    only, so an unrelated invalid section cannot block a standalone evaluation."""
-    data = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
-    if isinstance(data, dict) and ("run" in data or "prepare" in data):
-        from mmemb.configs.pipeline import wire
-
-        sec = section or "evaluate"
-        data = dict(data)
-        data[sec] = {**(data.get(sec) or {}), **over}
-        wired = wire(data)
-        return EvaluateConfig.from_dict(wired.get(sec) or {}, where=f"{path} [{sec}]")
-    if data is None and not Path(path).is_file():
-        raise ConfigError(f"{path}: config file not found")
-    return EvaluateConfig.from_yaml(path, section, over)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Evaluate a checkpoint (direct / reason / "
                                  "adaptive) on eval rows or an MMEB-V2 download.")
@@ -216,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         if k in ("modes", "tasks", "categories", "modalities"):
             v = [x.strip() for x in v.split(",") if x.strip()]
         over[k] = v
-    cfg = _load_config(a.config, a.section, over) if a.config else \
+    cfg = EvaluateConfig.from_any_yaml(a.config, a.section or "evaluate", over) if a.config else \
         EvaluateConfig.from_dict(over, where="command line")
     res = run(cfg)
     print(json.dumps(res.to_dict(), indent=2, default=str))

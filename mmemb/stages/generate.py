@@ -186,31 +186,6 @@ def _run(cfg: GenerateConfig) -> StageResult:
     return StageResult("generate", outputs=outputs, metrics=metrics, summary=summary)
 
 
-def load_config(cls, stage: str, path: str, section: str | None, over: dict):
-    """A stage config from a pipeline YAML (its section, paths wired from the run dir as the
-    pipeline would) or from a stage-only YAML; ``over`` (command-line flags) wins.
-
-    Only this stage's section is wired and validated, so an unrelated section cannot block
-    a standalone run.
-    """
-    import yaml
-
-    from mmemb.configs.base import ConfigError
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    data = yaml.safe_load(p.read_text())
-    if isinstance(data, dict) and ("run" in data or "prepare" in data):
-        from mmemb.configs.pipeline import wire
-
-        sec = section or stage
-        data = {k: v for k, v in data.items() if k in ("run", "prepare", sec)}
-        data[sec] = {**(data.get(sec) or {}), **over}
-        return cls.from_dict(wire(data).get(sec) or {}, where=f"{path} [{sec}]")
-    return cls.from_yaml(path, section, over)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Stage 1: candidate rationales from teachers.")
     ap.add_argument("--config", help="YAML config file")
@@ -236,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
                               "replica": a.replica, "replicas": a.replicas}.items()
             if v is not None}
     if a.config:
-        cfg = load_config(GenerateConfig, "generate", a.config, a.section, over)
+        cfg = GenerateConfig.from_any_yaml(a.config, a.section or "generate", over)
     else:
         teachers = []
         if a.model:

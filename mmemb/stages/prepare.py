@@ -155,20 +155,6 @@ def run(cfg: PrepareConfig, log: StepLogger = null_logger) -> StageResult:
                        summary=summary)
 
 
-def _load(path: str, section: str, over: dict) -> PrepareConfig:
-    """A pipeline YAML is wired (paths under its run_dir), a stage YAML taken as it is."""
-    import yaml
-
-    data = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
-    if isinstance(data, dict) and "run" in data:
-        from mmemb.configs.pipeline import wire
-
-        sec = wire({"run": {**data["run"], "stages": [section]},
-                    section: {**(data.get(section) or {}), **over}})[section]
-        return PrepareConfig.from_dict(sec, where=f"{path} [{section}]")
-    return PrepareConfig.from_yaml(path, section, over)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Stage 0: build or check the base model and data.")
     ap.add_argument("--config", help="YAML config file")
@@ -179,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pretrain-steps", type=int)
     a = ap.parse_args(argv)
     over = {k: v for k, v in vars(a).items() if k not in ("config", "section") and v is not None}
-    cfg = _load(a.config, a.section, over) if a.config else PrepareConfig.from_dict(over)
+    cfg = (PrepareConfig.from_any_yaml(a.config, a.section, over) if a.config
+           else PrepareConfig.from_dict(over))
     res = run(cfg)
     print(json.dumps(res.to_dict(), indent=2))
 

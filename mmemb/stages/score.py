@@ -42,7 +42,6 @@ from mmemb.configs.score import ScoreConfig
 from mmemb.model.prompts import EmbedInput
 from mmemb.sharding import fingerprint, input_digest, run_sharded, split, torch_threads
 from mmemb.stages.base import StageResult, StepLogger, null_logger
-from mmemb.stages.generate import load_config
 from mmemb.teachers.base import reserved_in
 
 TargetKey = tuple[str, str, str]  # (instruction, text, image path)
@@ -326,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shard-size", type=int)
     a = ap.parse_args(argv)
     over = {k: v for k, v in vars(a).items() if k not in ("config", "section") and v is not None}
-    cfg = (load_config(ScoreConfig, "score", a.config, a.section, over) if a.config
+    cfg = (ScoreConfig.from_any_yaml(a.config, a.section or "score", over) if a.config
            else ScoreConfig.from_dict(over))
     res = run(cfg)
     print(json.dumps(res.to_dict(), indent=2))

@@ -41,7 +41,6 @@ from data_contracts.io import ContractError
 from data_contracts.schemas import PAIRS, RATIONALES, SCORES, SELECTIONS
 from mmemb.configs.select import SelectConfig
 from mmemb.stages.base import StageResult, StepLogger, null_logger
-from mmemb.stages.generate import load_config
 from mmemb.teachers.base import normalize_text, reserved_in
 
 FILTERS = ("status", "truncated", "malformed", "too_long", "duplicate", "unscored")
@@ -293,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-rationale-tokens", type=int)
     a = ap.parse_args(argv)
     over = {k: v for k, v in vars(a).items() if k not in ("config", "section") and v is not None}
-    cfg = (load_config(SelectConfig, "select", a.config, a.section, over) if a.config
+    cfg = (SelectConfig.from_any_yaml(a.config, a.section or "select", over) if a.config
            else SelectConfig.from_dict(over))
     res = run(cfg)
     print(json.dumps(res.to_dict(), indent=2))

@@ -575,17 +575,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.pairs and not a.data:
         over["data"] = None  # explicit pairs: a direct-only run, not the wired selections
     if a.config:
-        import yaml
-
-        raw = yaml.safe_load(Path(a.config).read_text()) or {}
-        if isinstance(raw, dict) and ("run" in raw or a.section in raw):
-            from mmemb.configs.pipeline import PipelineConfig
-
-            pc = PipelineConfig.load(a.config, overrides={f"{a.section}.{k}": v
-                                                          for k, v in over.items()})
-            cfg = pc.section(a.section)
-        else:
-            cfg = TrainConfig.from_yaml(a.config, None, over)
+        cfg = TrainConfig.from_any_yaml(a.config, a.section, over)
     else:
         cfg = TrainConfig.from_dict(over)
     run(cfg)

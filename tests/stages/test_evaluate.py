@@ -14,7 +14,7 @@ from mmemb.configs.base import ConfigError
 from mmemb.configs.evaluate import EvaluateConfig
 from mmemb.model.embedder import Embedder
 from mmemb.model.prompts import EmbedInput
-from mmemb.stages.evaluate import _load_config, run
+from mmemb.stages.evaluate import run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -117,10 +117,10 @@ def test_adaptive_encoder_plugs_into_the_stage(tiny_model, synth, tmp_path):
 
 
 def test_config_from_pipeline_yaml_is_wired():
-    cfg = _load_config(str(REPO / "configs" / "demo.yaml"), "evaluate", {})
+    cfg = EvaluateConfig.from_any_yaml(str(REPO / "configs" / "demo.yaml"), "evaluate", {})
     assert (cfg.model, cfg.eval, cfg.image_root, cfg.out) == (
         "runs/demo/gate/policy", "runs/demo/data/eval", "runs/demo/data", "runs/demo/evaluate")
-    cfg = _load_config(str(REPO / "configs" / "demo.yaml"), None,
+    cfg = EvaluateConfig.from_any_yaml(str(REPO / "configs" / "demo.yaml"), "evaluate",
                        {"modes": ["direct"], "out": "elsewhere"})
     assert cfg.modes == ["direct"] and cfg.out == "elsewhere"
 

@@ -94,3 +94,25 @@ def test_gate_stage_moves_the_policy_and_logs_every_part(tiny_model, synth, tmp_
     policy = Embedder.from_pretrained(res.models["policy"])
     assert json.loads((res.models["policy"] / "mmemb_gate.json").read_text())["budget"] == 8
     assert AdaptiveEncoder(policy).p_think([EmbedInput("x")]).shape == (1,)
+
+
+def test_grpo_follows_the_reward_when_reasoning_only_costs(tiny_model, synth, tmp_path):
+    """Sign check of the whole loop on a reward with one part: with hit and margin weighted
+    0, reasoning only costs, so GRPO must raise the reward by lowering p(<think>)."""
+    cfg = GateConfig(model=str(tiny_model), data=str(synth["pairs"]),
+                     image_root=str(synth["image_root"]), eval=str(synth["eval"]),
+                     out=str(tmp_path / "gate"), steps=12, queries_per_step=4, group_size=4,
+                     budget=8, lr=5e-3, anchor_weight=0.0,
+                     reward={"w_hit": 0.0, "w_margin": 0.0, "lambda_cost": 1.0,
+                             "format_penalty": 0.0})
+    logged = []
+    res = gate.run(cfg, log=lambda s, m: logged.append((s, m)))
+    first = sum(m["reward"] for _, m in logged[:4]) / 4
+    last = sum(m["reward"] for _, m in logged[-4:]) / 4
+    assert last > first, (first, last)
+    p0 = sum(m["p_think"] for _, m in logged[:2]) / 2
+    p1 = sum(m["p_think"] for _, m in logged[-2:]) / 2
+    assert p1 < p0 - 0.1, (p0, p1)
+    for fam in ("easy", "inference"):
+        assert res.metrics[f"after/p_think/family/{fam}"] < \
+            res.metrics[f"before/p_think/family/{fam}"]

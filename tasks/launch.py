@@ -89,7 +89,8 @@ def disk_full_hint(err: BaseException | str) -> str:
     """:data:`DISK_FULL_HINT` when a failure is a full disk (ENOSPC, EDQUOT, EFBIG), else ''.
 
     Not transient (an immediate retry fails the same way), so it is not retried; what the
-    user needs is where the room ran out and that a rerun loses nothing.
+    user needs to know is that it is the disk, and that a rerun after freeing space loses
+    nothing.
     """
     if isinstance(err, OSError) and err.errno in _DISK_FULL_ERRNO:
         return DISK_FULL_HINT

@@ -162,7 +162,8 @@ def check_model(teacher: str, model: str) -> None:
 
 
 class _OutputTail:
-    """Copy fds 1 and 2 through pipes, keeping their last 64 KiB, while an engine starts.
+    """Copy fds 1 and 2 through pipes, keeping the last 64 KiB of each, while an engine
+    starts (one buffer per stream: interleaving them would cut lines in two).
 
     vLLM's processes log to stdout (its default logging stream) and print tracebacks to
     stderr; they inherit both pipes and keep them after start-up, so the copying threads
@@ -173,9 +174,10 @@ class _OutputTail:
     KEEP = 1 << 16
 
     def __init__(self):
-        self.buf = bytearray()
+        self.bufs = {1: bytearray(), 2: bytearray()}
         self._lock = threading.Lock()
         self._saved: dict[int, int] = {}
+        self._threads: list[threading.Thread] = []
 
     def __enter__(self) -> _OutputTail:
         for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
@@ -188,11 +190,13 @@ class _OutputTail:
             os.dup2(w, fd)
             os.close(w)
             self._saved[fd] = saved
-            threading.Thread(target=self._pump, args=(r, out), daemon=True,
-                             name=f"vllm-output-{fd}").start()
+            t = threading.Thread(target=self._pump, args=(r, out, self.bufs[fd]), daemon=True,
+                                 name=f"vllm-output-{fd}")
+            t.start()
+            self._threads.append(t)
         return self
 
-    def _pump(self, r: int, out: int) -> None:
+    def _pump(self, r: int, out: int, buf: bytearray) -> None:
         try:
             while chunk := os.read(r, 65536):
                 try:
@@ -200,8 +204,8 @@ class _OutputTail:
                 except OSError:
                     pass
                 with self._lock:
-                    self.buf += chunk
-                    del self.buf[:-self.KEEP]
+                    buf += chunk
+                    del buf[:-self.KEEP]
         finally:
             os.close(r)
             os.close(out)
@@ -216,9 +220,19 @@ class _OutputTail:
                 os.dup2(self._saved[fd], fd)
                 os.close(self._saved.pop(fd))
 
+    def drain(self, timeout: float) -> None:
+        """After ``__exit__``: wait until the copies reached the end of what was written
+        (every writer gone), at most ``timeout`` seconds (an engine process may linger)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
     def text(self) -> str:
+        """What was copied: stdout's tail, then stderr's."""
         with self._lock:
-            return bytes(self.buf).decode("utf-8", "replace")
+            return "\n".join(bytes(b).decode("utf-8", "replace") for b in self.bufs.values())
 
 
 def start_engine(cfg, seed: int, max_images: int = 1, log=print):
@@ -248,9 +262,7 @@ def start_engine(cfg, seed: int, max_images: int = 1, log=print):
         with tail:
             return LLM(**kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised with the teacher, model and cause
-        import time
-
-        time.sleep(0.5)  # the engine's last lines may still be in the pipe
+        tail.drain(10.0)  # the engine's last lines may still be in the pipes
         cause = root_cause(tail.text()) or f"{type(e).__name__}: {e}"
         generic = isinstance(e, RuntimeError) and bool(_GENERIC.search(str(e)))
         raise explain(teacher, cfg.model, cause,

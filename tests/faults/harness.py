@@ -149,6 +149,7 @@ class Kill:
 
     stage: str
     planned_delay_s: float
+    marker: str = ""  # the output line the delay was counted from
     delay_s: float = 0.0  # from the stage's start marker to the kill
     inside: bool = False  # the stage had not finished (its _stage.json was not written)
     survivors: int = 0  # processes of the group still alive after the kill (must be 0)
@@ -157,10 +158,12 @@ class Kill:
 
 
 def kill_during(args: list[str], run_dir: Path, stage: str, delay_s: float,
-                timeout: float = 900, env: dict | None = None) -> Kill:
-    """Start the CLI, wait for ``[stage] running:``, sleep ``delay_s``, SIGKILL the group.
+                timeout: float = 900, env: dict | None = None, marker: str | None = None
+                ) -> Kill:
+    """Start the CLI, wait for ``marker`` (default: the stage's ``[stage] running:`` line),
+    sleep ``delay_s``, SIGKILL the group.
 
-    Returns what happened; raises if the run ended (or failed) before the stage started.
+    Returns what happened; raises if the run ended (or failed) before the marker appeared.
     """
     state = run_dir / stage / "_stage.json"
     before = state.stat().st_mtime_ns if state.exists() else None
@@ -175,7 +178,7 @@ def kill_during(args: list[str], run_dir: Path, stage: str, delay_s: float,
         lines.put(None)
 
     threading.Thread(target=pump, daemon=True).start()
-    marker = f"[{stage}] running:"
+    marker = marker or f"[{stage}] running:"
     deadline = time.time() + timeout
     started = None
     while started is None:
@@ -186,7 +189,7 @@ def kill_during(args: list[str], run_dir: Path, stage: str, delay_s: float,
         if line is None or time.time() > deadline:
             kill_group(p.pid)
             p.wait()
-            raise AssertionError(f"stage {stage!r} never started (rc {p.poll()}):\n"
+            raise AssertionError(f"{marker!r} never appeared (rc {p.poll()}):\n"
                                  + "".join(seen)[-6000:])
         seen.append(line)
         if marker in line:
@@ -200,7 +203,7 @@ def kill_during(args: list[str], run_dir: Path, stage: str, delay_s: float,
         while (line := lines.get(timeout=2)) is not None:
             seen.append(line)
     after = state.stat().st_mtime_ns if state.exists() else None
-    return Kill(stage, delay_s, waited, inside=after is None or after == before,
+    return Kill(stage, delay_s, marker, waited, inside=after is None or after == before,
                 survivors=survivors, output="".join(seen))
 
 

@@ -35,6 +35,14 @@ from tests.faults.harness import (
 pytestmark = pytest.mark.faults
 
 
+#: (stage, marker): where each kill of the chain waits. None: the stage's start line, then
+#: a random share of its duration. Training is killed twice: first within a second of its
+#: first checkpoint (so the rerun must resume from a checkpoint, which a random point early
+#: in the stage rarely exercises), then at a random point of the resumed run.
+PLAN = [("prepare", None), ("generate", None), ("score", None), ("select", None),
+        ("train", "checkpoint step 4 ->"), ("train", None), ("gate", None), ("evaluate", None)]
+
+
 def _how_it_resumed(stage: str, text: str) -> str:
     """What the run after a kill in ``stage`` says about picking up that stage's work."""
     notes, cached_tasks = [], 0
@@ -79,21 +87,26 @@ def test_sigkill_in_every_stage_then_rerun_equals_the_uninterrupted_run(
     run = fault_root / "run"
     assert not run.exists()
     kills = []
-    for stage in STAGES:
+    for stage, marker in PLAN:
         for attempt in range(1, 4):
             # the first try reruns the pipeline as a user would (resume); a retry after a
             # kill that came too late recomputes the stage (and those after it)
             extra = ["--from", stage] if attempt > 1 else []
             frac = rng.uniform(0.05, 0.9) * 0.5 ** (attempt - 1)
             delay = frac * reference["durations"][stage]
-            k = kill_during(cli_command(CONFIG, run, *extra), run, stage, delay)
+            if marker and attempt == 1:  # within a second of the first checkpoint
+                frac, delay = None, rng.uniform(0.0, 1.0)
+            k = kill_during(cli_command(CONFIG, run, *extra), run, stage, delay,
+                            marker=marker if attempt == 1 else None)
             k.attempt = attempt
             assert k.survivors == 0, f"{k.survivors} process(es) outlived SIGKILL in {stage}"
             a = audit(run)
             assert a.broken == [], a.broken
             kills.append((k, a))
+            when = (f"{frac:.0%} of {reference['durations'][stage]:.1f}s" if frac is not None
+                    else f"{k.delay_s:.2f}s after {marker!r}")
             print(f"[faults] kill in {stage} (attempt {attempt}) {k.delay_s:.2f}s after its "
-                  f"start ({frac:.0%} of {reference['durations'][stage]:.1f}s): "
+                  f"marker ({when}): "
                   f"{'inside the stage' if k.inside else 'after it finished'}; "
                   f"{a.artifacts} artifacts verified, {a.shards} shards whole, "
                   f"{len(a.temp_leftovers)} temp leftovers")
@@ -125,5 +138,5 @@ def test_sigkill_in_every_stage_then_rerun_equals_the_uninterrupted_run(
             print(f"[faults] after the kill in {k.stage}: {how}")
             fault_log.append({
                 "kind": "sigkill", "where": k.stage, "recovered": True, "rows_lost": 0,
-                "detail": f"{k.delay_s:.2f}s after start (try {k.attempt}); "
+                "detail": f"{k.delay_s:.2f}s after {k.marker!r} (try {k.attempt}); "
                           f"{a.artifacts} artifacts + {a.shards} shards verified; rerun: {how}"})

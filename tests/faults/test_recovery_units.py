@@ -47,10 +47,9 @@ def test_a_full_disk_is_named_and_not_retried():
 
 def test_an_engine_start_failure_quotes_the_cause_its_processes_printed(capfd):
     """vLLM's parent only says "Engine core initialization failed"; the cause is printed by
-    the engine's processes, which inherit fd 2: the tail copies it and finds the cause."""
+    the engine's processes, which inherit fds 1 and 2: the tail copies them and finds it."""
     import subprocess
     import sys
-    import time
 
     from mmemb.teachers.vllm import _OutputTail, explain, root_cause
 
@@ -68,7 +67,7 @@ def test_an_engine_start_failure_quotes_the_cause_its_processes_printed(capfd):
         subprocess.run([sys.executable, "-c", "import sys; print(sys.argv[1]); "
                         "sys.stderr.write(sys.argv[2])", "\n".join(lines[:3]),
                         lines[3] + "\n"], check=True)
-    time.sleep(0.5)
+    tail.drain(10.0)  # the child has exited: both copies reach the end of its output
     cause = root_cause(tail.text())
     assert cause == ("ValueError: Available memory on node 0 (1.00/2.00 GiB) on kv cache "
                      "allocation is less than requested memory for kv (4.00 GiB).")

@@ -46,9 +46,8 @@ class StageConfig(BaseModel):
         """A stage's config for a standalone run (``python -m mmemb.stages.X --config F``).
 
         A pipeline YAML (it has ``run:`` or ``prepare:``) gives its ``section``, with the
-        paths the pipeline would wire from the run dir filled in; only that section (and
-        ``run``/``prepare``, which the wiring reads) is validated, so an unrelated broken
-        section cannot block a standalone run. Any other YAML is the section's fields (or
+        paths the pipeline would wire from the run dir filled in; only that section is
+        validated, so an unrelated broken section cannot block a standalone run. Any other YAML is the section's fields (or
         has them under ``section``). ``overrides`` (command-line flags) win.
         """
         path = Path(path)
@@ -61,7 +60,7 @@ class StageConfig(BaseModel):
         if isinstance(data, dict) and ("run" in data or "prepare" in data):
             from mmemb.configs.pipeline import wire
 
-            keep = {k: v for k, v in data.items() if k in ("run", "prepare", section)}
+            keep = dict(data)  # wire() reads other sections (gate's anchor reads train's)
             keep[section] = {**(keep.get(section) or {}), **(overrides or {})}
             return cls.from_dict(wire(keep).get(section) or {}, where=f"{path} [{section}]")
         has_section = isinstance(data, dict) and isinstance(data.get(section), dict)

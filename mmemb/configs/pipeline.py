@@ -228,6 +228,12 @@ def wire(data: dict[str, Any]) -> dict[str, Any]:
         if "seed" in fields and "seed" not in raw:
             raw["seed"] = seed
         data[stage] = raw
+    gate, train = data.get("gate"), data.get("train")
+    if isinstance(gate, dict) and isinstance(train, dict):
+        # stage 5's anchor is stage 4's objective: the same alpha and tau unless set
+        for a, b in (("anchor_alpha", "alpha"), ("anchor_tau", "tau")):
+            if a not in gate and b in train:
+                gate[a] = train[b]
     return data
 
 

@@ -92,8 +92,8 @@ def test_the_gate_reasons_where_it_helps_and_adaptive_beats_always_reasoning(dem
     assert g["reward_last_quarter"] > g["reward_first_quarter"], g
     assert g["params_changed"] == g["params_total"], g
     modes = {m["mode"]: m for m in demo["out"]["modes"]}
-    assert modes["adaptive"]["overall"] >= modes["reason"]["overall"], modes
-    assert modes["adaptive"]["reason_ratio"] < modes["reason"]["reason_ratio"], modes
+    assert modes["adaptive"]["score"] >= modes["reason"]["score"], modes
+    assert modes["adaptive"]["reasoning_ratio"] < modes["reason"]["reasoning_ratio"], modes
 
 
 def test_registered_models_load_and_embed(demo):

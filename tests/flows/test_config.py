@@ -95,3 +95,12 @@ def test_shipped_configs_load_and_say_their_command(name):
     for s in c.run.stages:
         assert c.section(s) is not None
         assert not isinstance(c.section(s), PendingSection) or config_class(s) is None
+
+
+def test_gate_anchor_takes_stage4_alpha_and_tau_unless_set():
+    from mmemb.configs.pipeline import wire
+
+    w = wire({"run": {"run_dir": "R"}, "train": {"alpha": 0.0, "tau": 0.05}, "gate": {}})
+    assert w["gate"]["anchor_alpha"] == 0.0 and w["gate"]["anchor_tau"] == 0.05
+    w = wire({"run": {"run_dir": "R"}, "train": {"alpha": 0.0}, "gate": {"anchor_alpha": 1.0}})
+    assert w["gate"]["anchor_alpha"] == 1.0

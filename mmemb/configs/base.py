@@ -47,8 +47,9 @@ class StageConfig(BaseModel):
 
         A pipeline YAML (it has ``run:`` or ``prepare:``) gives its ``section``, with the
         paths the pipeline would wire from the run dir filled in; only that section is
-        validated, so an unrelated broken section cannot block a standalone run. Any other YAML is the section's fields (or
-        has them under ``section``). ``overrides`` (command-line flags) win.
+        validated, so an unrelated broken section cannot block a standalone run. Any other
+        YAML is the section's fields (or has them under ``section``). ``overrides``
+        (command-line flags) win.
         """
         path = Path(path)
         if not path.is_file():

@@ -52,6 +52,8 @@ def _how_it_resumed(stage: str, text: str) -> str:
             cached_tasks += 1  # a task whose embeddings were all in the chunk cache
         if line.startswith(f"[{stage}] running:"):
             notes.append(line.removeprefix(f"[{stage}] running: "))
+        elif line.startswith(f"[{stage}] cached:"):  # killed in a forced rerun of a done stage
+            notes.append("its earlier finished result reused (outputs verified)")
         elif ("resumed from" in line or "resuming:" in line or "already done" in line) \
                 and (line.startswith(f"[{stage}]") or line.startswith("[shards]")):
             notes.append(line)

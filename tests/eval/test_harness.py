@@ -237,6 +237,27 @@ def test_failed_inputs_are_kept_and_count_as_misses(tmp_path):
     assert "⚠" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_nan_and_zero_norm_embeddings_are_kept_as_errors_or_misses(tmp_path):
+    """A NaN query embedding: its row is kept with status=error and counts as a miss; a
+    zero-norm one scores 0 against every candidate, a tie, which pessimistic tie handling
+    counts as a miss; the other queries score as usual."""
+    rows, corpus = _data()
+    VEC["qnan"], VEC["qzero"] = [float("nan"), 0.0], [0.0, 0.0]
+    try:
+        t = rows.to_pylist()
+        t[0]["qry_text"], t[3]["qry_text"] = "qnan", "qzero"  # r0 and r3: the two hits
+        run = evaluate(FakeEncoder(), io.conform(t, EVAL_ROWS), corpus, tmp_path,
+                       modes=["direct"], model_id="m1", tasks=["loc"], log=lambda s: None)
+    finally:
+        del VEC["qnan"], VEC["qzero"]
+    (res,) = run.results.to_pylist()
+    assert res["score"] == pytest.approx(0.0)  # was 0.5 (r0, r3); r1, r2 were misses
+    assert res["status"] == "error" and "1 of 4 query inputs failed" in res["error"]
+    emb = io.read(next(tmp_path.joinpath("cache").rglob("query/embeddings")), EMBEDDINGS)
+    st = {r["id"]: (r["status"], r["error"]) for r in emb.to_pylist()}
+    assert st["r0"] == ("error", "non-finite embedding") and st["r3"] == ("ok", None)
+
+
 def test_report_plot_and_baseline(tmp_path):
     rows, corpus = _data()
     base_file = tmp_path / "published.json"

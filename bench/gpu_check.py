@@ -14,7 +14,7 @@ with a time cap inside one overall budget:
 4. ``train``: stage 0 then stage 4 through their CLIs (``python -m mmemb.stages.prepare``,
    ``python -m mmemb.stages.train``) on the tiny model and the demo's synthetic data with
    oracle rationales: DeepSpeed ZeRO-2 bf16, steps/s, loss and hit@1 before/after.
-5. ``tests``: ``pytest -m gpu tests/gpu``.
+5. ``tests``: ``pytest -m gpu tests/gpu tests/losses``.
 
 Results go to ``$OUT`` (default ``./gpu_out``): ``gpu_check.json``, ``gpu_check.md`` (both
 rewritten after every part, so a run cut short keeps what it measured) and ``logs/``.
@@ -306,7 +306,8 @@ class Check:
         xml = self.logs / "tests.xml"
         xml.unlink(missing_ok=True)
         st = self.run("tests", [sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu",
-                                "-q", "-p", "no:cacheprovider", f"--junitxml={xml}"],
+                                "tests/losses", "-q", "-p", "no:cacheprovider",
+                                f"--junitxml={xml}"],
                       CAPS["tests"])
         if xml.is_file():
             root = ET.parse(xml).getroot()
@@ -403,7 +404,7 @@ def markdown(res: dict) -> str:
               f"{_f(r.get('params_changed'), '.0f')}/{_f(r.get('params_trainable'), '.0f')}"]
     r = P.get("tests", {}).get("result")
     if r:
-        L += ["", "## pytest -m gpu tests/gpu", "",
+        L += ["", "## pytest -m gpu tests/gpu tests/losses", "",
               f"{r['tests']} tests: {r['failures']} failed, {r['errors']} errors, "
               f"{r['skipped']} skipped", ""]
         L += [f"- {c['test']}: {c['result']} ({c['seconds']:.1f} s)" for c in r["cases"]]

@@ -1,6 +1,7 @@
-"""The model code on a CUDA device: bf16 embeddings, gradient caching, stage 4 under
-DeepSpeed ZeRO-2 in bf16. Marked ``gpu``; skipped without CUDA (see conftest.py for
-running them on the CPU to check the tests themselves)."""
+"""The model code on a CUDA device: bf16 embeddings, stage 4 under DeepSpeed ZeRO-2 in
+bf16 (gradient caching on the device: the ``cuda`` case of tests/losses/test_gradcache.py).
+Marked ``gpu``; skipped without CUDA (see conftest.py for running them on the CPU to check
+the tests themselves)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmemb.losses.gradcache import gradcache_step, plain_step
-from mmemb.losses.objective import Stage4Objective
 from mmemb.model.embedder import Embedder
 from mmemb.model.prompts import EmbedInput
-from mmemb.stages.train import build_items, make_loss_fn
-from mmemb.training.data import load_rows
-from mmemb.training.module import EmbedTrainModule, make_chunks
 
 NO_DEVICE = (os.environ.get("MMEMB_GPU_TESTS_DEVICE", "cuda") == "cuda"
              and not torch.cuda.is_available())
@@ -68,52 +64,6 @@ def test_bf16_embeddings_on_device_match_fp32_on_cpu(tiny_model, synth, device, 
     centre = want.mean(0)
     cos = F.cosine_similarity(got - centre, want - centre, dim=-1)  # [N]
     assert cos.min() > 0.98, cos
-
-
-def test_gradcache_gradient_equals_full_batch_on_device(tiny_model, synth, device,
-                                                        exact_fp32):
-    """GradCache on the device gives the full-batch loss and gradient (fp32, plain torch;
-    the LM term and a hard negative included), as on the CPU (tests/losses)."""
-    torch.manual_seed(0)
-    emb = Embedder.from_pretrained(tiny_model, device=device)
-    emb.model.train()
-    mod = EmbedTrainModule(emb)
-    rows, _ = load_rows(synth["pairs"], synth["image_root"])
-    rows = rows[::12][:12]
-    for i, r in enumerate(rows):
-        if i % 2 == 0:
-            r.rationale = f"step {i}: the answer is {r.positive.text}"
-    items, info = build_items(rows, k=1)
-    obj = Stage4Objective(alpha=0.7, lam=0.3, tau=0.05)
-
-    def encode(cs, with_lm):
-        embs, lms = mod([c.batch for c in cs], [with_lm and c.lm for c in cs])
-        return [(e, lm if with_lm and c.lm else None)
-                for e, lm, c in zip(embs, lms, cs, strict=True)]
-
-    parts, grads = {}, {}
-    for name, fn, size in (("plain", plain_step, 10**6), ("gc", gradcache_step, 3)):
-        mod.zero_grad(set_to_none=True)
-        chunks = make_chunks(emb, items, size)
-        assert all(c.batch["input_ids"].device.type == device for c in chunks)
-        n_lm = sum(c.meta["n_lm_tokens"] for c in chunks)
-        res = fn(chunks, encode, make_loss_fn(obj, info),
-                 lambda loss, last: loss.backward(), obj.lm_weight(n_lm))
-        parts[name] = obj.add_lm(res.out, res.lm_sum, n_lm).parts()
-        grads[name] = {n: p.grad.detach().clone() for n, p in mod.named_parameters()
-                       if p.grad is not None}
-        if name == "gc":
-            assert res.n_backward == len(chunks) > 4
-    for k in ("loss", "loss/nce_reason", "loss/nce_direct", "loss/lm"):
-        assert parts["gc"][k] == pytest.approx(parts["plain"][k], rel=1e-5, abs=1e-6), k
-    assert parts["plain"]["loss/lm"] > 1.0
-    assert set(grads["gc"]) == set(grads["plain"]) and len(grads["plain"]) > 30
-    for n, g in grads["plain"].items():
-        assert grads["gc"][n].device.type == device
-        # Atomic adds in CUDA backward kernels sum in varying order: 1e-4 relative.
-        assert torch.allclose(grads["gc"][n], g, rtol=1e-4, atol=1e-6), \
-            (n, float((grads["gc"][n] - g).abs().max()), float(g.abs().max()))
-    assert max(float(g.abs().max()) for g in grads["plain"].values()) > 1e-3
 
 
 def test_stage4_trains_under_deepspeed_zero2_bf16(tiny_model, synth, gpu_selections, device,

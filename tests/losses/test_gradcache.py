@@ -36,10 +36,28 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def no_tf32():
+    """fp32 on a GPU without TF32 (cuDNN convolutions, here the vision patch embedding, use
+    it by default): the comparison then measures reduction order only."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none)")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("chunk", [3])
-def test_gradcache_equals_full_batch_gradient(tiny_model, synth, chunk, one_thread):
+def test_gradcache_equals_full_batch_gradient(tiny_model, synth, chunk, device, one_thread,
+                                              no_tf32):
+    """Loss parts and every gradient equal the one-graph step's (on a GPU too: atomic adds
+    in CUDA backward kernels sum in varying order, hence the 1e-4 relative tolerance)."""
     torch.manual_seed(0)
-    emb = Embedder.from_pretrained(tiny_model)
+    emb = Embedder.from_pretrained(tiny_model, device=device)
     emb.model.train()
     mod = EmbedTrainModule(emb)
     rows = _rows(synth)
@@ -56,6 +74,7 @@ def test_gradcache_equals_full_batch_gradient(tiny_model, synth, chunk, one_thre
     for name, fn, size in (("plain", plain_step, 10**6), ("gc", gradcache_step, chunk)):
         mod.zero_grad(set_to_none=True)
         chunks = make_chunks(emb, items, size)
+        assert all(c.batch["input_ids"].device.type == device for c in chunks)
         n_lm = sum(c.meta["n_lm_tokens"] for c in chunks)
         calls: list[bool] = []
 

@@ -75,6 +75,12 @@ def load_image(path_or_img, max_pixels: int | None = None):
     return img
 
 
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF ``*ForConditionalGeneration`` under a peft wrapper (or the model itself); peft
+    injects its adapters into that model's modules, so calling it uses them."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 class Embedder(torch.nn.Module):
     """A Qwen-VL generative model used as an embedder (direct or reasoning mode)."""
 
@@ -209,9 +215,8 @@ class Embedder(torch.nn.Module):
     # ------------------------------------------------------------------ forward
     def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Last-layer hidden states of the base model (no LM head): [B, T, H]."""
-        base = self.model.model if hasattr(self.model, "model") else self.model
-        if hasattr(base, "get_base_model"):  # peft wrapper
-            base = base.get_base_model().model
+        hf = hf_model(self.model)
+        base = hf.model if hasattr(hf, "model") else hf
         out = base(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False,
                    return_dict=True)
         return out.last_hidden_state

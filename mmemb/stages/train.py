@@ -111,7 +111,7 @@ def prepare_model(emb: Embedder, cfg: TrainConfig) -> None:
             if id(p) in keep:
                 p.requires_grad_(True)
     if cfg.gradient_checkpointing:
-        from mmemb.training.module import hf_model
+        from mmemb.model.embedder import hf_model
 
         hf_model(emb.model).gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})

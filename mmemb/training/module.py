@@ -28,16 +28,11 @@ import torch
 
 from mmemb.losses.gradcache import Chunk
 from mmemb.losses.lm import rationale_lm_loss, rationale_target_mask
-from mmemb.model.embedder import Embedder
+from mmemb.model.embedder import Embedder, hf_model
 from mmemb.model.prompts import EmbedInput
 from mmemb.training.distributed import is_dist, world_size
 
 GROUPS = ("q_direct", "q_reason", "pos", "neg")
-
-
-def hf_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The HF ``*ForConditionalGeneration`` under a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class EmbedTrainModule(torch.nn.Module):

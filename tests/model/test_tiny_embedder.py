@@ -71,3 +71,24 @@ def test_save_and_load_round_trip_checks_embedding_config(tiny_model, tmp_path):
     torch.testing.assert_close(back.encode(x).embeddings, emb.encode(x).embeddings)
     with pytest.raises(EmbeddingConfigMismatch, match="prompt_version"):
         Embedder.from_pretrained(out, expect=EmbeddingConfig(prompt_version="other-v9"))
+
+
+def test_embedding_through_a_peft_lora_wrapper(tiny_model):
+    """A LoRA-wrapped model embeds through the same path (adapters active): at init LoRA's
+    B is zero, so the embeddings equal the plain model's; after a change to B they move."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from mmemb.model.embedder import Embedder
+    from mmemb.model.prompts import EmbedInput
+
+    emb = Embedder.from_pretrained(tiny_model)
+    xs = [EmbedInput("a red circle"), EmbedInput("two blue squares")]
+    plain = emb.embed(xs).embeddings
+    emb.model = get_peft_model(emb.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    torch.testing.assert_close(emb.embed(xs).embeddings, plain, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        for n, p in emb.model.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.05)
+    assert not torch.allclose(emb.embed(xs).embeddings, plain, atol=1e-4)

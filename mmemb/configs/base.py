@@ -20,6 +20,20 @@ class ConfigError(ValueError):
     """A config file that cannot be used; the message says where and how to fix it."""
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file's mapping (an empty file is ``{}``); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys, got {type(data).__name__}")
+    return data
+
+
 class StageConfig(BaseModel):
     """Common behaviour: forbid unknown keys, validate on assignment, YAML in and out."""
 
@@ -28,13 +42,7 @@ class StageConfig(BaseModel):
     @classmethod
     def from_yaml(cls: type[T], path: str | Path, section: str | None = None,
                   overrides: dict[str, Any] | None = None) -> T:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        data = read_yaml(path)
         if section is not None:
             data = data.get(section) or {}
         data = {**data, **(overrides or {})}
@@ -51,21 +59,25 @@ class StageConfig(BaseModel):
         YAML is the section's fields (or has them under ``section``). ``overrides``
         (command-line flags) win.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-        if isinstance(data, dict) and ("run" in data or "prepare" in data):
+        data = read_yaml(path)
+        over = overrides or {}
+        if "run" in data or "prepare" in data:
             from mmemb.configs.pipeline import wire
 
-            keep = dict(data)  # wire() reads other sections (gate's anchor reads train's)
-            keep[section] = {**(keep.get(section) or {}), **(overrides or {})}
-            return cls.from_dict(wire(keep).get(section) or {}, where=f"{path} [{section}]")
-        has_section = isinstance(data, dict) and isinstance(data.get(section), dict)
-        return cls.from_yaml(path, section if has_section else None, overrides)
+            data = {**data, section: {**(data.get(section) or {}), **over}}
+            return cls.from_dict(wire(data).get(section) or {}, where=f"{path} [{section}]")
+        if isinstance(data.get(section), dict):
+            return cls.from_dict({**data[section], **over}, where=f"{path} [{section}]")
+        return cls.from_dict({**data, **over}, where=str(path))
+
+    @classmethod
+    def from_args(cls: type[T], config: str | None, section: str,
+                  overrides: dict[str, Any]) -> T:
+        """A stage command's config: ``--config`` through :meth:`from_any_yaml`, else the
+        command-line flags alone."""
+        if config:
+            return cls.from_any_yaml(config, section, overrides)
+        return cls.from_dict(overrides, where="command line")
 
     @classmethod
     def from_dict(cls: type[T], data: dict, where: str = "<config>") -> T:

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import ConfigDict, Field, model_validator
 
-from mmemb.configs.base import ConfigError, StageConfig
+from mmemb.configs.base import ConfigError, StageConfig, read_yaml
 from mmemb.configs.prepare import PrepareConfig
 
 #: Stage order. ``prepare`` is stage 0 (base model + data), then the method's five stages
@@ -261,16 +261,7 @@ class PipelineConfig(StageConfig):
     def load(cls, path: str | Path, run_dir: str | None = None,
              overrides: list[str] | dict[str, Any] | None = None) -> PipelineConfig:
         """Load a pipeline YAML; ``run_dir`` and ``key.path=value`` overrides win over it."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-        data = apply_overrides(data, overrides or {})
+        data = apply_overrides(read_yaml(path), overrides or {})
         if run_dir is not None:
             data.setdefault("run", {})["run_dir"] = str(run_dir)
         return cls.from_dict(data, where=str(path))

@@ -197,8 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         if k in ("modes", "tasks", "categories", "modalities"):
             v = [x.strip() for x in v.split(",") if x.strip()]
         over[k] = v
-    cfg = EvaluateConfig.from_any_yaml(a.config, a.section or "evaluate", over) if a.config else \
-        EvaluateConfig.from_dict(over, where="command line")
+    cfg = EvaluateConfig.from_args(a.config, a.section or "evaluate", over)
     res = run(cfg)
     print(json.dumps(res.to_dict(), indent=2, default=str))
 

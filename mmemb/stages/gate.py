@@ -387,8 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     over = {k.replace("-", "_"): v for k, v in {
         "model": a.model, "data": a.data, "image-root": a.image_root, "eval": a.eval,
         "out": a.out, "steps": a.steps}.items() if v is not None}
-    cfg = (GateConfig.from_any_yaml(a.config, a.section, over) if a.config
-           else GateConfig.from_dict(over))
+    cfg = GateConfig.from_args(a.config, a.section, over)
     print(run(cfg).summary)
 
 

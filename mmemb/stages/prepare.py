@@ -165,8 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pretrain-steps", type=int)
     a = ap.parse_args(argv)
     over = {k: v for k, v in vars(a).items() if k not in ("config", "section") and v is not None}
-    cfg = (PrepareConfig.from_any_yaml(a.config, a.section, over) if a.config
-           else PrepareConfig.from_dict(over))
+    cfg = PrepareConfig.from_args(a.config, a.section, over)
     res = run(cfg)
     print(json.dumps(res.to_dict(), indent=2))
 

@@ -325,8 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shard-size", type=int)
     a = ap.parse_args(argv)
     over = {k: v for k, v in vars(a).items() if k not in ("config", "section") and v is not None}
-    cfg = (ScoreConfig.from_any_yaml(a.config, a.section or "score", over) if a.config
-           else ScoreConfig.from_dict(over))
+    cfg = ScoreConfig.from_args(a.config, a.section or "score", over)
     res = run(cfg)
     print(json.dumps(res.to_dict(), indent=2))
 

@@ -292,8 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-rationale-tokens", type=int)
     a = ap.parse_args(argv)
     over = {k: v for k, v in vars(a).items() if k not in ("config", "section") and v is not None}
-    cfg = (SelectConfig.from_any_yaml(a.config, a.section or "select", over) if a.config
-           else SelectConfig.from_dict(over))
+    cfg = SelectConfig.from_args(a.config, a.section or "select", over)
     res = run(cfg)
     print(json.dumps(res.to_dict(), indent=2))
 

@@ -574,10 +574,7 @@ def main(argv: list[str] | None = None) -> None:
         "eval": a.eval, "out": a.out, "steps": a.steps}.items() if v is not None}
     if a.pairs and not a.data:
         over["data"] = None  # explicit pairs: a direct-only run, not the wired selections
-    if a.config:
-        cfg = TrainConfig.from_any_yaml(a.config, a.section, over)
-    else:
-        cfg = TrainConfig.from_dict(over)
+    cfg = TrainConfig.from_args(a.config, a.section, over)
     run(cfg)
 
 

@@ -104,3 +104,19 @@ def test_gate_anchor_takes_stage4_alpha_and_tau_unless_set():
     assert w["gate"]["anchor_alpha"] == 0.0 and w["gate"]["anchor_tau"] == 0.05
     w = wire({"run": {"run_dir": "R"}, "train": {"alpha": 0.0}, "gate": {"anchor_alpha": 1.0}})
     assert w["gate"]["anchor_alpha"] == 1.0
+
+
+def test_stage_yaml_loading_errors_name_the_file(tmp_path):
+    from mmemb.configs.base import ConfigError
+    from mmemb.configs.select import SelectConfig
+
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="list.yaml: expected a mapping of keys, got list"):
+        SelectConfig.from_any_yaml(bad, "select")
+    stage_only = tmp_path / "sel.yaml"
+    stage_only.write_text("pairs: P\nrationales: R\nscores: S\nmargin: 0.3\n")
+    cfg = SelectConfig.from_args(str(stage_only), "select", {"out": "O"})
+    assert (cfg.margin, cfg.out, cfg.pairs) == (0.3, "O", "P")
+    with pytest.raises(ConfigError, match="command line"):
+        SelectConfig.from_args(None, "select", {"margin": "x"})

@@ -35,3 +35,20 @@ def synth(tmp_path_factory) -> dict[str, Path]:
     from mmemb.data.synth import generate
 
     return generate(tmp_path_factory.mktemp("synth"), size="smoke", seed=0)
+
+
+@pytest.fixture(scope="session")
+def real_layout(tmp_path_factory):
+    """``real_layout("qwen2_vl")`` -> a random-weight checkpoint of that family's *real*
+    layout (tokenizer, special tokens, chat template, processor and generation configs of
+    the hub folder; shrunk sizes), built once per session from tests/fixtures/qwen_layouts."""
+    from mmemb.model.layouts import build_checkpoint, layout_dir
+
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            out = tmp_path_factory.mktemp(f"layout-{family}") / family
+            built[family] = build_checkpoint(layout_dir(family), out, seed=0)
+        return built[family]
+    return get

@@ -85,8 +85,11 @@ class Embedder(torch.nn.Module):
     """A Qwen-VL generative model used as an embedder (direct or reasoning mode)."""
 
     def __init__(self, model, processor, config: EmbeddingConfig | None = None,
-                 max_pixels: int = 1024 * 1024, max_text_tokens: int = 2048):
+                 max_pixels: int = 1024 * 1024, max_text_tokens: int = 2048,
+                 min_pixels: int | None = None):
         super().__init__()
+        self.min_pixels = min_pixels
+        self.save_dtype: torch.dtype | None = None  # set by from_pretrained (source dtype)
         self.max_text_tokens = max_text_tokens
         self.model = model
         self.processor = processor
@@ -108,16 +111,25 @@ class Embedder(torch.nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str | None = None,
                         device: str | torch.device | None = None,
-                        expect: EmbeddingConfig | None = None, add_special_tokens: bool = False,
+                        expect: EmbeddingConfig | None = None,
+                        add_special_tokens: bool | None = None,
+                        new_token_init: str = "mean",
                         trust_remote_code: bool = False, attn_implementation: str = "sdpa",
-                        max_pixels: int = 1024 * 1024, max_text_tokens: int = 2048
-                        ) -> Embedder:
-        """Load a checkpoint; refuse one whose saved embedding config differs from ``expect``.
+                        max_pixels: int = 1024 * 1024, max_text_tokens: int = 2048,
+                        min_pixels: int | None = None) -> Embedder:
+        """Load any checkpoint through the one path of :mod:`mmemb.model.loading`.
 
-        A base model without ``<think>``/``</think>``/``<emb>`` (a fresh Qwen checkpoint) is
-        accepted with ``add_special_tokens=True``, which adds them and resizes embeddings.
+        Refuses one whose saved embedding config differs from ``expect``. A base without
+        ``<think>``/``</think>``/``<emb>`` (a hub Qwen-VL folder) gets them added in memory
+        exactly as the prepare stage adds them on disk (``new_token_init``), with a warning
+        unless ``add_special_tokens=True`` says the caller expects it; ``False`` refuses.
+        ``dtype``: the compute dtype (default float32); saving keeps the source dtype.
         """
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        import warnings
+
+        from transformers import AutoModelForImageTextToText
+
+        from mmemb.model import loading
 
         path = Path(path) if Path(path).exists() else path
         saved = EmbeddingConfig.load(path) if isinstance(path, Path) else None
@@ -130,30 +142,47 @@ class Embedder(torch.nn.Module):
                 "checkpoint was trained with")
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        src = loading.loadable_dir(path)
+        processor = loading.load_processor(path, trust_remote_code=trust_remote_code)
         model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
+            src, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation)
-        cfg = saved or expect or EmbeddingConfig()
-        if add_special_tokens:
-            tok = processor.tokenizer
-            new = [t for t in (cfg.think_token, cfg.end_think_token, cfg.emb_token)
-                   if t not in tok.get_vocab()]
-            if new:
-                tok.add_special_tokens({"additional_special_tokens": new})
-                model.resize_token_embeddings(len(tok))
-        emb = cls(model, processor, cfg, max_pixels=max_pixels, max_text_tokens=max_text_tokens)
+        cfg = saved or expect or loading.default_embedding_config(processor)
+        missing = loading.missing_tokens(processor.tokenizer, cfg)
+        if missing:
+            if add_special_tokens is False:
+                raise ValueError(f"{path}: tokenizer lacks special tokens {missing}; run the "
+                                 "prepare stage on it (prepare.source: existing) or load with "
+                                 "add_special_tokens=True")
+            if add_special_tokens is None:
+                warnings.warn(f"{path}: tokenizer lacks {missing}; added in memory "
+                              f"(init {new_token_init!r}) the way the prepare stage adds them. "
+                              "Prepare the base once (prepare.source: existing) to keep the "
+                              "rows stable across stages", stacklevel=2)
+            loading.add_method_tokens(model, processor.tokenizer, cfg, init=new_token_init)
+        emb = cls(model, processor, cfg, max_pixels=max_pixels, max_text_tokens=max_text_tokens,
+                  min_pixels=min_pixels)
+        emb.save_dtype = loading.source_dtype(src) if isinstance(src, Path) else None
         if device is not None:
             emb.to(device)
         return emb
 
-    def save_pretrained(self, out: str | Path) -> Path:
-        """Save weights (safetensors), processor, tokenizer and the embedding config."""
+    def save_pretrained(self, out: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Save weights (safetensors), processor, tokenizer and the embedding config.
+
+        ``dtype``: the saved weights' dtype; default the source checkpoint's (a bf16 hub
+        folder stays bf16 however the stage computed), float32 for a model built in memory.
+        """
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         model = self.model
         if hasattr(model, "merge_and_unload"):  # a peft LoRA model: save merged weights
             model = model.merge_and_unload()
+        dtype = dtype or self.save_dtype
+        if dtype is not None and next(model.parameters()).dtype != dtype:
+            import copy
+
+            model = copy.deepcopy(model).to(dtype)  # the caller's model keeps its dtype
         model.save_pretrained(out, safe_serialization=True)
         self.processor.save_pretrained(out)
         if hasattr(self.processor, "image_processor"):  # preprocessor_config.json: vLLM's

@@ -16,6 +16,7 @@ drift apart (the most reported cause of near-random MMEB scores among peers).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +36,9 @@ class EmbeddingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     prompt_version: str = PROMPT_VERSION
-    system: str = "You are a helpful assistant."
+    #: The system turn; None: none (Qwen3-VL's template has no default system turn, so a
+    #: Qwen3-VL base gets None, see mmemb.model.loading.default_embedding_config).
+    system: str | None = "You are a helpful assistant."
     think_token: str = THINK
     end_think_token: str = END_THINK
     emb_token: str = EMB
@@ -70,7 +73,13 @@ class EmbedInput:
 
 
 def user_content(inp: EmbedInput) -> str:
-    """The user turn: images first (or where ``<|image_1|>`` marks them), then the text."""
+    """The user turn: images first (or where ``<|image_1|>`` marks them), then the text.
+
+    Spaces right after an image are dropped: the chat templates render an image item and
+    the text item after it with nothing between (``<|vision_end|>Represent ...``); MMEB's
+    ``<|image_1|> Represent ...`` would otherwise put a space token there. Newlines are
+    kept (they are the data's own).
+    """
     inst = inp.instruction or ""
     n_img = len(inp.images)
     body = inst
@@ -78,9 +87,9 @@ def user_content(inp: EmbedInput) -> str:
         markers = [f"<|image_{i + 1}|>" for i in range(n_img)]
         placed = [m for m in markers if m in body]
         for m in placed:
-            body = body.replace(m, QWEN_IMAGE)
+            body = re.sub(re.escape(m) + r"[ \t]*", QWEN_IMAGE, body)
         missing = n_img - len(placed)
-        body = QWEN_IMAGE * missing + body
+        body = QWEN_IMAGE * missing + body.lstrip(" \t")
     else:
         body = body.replace(IMAGE_MARKER, "")
     body = body.strip()
@@ -92,8 +101,8 @@ def user_content(inp: EmbedInput) -> str:
 def prompt_prefix(inp: EmbedInput, cfg: EmbeddingConfig | None = None) -> str:
     """Everything up to and including the assistant header (the gate decides next)."""
     cfg = cfg or EmbeddingConfig()
-    return (f"<|im_start|>system\n{cfg.system}<|im_end|>\n"
-            f"<|im_start|>user\n{user_content(inp)}<|im_end|>\n<|im_start|>assistant\n")
+    system = "" if cfg.system is None else f"<|im_start|>system\n{cfg.system}<|im_end|>\n"
+    return f"{system}<|im_start|>user\n{user_content(inp)}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def embed_prompt(inp: EmbedInput, cfg: EmbeddingConfig | None = None,
@@ -106,8 +115,41 @@ def embed_prompt(inp: EmbedInput, cfg: EmbeddingConfig | None = None,
     return prompt_prefix(inp, cfg) + f"{cfg.think_token}{r}{cfg.end_think_token}{cfg.emb_token}"
 
 
-def teacher_prompt(inp: EmbedInput, template: str) -> str:
-    """A rationale-generation prompt for a teacher (stage 1), ``{content}`` filled in."""
+def teacher_messages(inp: EmbedInput, template: str) -> list[dict]:
+    """The teacher's user turn as chat messages (text and image items in order), for the
+    checkpoint's own ``apply_chat_template``."""
+    text = template.format(content=user_content(inp))
+    items: list[dict] = []
+    for i, piece in enumerate(text.split(QWEN_IMAGE)):
+        if i:
+            items.append({"type": "image"})
+        if piece:
+            items.append({"type": "text", "text": piece})
+    return [{"role": "user", "content": items}]
+
+
+def teacher_prompt(inp: EmbedInput, template: str, render=None) -> str:
+    """A rationale-generation prompt for a teacher (stage 1), ``{content}`` filled in.
+
+    ``render``: the teacher checkpoint's chat template (``processor.apply_chat_template``,
+    see :func:`chat_renderer`), so a teacher sees the format it was trained on. Without one
+    (the oracle, which runs no model) the Qwen2-VL template's rendering is written out.
+    """
+    if render is not None:
+        return render(teacher_messages(inp, template))
     return (f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
             f"<|im_start|>user\n{template.format(content=user_content(inp))}<|im_end|>\n"
             f"<|im_start|>assistant\n")
+
+
+def chat_renderer(processor):
+    """``messages -> prompt string`` through a processor's (or tokenizer's) chat template,
+    with the generation prompt; None when it has no template."""
+    if getattr(processor, "chat_template", None) is None and getattr(
+            getattr(processor, "tokenizer", None), "chat_template", None) is None:
+        return None
+
+    def render(messages: list[dict]) -> str:
+        return processor.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=True)
+    return render

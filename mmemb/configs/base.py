@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 T = TypeVar("T", bound="StageConfig")
 
@@ -121,3 +121,14 @@ def format_validation_error(e: ValidationError, cls: type, where: str) -> str:
                                             if err["type"] not in ("missing", "extra_forbidden")
                                             and "input" in err else ""))
     return "\n".join(lines)
+
+
+class ImageResolution(StageConfig):
+    """The image resolution a stage embeds at: one setting per run (``run.resolution``,
+    wired into every stage unless a section sets its own), shared by teacher, embedder and
+    evaluation so each sees the same pixels (:mod:`mmemb.model.resolution`)."""
+
+    max_pixels: int = Field(1024 * 1024, ge=28 * 28, description="images are resized onto "
+                            "the processor grid within [min_pixels, max_pixels] (1 MP ~ 1,300 "
+                            "image tokens on Qwen2-VL); the processor's own limits still apply")
+    min_pixels: int | None = Field(None, ge=1, description="None: the processor's own minimum")

@@ -9,12 +9,12 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from mmemb.configs.base import StageConfig
+from mmemb.configs.base import ImageResolution
 
 ModeName = Literal["direct", "reason", "adaptive"]
 
 
-class EvaluateConfig(StageConfig):
+class EvaluateConfig(ImageResolution):
     """Score a checkpoint on MMEB-V2 (a local download) or on eval-rows artifacts."""
 
     model: str = Field(..., description="checkpoint folder (or hub id in the local cache)")
@@ -63,7 +63,6 @@ class EvaluateConfig(StageConfig):
                                     "default <MMEB root>/visdoc-tasks/_images")
     device: str | None = Field(None, description="default: cuda when available, else cpu")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_pixels: int = Field(1024 * 1024, ge=28 * 28)
     seed: int = 0
 
     @model_validator(mode="after")

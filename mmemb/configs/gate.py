@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from mmemb.configs.base import StageConfig
+from mmemb.configs.base import ImageResolution, StageConfig
 
 
 class RewardConfig(StageConfig):
@@ -28,7 +28,7 @@ class RewardConfig(StageConfig):
     pool_size: int = Field(8, ge=2)  # positive + negatives from the same task
 
 
-class GateConfig(StageConfig):
+class GateConfig(ImageResolution):
     """GRPO over the first assistant token (<think> or <emb>) and the rationale after it."""
 
     model: str = Field(..., description="stage-4 checkpoint (the policy's start)")

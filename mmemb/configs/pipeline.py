@@ -112,12 +112,23 @@ class TrackingConfig(StageConfig):
     model_name: str = "mmemb"
 
 
+class ResolutionConfig(StageConfig):
+    """One image resolution for the whole run (teacher, embedder, evaluation): wired into
+    every stage's and teacher's ``min_pixels``/``max_pixels`` that its section leaves out."""
+
+    max_pixels: int = Field(1024 * 1024, ge=28 * 28, description="1 MP: ~1,300 image tokens "
+                            "on Qwen2-VL, ~1,000 on Qwen3-VL (a 1700x2200 page is ~4,800 at "
+                            "the hub processor's 12.8 MP limit)")
+    min_pixels: int | None = Field(None, ge=1, description="None: the processor's own")
+
+
 class RunSection(StageConfig):
     """The run as a whole."""
 
     name: str = "demo"
     run_dir: str = "runs/demo"
     seed: int = Field(0, description="default seed of every stage whose section sets none")
+    resolution: ResolutionConfig = ResolutionConfig()
     stages: list[StageName] = Field(default_factory=lambda: list(STAGES),
                                     description="stages this pipeline runs, in order")
     tracking: TrackingConfig = TrackingConfig()
@@ -194,12 +205,28 @@ def _fmt(value: Any, vars_: dict[str, str | None]) -> Any:
     return value
 
 
+def _wire_resolution(stage: str, raw: dict, fields: set[str], res: dict) -> None:
+    """``run.resolution`` into the stage (and, for generate, each teacher) unless set."""
+    full = {k: res.get(k, ResolutionConfig.model_fields[k].default)
+            for k in ("max_pixels", "min_pixels")}
+    targets = [raw] if "max_pixels" in fields else []
+    if stage == "generate":
+        from mmemb.configs.generate import TeacherConfig
+
+        if "max_pixels" in TeacherConfig.model_fields:
+            targets += [t for t in raw.get("teachers") or [] if isinstance(t, dict)]
+    for t in targets:
+        for k, v in full.items():
+            t.setdefault(k, v)
+
+
 def wire(data: dict[str, Any]) -> dict[str, Any]:
     """Fill the stage fields the YAML leaves out from the run dir and upstream outputs."""
     data = copy.deepcopy(data)
     run = dict(data.get("run") or {})
     run_dir = str(run.get("run_dir") or RunSection.model_fields["run_dir"].default)
     seed = run.get("seed", 0)
+    res = dict(run.get("resolution") or {})
     vars_: dict[str, str | None] = {"run_dir": run_dir}
     prep_raw = _fmt(dict(data.get("prepare") or {}), vars_)
     for k, t in WIRING["prepare"].items():
@@ -227,6 +254,7 @@ def wire(data: dict[str, Any]) -> dict[str, Any]:
                     raw[k] = val
         if "seed" in fields and "seed" not in raw:
             raw["seed"] = seed
+        _wire_resolution(stage, raw, fields, res)
         data[stage] = raw
     gate, train = data.get("gate"), data.get("train")
     if isinstance(gate, dict) and isinstance(train, dict):

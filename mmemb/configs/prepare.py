@@ -6,8 +6,11 @@ Two sources:
   the synthetic world of :mod:`mmemb.data.synth` under the run directory. Nothing is
   downloaded; the same seed gives byte-identical files.
 * ``existing`` (a workstation or cluster): point at a real checkpoint and real data folders.
-  Nothing heavy happens: the stage checks that they exist, reads their manifests (or hashes
-  plain Parquet files once) and hands the references on.
+  The stage checks that they exist, reads their manifests (or hashes plain Parquet files
+  once) and hands the references on. With ``prepare_base`` (default) it also makes the
+  *student base* once, in ``model_out``: the checkpoint with the method's tokens added on
+  free padding rows, in its own dtype (:mod:`mmemb.model.loading`); a rerun whose source
+  has not changed reuses it.
 
 Used by ``python -m mmemb.stages.prepare --config configs/demo.yaml --section prepare``.
 """
@@ -31,7 +34,8 @@ class PrepareConfig(StageConfig):
     size: Literal["smoke", "demo"] = Field("demo", description="synthetic dataset size")
     seed: int = 0
     out: str = Field("runs/demo/data", description="tiny: folder for pairs, eval rows, images")
-    model_out: str = Field("runs/demo/base_model", description="tiny: folder of the model")
+    model_out: str = Field("runs/demo/base_model", description="tiny: folder of the model; "
+                           "existing with prepare_base: folder of the prepared student base")
     pretrain_steps: int | None = Field(None, ge=0, description="tiny: steps of the simulated "
                                        "pretraining (mmemb.model.pretrain); None: its "
                                        "DEFAULT_STEPS; 0 keeps random weights")
@@ -41,6 +45,14 @@ class PrepareConfig(StageConfig):
     eval: str | None = Field(None, description="existing: eval rows (contract 'eval_rows')")
     image_root: str | None = Field(None, description="existing: folder image paths are "
                                    "relative to")
+    prepare_base: bool = Field(True, description="existing: write the student base (the "
+                               "checkpoint plus <think>/</think>/<emb>) to model_out once; "
+                               "False hands the checkpoint on as it is and every stage adds "
+                               "the tokens in memory (with a warning)")
+    new_token_init: Literal["mean", "keep"] = Field(
+        "mean", description="initial value of the new token rows: 'mean' of the trained "
+        "rows (neutral logit, p(<think>) = 1/2 at the gate where both tokens are new; "
+        "docs/real-models.md), 'keep' the padding row as it is")
 
     @model_validator(mode="after")
     def _check(self) -> PrepareConfig:
@@ -55,7 +67,10 @@ class PrepareConfig(StageConfig):
 
     @property
     def model_path(self) -> str:
-        return self.model if self.source == "existing" else self.model_out
+        """The student base every later stage loads."""
+        if self.source == "existing" and not self.prepare_base:
+            return self.model
+        return self.model_out
 
     @property
     def pairs_path(self) -> str:

@@ -9,10 +9,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from mmemb.configs.base import StageConfig
+from mmemb.configs.base import ImageResolution
 
 
-class ScoreConfig(StageConfig):
+class ScoreConfig(ImageResolution):
     """Counterfactual utility of each candidate: delta = s(q + r) - s(q) within a pool."""
 
     pairs: str = Field(..., description="training pairs artifact (contract 'pairs')")

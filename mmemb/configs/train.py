@@ -33,7 +33,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from mmemb.configs.base import StageConfig
+from mmemb.configs.base import ImageResolution, StageConfig
 
 LM_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -52,7 +52,7 @@ class LoraSettings(StageConfig):
     target_modules: list[str] = Field(default_factory=lambda: list(LM_LINEAR))
 
 
-class TrainConfig(StageConfig):
+class TrainConfig(ImageResolution):
     """Stage 4: NCE(e(q ⊕ r*), e(t+)) + alpha NCE(e(q), e(t+)) + lam LM(r* | q)."""
 
     # --- inputs / outputs

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import mmemb  # noqa: F401  (CPU torchvision shim)
 from mmemb.model.prompts import EMBEDDING_CONFIG_FILE, EmbeddingConfig, EmbedInput, embed_prompt
+from mmemb.model.resolution import Grid, fit_image
 
 Mode = Literal["direct", "reason", "auto"]
 
@@ -96,6 +97,7 @@ class Embedder(torch.nn.Module):
         self.tokenizer = processor.tokenizer
         self.config = config or EmbeddingConfig()
         self.max_pixels = max_pixels
+        self.grid = Grid.of(processor) if hasattr(processor, "image_processor") else None
         missing = [t for t in (self.config.think_token, self.config.end_think_token,
                                self.config.emb_token)
                    if self.tokenizer.convert_tokens_to_ids(t) in (None,
@@ -159,7 +161,9 @@ class Embedder(torch.nn.Module):
                               f"(init {new_token_init!r}) the way the prepare stage adds them. "
                               "Prepare the base once (prepare.source: existing) to keep the "
                               "rows stable across stages", stacklevel=2)
-            loading.add_method_tokens(model, processor.tokenizer, cfg, init=new_token_init)
+            loading.add_method_tokens(model, processor.tokenizer, cfg, init=new_token_init,
+                                      round_to=loading.source_dtype(src)
+                                      if isinstance(src, Path) else None)
         emb = cls(model, processor, cfg, max_pixels=max_pixels, max_text_tokens=max_text_tokens,
                   min_pixels=min_pixels)
         emb.save_dtype = loading.source_dtype(src) if isinstance(src, Path) else None
@@ -202,7 +206,8 @@ class Embedder(torch.nn.Module):
     # ------------------------------------------------------------------ tokenisation
     def tokenize(self, texts: list[str], images: list[list]) -> dict[str, torch.Tensor]:
         """Run the processor on full prompt strings; images are expanded to their tokens."""
-        flat = [load_image(im, self.max_pixels) for ims in images for im in ims]
+        flat = [fit_image(load_image(im), self.grid, self.max_pixels, self.min_pixels)
+                for ims in images for im in ims]  # the run's resolution (mmemb.model.resolution)
         kw = dict(text=texts, padding=True, return_tensors="pt")
         if flat:
             kw["images"] = flat

@@ -132,11 +132,13 @@ def missing_tokens(tokenizer, cfg: EmbeddingConfig | None = None) -> list[str]:
 
 
 def add_method_tokens(model, tokenizer, cfg: EmbeddingConfig | None = None,
-                      init: TokenInit = "mean") -> list[str]:
+                      init: TokenInit = "mean", round_to=None) -> list[str]:
     """Add the tokens ``tokenizer`` lacks, on free padding rows, initialised by ``init``.
 
     Returns the tokens added (empty: nothing changed). Existing tokens, Qwen3-VL's own
-    ``<think>``/``</think>`` among them, are left exactly as they are.
+    ``<think>``/``</think>`` among them, are left exactly as they are. ``round_to``: the
+    source dtype; the mean is rounded to it, so rows added in memory to a float32 copy
+    equal the rows the prepare stage saved in bf16, bit for bit.
     """
     import torch
     from transformers import AddedToken
@@ -164,7 +166,8 @@ def add_method_tokens(model, tokenizer, cfg: EmbeddingConfig | None = None,
             if out is not None and out.weight.data_ptr() != mats[0].data_ptr():
                 mats.append(out.weight)  # an untied LM head: its rows too (the gate reads them)
             for w in mats:  # [V, H]
-                w[ids] = w[:n_old].float().mean(0, keepdim=True).to(w.dtype)
+                m = w[:n_old].float().mean(0, keepdim=True)  # [1, H]
+                w[ids] = m.to(round_to or w.dtype).to(w.dtype)
     elif init != "keep":
         raise ValueError(f"new_token_init={init!r}: choose 'mean' or 'keep'")
     return new

@@ -79,7 +79,7 @@ def build_encoder(cfg: EvaluateConfig):
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     emb = Embedder.from_pretrained(cfg.model, dtype=dtype, device=device,
-                                   max_pixels=cfg.max_pixels)
+                                   max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels)
     if set(cfg.modes) <= {"direct"}:
         return harness.EmbedderEncoder(emb, batch_size=cfg.batch_size), dtype
     from mmemb.inference import AdaptiveEncoder
@@ -114,7 +114,7 @@ def run(cfg: EvaluateConfig, log: StepLogger = null_logger) -> StageResult:
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
     model_id = harness._digest({"checkpoint": harness.checkpoint_digest(
         cfg.model, cache / "_checkpoint_digests.json"), "dtype": dtype,
-        "max_pixels": cfg.max_pixels})
+        "max_pixels": cfg.max_pixels, "min_pixels": cfg.min_pixels})
     gen = {"budget": cfg.budget, "temperature": cfg.temperature, "top_p": cfg.top_p,
            "generation": cfg.generation}
     mode_settings = {"reason": gen, "adaptive": {**gen, "threshold": cfg.threshold}}

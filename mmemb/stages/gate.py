@@ -251,9 +251,11 @@ def run(cfg: GateConfig, log: StepLogger = null_logger) -> StageResult:
     if len(queries) < cfg.queries_per_step:
         raise ValueError(f"{cfg.data}: {len(queries)} queries, fewer than queries_per_step="
                          f"{cfg.queries_per_step}; lower it or give more data")
-    policy = Embedder.from_pretrained(cfg.model)
+    policy = Embedder.from_pretrained(cfg.model, max_pixels=cfg.max_pixels,
+                                    min_pixels=cfg.min_pixels)
     ref_model = copy.deepcopy(policy.model).eval().requires_grad_(False)
-    ref = Embedder(ref_model, policy.processor, policy.config)
+    ref = Embedder(ref_model, policy.processor, policy.config, max_pixels=policy.max_pixels,
+                   min_pixels=policy.min_pixels)
     vpol = _vllm_policy(policy, cfg, out) if cfg.rollout_backend == "vllm" else None
     enc = AdaptiveEncoder(policy, budget=cfg.budget, threshold=cfg.threshold, vllm=vpol)
     ref_enc = AdaptiveEncoder(ref, budget=cfg.budget)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from data_contracts import io
 from data_contracts.io import ArtifactRef, ContractError
 from data_contracts.schemas import EVAL_ROWS, PAIRS, Contract
 from mmemb.configs.prepare import PrepareConfig
+from mmemb.sharding import fingerprint
 from mmemb.stages.base import StageResult, StepLogger, null_logger
 
 
@@ -86,6 +88,81 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
+PREPARED_FILE = "mmemb_prepared.json"
+
+
+def _source_stamp(path: Path) -> str:
+    """Names, sizes and mtimes of a checkpoint's files: changes when the source does,
+    without reading gigabytes of weights on every pipeline run."""
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return fingerprint([(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+                        for p in files])
+
+
+def prepare_base(source: str | Path, out: str | Path, init: str = "mean"
+                 ) -> tuple[Path, dict[str, float]]:
+    """The student base from a hub checkpoint, made once: the checkpoint plus the method's
+    tokens (:func:`mmemb.model.loading.add_method_tokens`), saved in its own dtype.
+
+    Reused when ``out`` records the same source stamp and init rule; written to a temp
+    folder and renamed, so a killed run never leaves a half-written base.
+    """
+    import shutil
+    import warnings
+
+    from mmemb.model.embedder import Embedder
+    from mmemb.model.loading import load_processor, missing_tokens, source_dtype
+
+    source, out = Path(source), Path(out)
+    stamp = {"source": str(source.resolve()), "source_stamp": _source_stamp(source),
+             "new_token_init": init}
+    marker = out / PREPARED_FILE
+    if marker.is_file():
+        done = json.loads(marker.read_text())
+        if all(done.get(k) == v for k, v in stamp.items()):
+            print(f"[prepare] student base {out} is up to date (source unchanged)", flush=True)
+            return out, {"base_reused": 1.0}
+    t0 = time.perf_counter()
+    print(f"[prepare] student base from {source} -> {out}", flush=True)
+    added = missing_tokens(load_processor(source).tokenizer)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not added:  # already a student base (the tiny model, a trained student): link it
+        tmp.mkdir(parents=True)
+        for f in source.iterdir():
+            os.symlink(f.resolve(), tmp / f.name)
+        (tmp / PREPARED_FILE).unlink(missing_ok=True)
+        (tmp / PREPARED_FILE).write_text(json.dumps({**stamp, "added_tokens": [],
+                                                     "linked": True}, indent=2))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        print(f"[prepare] {source} already has the method's tokens: {out} links to it",
+              flush=True)
+        return out, {"base_tokens_added": 0.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # old processor names: mapped, said once by preflight
+        # loaded in the source dtype: a 4B bf16 base needs 8 GB here, not 16
+        emb = Embedder.from_pretrained(source, dtype=source_dtype(source),
+                                       add_special_tokens=True, new_token_init=init)
+    tok = emb.tokenizer
+    emb.save_pretrained(tmp)  # the source dtype (Embedder.save_dtype)
+    if (source / "generation_config.json").is_file():  # the checkpoint's own, not a rebuilt one
+        shutil.copyfile(source / "generation_config.json", tmp / "generation_config.json")
+    rows = int(emb.model.get_input_embeddings().weight.shape[0])
+    info = {**stamp, "added_tokens": added,
+            "token_ids": {t: int(tok.convert_tokens_to_ids(t)) for t in added},
+            "embedding_rows": rows, "tokenizer_size": len(tok),
+            "dtype": str(emb.save_dtype).removeprefix("torch.")}
+    (tmp / PREPARED_FILE).write_text(json.dumps(info, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    print(f"[prepare] added {added or 'no tokens'} on rows "
+          f"{list(info['token_ids'].values())} of {rows} (init {init}); saved as "
+          f"{info['dtype']}", flush=True)
+    return out, {"base_prepare_s": time.perf_counter() - t0, "base_tokens_added": len(added),
+                 "base_embedding_rows": float(rows)}
+
+
 def run(cfg: PrepareConfig, log: StepLogger = null_logger) -> StageResult:
     """Build (tiny) or check (existing) the base model and the data; return references."""
     t0 = time.perf_counter()
@@ -124,6 +201,9 @@ def run(cfg: PrepareConfig, log: StepLogger = null_logger) -> StageResult:
             raise ContractError(cfg.model, "checkpoint folder does not exist.",
                                 fix="set prepare.model to a local checkpoint or a hub id "
                                 "(org/name) that is in the local cache.")
+        if cfg.prepare_base:
+            model, info = prepare_base(cfg.model, cfg.model_out, init=cfg.new_token_init)
+            metrics.update(info)
         outputs["pairs"] = reference(cfg.pairs, PAIRS)
         if cfg.eval:
             ev = Path(cfg.eval)

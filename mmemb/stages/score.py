@@ -191,7 +191,8 @@ def _load_embedder(cfg: ScoreConfig):
 
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    emb = Embedder.from_pretrained(cfg.model, dtype=dtype, device=device)
+    emb = Embedder.from_pretrained(cfg.model, dtype=dtype, device=device,
+                                   max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels)
     emb.model.eval()
     return emb
 

@@ -359,7 +359,8 @@ def _run(cfg: TrainConfig, log: StepLogger) -> StageResult:
 
     # ---- model + engine
     emb = Embedder.from_pretrained(cfg.model, max_text_tokens=cfg.max_text_tokens,
-                                   add_special_tokens=True)
+                                   add_special_tokens=True, max_pixels=cfg.max_pixels,
+                                   min_pixels=cfg.min_pixels)
     if device == "cuda":
         emb.model.to(torch.device("cuda", torch.cuda.current_device()))
     prepare_model(emb, cfg)

@@ -47,7 +47,14 @@ def test_existing_source_wires_real_paths():
         "eval": "/data/eval", "image_root": "/data/images"}})
     assert c.gate.eval == "/data/eval"
     assert c.gate.image_root == "/data/images"
-    assert c.prepare.model_path == "/ckpt/qwen"
+    # the student base is prepared once into the run dir (tokens added), then wired on
+    assert c.prepare.model_path == "R/base_model"
+    assert c.gate.model == "R/train/student"
+    off = PipelineConfig.from_dict({"run": {"run_dir": "R", "stages": ["score", "train"]},
+                                    "prepare": {
+        "source": "existing", "model": "/ckpt/qwen", "pairs": "/p.parquet",
+        "prepare_base": False}})
+    assert off.prepare.model_path == off.score.model == off.train.model == "/ckpt/qwen"
 
 
 def test_stage_not_in_run_stages_needs_no_section():

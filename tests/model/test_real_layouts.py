@@ -171,3 +171,24 @@ def test_old_processor_type_name_is_mapped_with_a_warning(real_layout, tmp_path)
     assert type(emb.processor.image_processor).__name__.startswith("Qwen2VLImageProcessor")
     assert emb.encode([EmbedInput("", "", [Image.new("RGB", (64, 64))])]).embeddings.shape \
         == (1, 256)
+
+
+def test_baseline_evaluation_of_an_untouched_base_equals_the_prepared_one(
+        real_layout, prepared, synth, tmp_path):
+    """Evaluating a hub base as a baseline works with no prepare step (tokens added in
+    memory, warned) and scores exactly what the prepared base scores."""
+    from mmemb.configs.evaluate import EvaluateConfig
+    from mmemb.stages.evaluate import run
+
+    def score(model, name):
+        cfg = EvaluateConfig(model=str(model), eval=str(synth["eval"]),
+                             image_root=str(synth["image_root"]), out=str(tmp_path / name),
+                             modes=["direct"], batch_size=8, max_queries=4,
+                             tasks=["syn_cls_shape", "syn_qa_count"])
+        return run(cfg).metrics
+
+    with pytest.warns(UserWarning, match="added in memory"):
+        raw = score(real_layout("qwen3_vl"), "raw")
+    prep = score(prepared("qwen3_vl"), "prep")
+    keys = [k for k in raw if k.startswith("direct.") and "latency" not in k]
+    assert keys and {k: raw[k] for k in keys} == {k: prep[k] for k in keys}

@@ -78,8 +78,11 @@ def _run_dir_of(config: str | None, run_dir: str | None) -> str | None:
 # --------------------------------------------------------------------------- commands
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from flows.pipeline import pipeline
+    """The pipeline, after the preflight (:mod:`mmemb.preflight`): seconds of checks before
+    Prefect's start-up and any stage, refusing with every problem at once (exit 2)."""
+    from flows.pipeline import pipeline, plan
     from mmemb.configs.pipeline import PipelineConfig
+    from mmemb.preflight import PreflightError, preflight
 
     overrides = list(a.set)
     if a.no_tracking:
@@ -88,6 +91,22 @@ def cmd_run(a: argparse.Namespace) -> int:
         overrides.append(f"run.stages=[{a.stages}]")
     cfg = PipelineConfig.load(a.config, run_dir=a.run_dir, overrides=overrides)
     t0 = time.perf_counter()
+    if not a.skip_preflight:
+        # plan() raises ConfigError on a bad --from (exit 2 via main). A crash of the checks
+        # themselves is a bug there: reported, and it does not stop a run that may be fine.
+        stages = [s for s, _ in plan(cfg, a.from_stage, a.only, a.force or None)]
+        try:
+            problems = preflight(cfg, stages)
+        except Exception as e:  # noqa: BLE001 - see above
+            problems = None
+            print(f"[preflight] the checks failed ({type(e).__name__}: {e}); running "
+                  "without them", file=sys.stderr, flush=True)
+        if problems:
+            print(f"mmemb run: {PreflightError(problems)}", file=sys.stderr, flush=True)
+            return 2
+        if problems is not None:
+            print(f"[preflight] {' -> '.join(stages)}: ok ({time.perf_counter() - t0:.1f}s)",
+                  flush=True)
     out = pipeline(cfg, from_stage=a.from_stage, only=a.only, force=a.force or None)
     print("\n" + out["summary"])
     print(f"  wall time incl. Prefect start-up: {time.perf_counter() - t0:.0f}s", flush=True)
@@ -393,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value (YAML syntax), e.g. --set train.lr=1e-4")
     r.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     r.add_argument("--json", metavar="FILE", help="also write the result payload as JSON")
+    r.add_argument("--skip-preflight", action="store_true", help="start without the "
+                   "preflight (models load and have the method's tokens, input columns, "
+                   "image roots, teacher prompt budgets, writable outputs; mmemb/preflight.py)")
     r.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("stage", help="run one stage alone",

@@ -47,8 +47,9 @@ class PrepareConfig(StageConfig):
                                    "relative to")
     prepare_base: bool = Field(True, description="existing: write the student base (the "
                                "checkpoint plus <think>/</think>/<emb>) to model_out once; "
-                               "False hands the checkpoint on as it is and every stage adds "
-                               "the tokens in memory (with a warning)")
+                               "False hands the checkpoint on as it is, which must then hold "
+                               "the tokens already (a prepared base, a trained student): the "
+                               "preflight refuses one that does not")
     new_token_init: Literal["mean", "keep"] = Field(
         "mean", description="initial value of the new token rows: 'mean' of the trained "
         "rows (neutral logit, p(<think>) = 1/2 at the gate where both tokens are new; "

@@ -92,8 +92,36 @@ def vision_trainable(name: str, policy: str) -> bool:
     return policy == "train" or (policy == "merger" and "merger" in name)
 
 
+def token_row_indices(emb: Embedder) -> list[int] | dict[str, list[int]]:
+    """peft ``trainable_token_indices`` for the method's tokens (``<think>``, ``</think>``,
+    ``<emb>``; all three, also where the base already had some: the method gives them a new
+    role).
+
+    Tied head (every shipped family): a list, so peft wraps the input embedding and ties the
+    LM head's wrapper to the same rows (one trainable ``[3, H]``; a dict naming both would
+    make two copies of shared storage, and the merge would keep only one). Untied head:
+    both modules by name, each with its own rows, since the gate reads the head's.
+    """
+    ids = sorted({emb.think_id, emb.end_think_id, emb.emb_id})
+    inp, out = emb.model.get_input_embeddings(), emb.model.get_output_embeddings()
+    if out is None or out.weight is inp.weight:
+        return ids
+    names = {id(m): n for n, m in emb.model.named_modules()}
+    return {names[id(inp)]: ids, names[id(out)]: ids}
+
+
 def prepare_model(emb: Embedder, cfg: TrainConfig) -> None:
-    """Freeze by the vision policy, wrap in LoRA, turn on gradient checkpointing (in place)."""
+    """Freeze by the vision policy, wrap in LoRA, turn on gradient checkpointing (in place).
+
+    Under LoRA with ``train_token_rows`` the method's token rows train too
+    (:func:`token_row_indices`): peft keeps them as a small separate parameter that replaces
+    those rows in every embedding / LM-head call and is written into the matrix on merge;
+    the base matrix itself is never written during training, so every other row stays the
+    base's. DeepSpeed gets the new parameter like the adapters (it ``requires_grad``).
+    Costs: each embedding / LM-head call rebuilds the [V, H] matrix with those rows replaced
+    (transient; ~0.8 GB in bf16 at Qwen's 151,936 x 2,560), and ``weight_decay`` decays the
+    rows themselves towards zero (the parameter holds the rows, not a difference).
+    """
     keep = set()
     for n, p in emb.model.named_parameters():
         ok = vision_trainable(n, cfg.vision)
@@ -103,13 +131,24 @@ def prepare_model(emb: Embedder, cfg: TrainConfig) -> None:
     if cfg.lora is not None:
         from peft import LoraConfig, get_peft_model
 
+        from mmemb.model.embedder import hf_model
+
         names = "|".join(cfg.lora.target_modules)
+        rows = token_row_indices(emb) if cfg.lora.train_token_rows else None
         lc = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                        target_modules=rf".*language_model.*\.({names})", bias="none")
+                        target_modules=rf".*language_model.*\.({names})", bias="none",
+                        trainable_token_indices=rows)
         emb.model = get_peft_model(emb.model, lc)
         for p in emb.model.parameters():  # peft froze everything else; the merger may train
             if id(p) in keep:
                 p.requires_grad_(True)
+        head = hf_model(emb.model).get_output_embeddings()
+        if rows is not None and head is not None and not hasattr(head, "token_adapter"):
+            # peft ties the head by config.tie_word_embeddings; a model tied in memory but not
+            # in its config would train the rows for the input side only
+            raise RuntimeError("lora.train_token_rows: peft did not wrap the LM head (tied "
+                               "weights but config.tie_word_embeddings is false?); the gate "
+                               "would read untrained rows")
     if cfg.gradient_checkpointing:
         from mmemb.model.embedder import hf_model
 
@@ -245,13 +284,18 @@ def _final_state_dict(engine, zero_stage: int) -> dict | None:
 
 
 def save_student(cfg: TrainConfig, sd: dict, out: Path, bf16: bool) -> Path:
-    """Rank 0: load the final weights into a fresh model and save it (LoRA merged)."""
+    """Rank 0: load the final weights into a fresh model and save it (LoRA merged, trained
+    token rows written into the embedding / LM head; ``out/adapter`` keeps both unmerged)."""
     fresh = Embedder.from_pretrained(cfg.model, max_text_tokens=cfg.max_text_tokens,
                                      add_special_tokens=True)
     prepare_model(fresh, cfg.model_copy(update={"gradient_checkpointing": False}))
     mod = EmbedTrainModule(fresh)
     missing, unexpected = mod.load_state_dict(sd, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight")}
+    own = mod.state_dict(keep_vars=True)
+    loaded = {own[k].data_ptr() for k in sd if k in own}
+    # a tied head, also under peft (lm_head.token_adapter.base_layer.weight and the shared
+    # token rows): a key whose tensor is one that was loaded under another name
+    tied = {k for k in missing if k.endswith("lm_head.weight") or own[k].data_ptr() in loaded}
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"final weights do not fit the model: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")

@@ -20,7 +20,9 @@ META_NAME = b"mmemb.contract"
 META_VERSION = b"mmemb.schema_version"
 
 #: Row outcome values shared by every produced artifact. Failed rows are kept, never dropped.
-STATUS_VALUES = ("ok", "truncated", "empty", "error", "skipped")
+#: ``too_long``: the input did not fit the model's context and was not submitted (stage 1:
+#: the teacher prompt, its token count in ``prompt_tokens``).
+STATUS_VALUES = ("ok", "truncated", "empty", "error", "skipped", "too_long")
 
 
 @dataclass(frozen=True)
@@ -131,15 +133,19 @@ EVAL_CORPUS = Contract(
 
 RATIONALES = Contract(
     name="rationales",
-    version=1,
+    version=2,  # 2: raw_text, prompt_tokens, status too_long
     schema=_s(
         pa.field("pair_id", _str, nullable=False),
         pa.field("side", _str, nullable=False),  # "query" | "target"
         pa.field("teacher_id", _str, nullable=False),
         pa.field("cand_idx", pa.int32(), nullable=False),
-        pa.field("text", _str),
-        pa.field("n_tokens", pa.int32()),
-        pa.field("finish_reason", _str),  # "stop" | "length" | ...
+        pa.field("text", _str),  # the rationale
+        # The teacher's verbatim output when `text` was cut out of it (its own <think> span
+        # parsed, teacher option think_output); null when `text` is the output itself.
+        pa.field("raw_text", _str),
+        pa.field("n_tokens", pa.int32()),  # tokens of `text` (verbatim: tokens generated)
+        pa.field("prompt_tokens", pa.int32()),  # the prompt as measured; null: the oracle
+        pa.field("finish_reason", _str),  # "stop" | "length" | ...; null: never generated
         pa.field("status", _str, nullable=False),
         pa.field("error", _str),
         pa.field("backend", _str),  # "vllm" | "hf" | "oracle"

@@ -1,0 +1,107 @@
+"""Issue 13, "Bad input": hostile or unlucky inputs get a defined handling and a clear
+error naming the file (and, where a contract is read, the column and row); nothing hangs,
+nothing decodes without bound, nothing is lost silently."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from mmemb.model.embedder import load_image
+from mmemb.model.images import ImageInputError, open_image
+
+
+# --------------------------------------------------------------------------- files
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_fifo_as_an_image_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    out: dict = {}
+
+    def read():
+        try:
+            load_image(fifo)
+        except BaseException as e:  # noqa: BLE001 - recorded for the assertion
+            out["error"] = e
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(5)
+    if t.is_alive():  # the old code blocks in open(): unblock it before failing
+        with open(fifo, "wb"):
+            pass
+        t.join(5)
+        pytest.fail("load_image blocked on a FIFO")
+    assert isinstance(out.get("error"), ImageInputError)
+    assert "pipe.png" in str(out["error"]) and "FIFO" in str(out["error"])
+
+
+def test_folder_as_an_image_names_what_it_is(tmp_path):
+    with pytest.raises(ImageInputError, match=r"is a folder, not a regular file"):
+        load_image(tmp_path)
+
+
+# --------------------------------------------------------------------------- bombs
+def test_144_megapixel_png_is_refused_from_its_header(tmp_path):
+    """12000 x 12000 is below PIL's bomb error (179 MP); the old code decoded all of it
+    (and converted it to ~430 MB of RGB) before any resize."""
+    p = tmp_path / "bomb.png"
+    Image.new("1", (12000, 12000)).save(p)  # bilevel: an 18 MB canvas, a small file
+    t0 = time.perf_counter()
+    with pytest.raises(ImageInputError, match=r"bomb.png.*12000x12000 \(144\.0 MP\).*"
+                       r"above the decode limit of 100\.0 MP \(max_decode_pixels\)"):
+        load_image(p)
+    assert time.perf_counter() - t0 < 2.0  # the header only
+
+
+def test_decode_limit_is_configurable(tmp_path):
+    p = tmp_path / "small.png"
+    Image.new("RGB", (100, 100), "red").save(p)
+    with pytest.raises(ImageInputError, match=r"decoding it takes 0\.0 MP"):
+        load_image(p, max_decode_pixels=5_000)
+    assert load_image(p, max_decode_pixels=None).size == (100, 100)
+    assert load_image(p, max_decode_pixels=10_000).size == (100, 100)
+
+
+def test_large_jpeg_is_decoded_reduced_to_what_the_caller_needs(tmp_path):
+    p = tmp_path / "photo.jpg"
+    Image.new("RGB", (4000, 3000), (10, 200, 30)).save(p, quality=90)
+    want = (1000, 750)
+    img, size, reduced = open_image(p, target=lambda w, h: want, max_decode_pixels=2_000_000)
+    # 12 MP in the file, decoded by DCT scaling 1/4 straight to 1000 x 750 (0.75 MP), so
+    # a decode limit below the file's size does not refuse it
+    assert size == (4000, 3000) and img.size == (1000, 750) and reduced
+    with pytest.raises(ImageInputError, match=r"decoding it takes 12\.0 MP"):
+        open_image(p, max_decode_pixels=2_000_000)  # no target: a full decode is needed
+    out = load_image(p, target=lambda w, h: (896, 672))
+    assert out.size == (896, 672) and out.mode == "RGB"  # exactly the caller's target
+    assert abs(out.getpixel((400, 300))[1] - 200) <= 3
+
+
+def test_large_png_is_box_reduced_before_the_conversions(tmp_path):
+    p = tmp_path / "page.png"
+    Image.new("RGBA", (3000, 2000), (0, 0, 255, 255)).save(p)
+    img, size, reduced = open_image(p, target=lambda w, h: (600, 400))
+    assert size == (3000, 2000) and img.size == (600, 400) and reduced
+    out = load_image(p, target=lambda w, h: (588, 392))
+    assert out.size == (588, 392) and out.getpixel((10, 10)) == (0, 0, 255)
+
+
+def test_embedder_tokens_of_a_reduced_jpeg_match_the_header(tiny_model, tmp_path):
+    """Decoding reduced must not change the image's token count: the final size is the
+    grid target of the file's size, as the teacher budget and the preflight compute it."""
+    from mmemb.model.embedder import Embedder
+    from mmemb.model.prompts import EmbedInput
+    from mmemb.model.resolution import image_tokens
+
+    p = tmp_path / "wide.jpg"
+    Image.new("RGB", (3001, 1999), "white").save(p)
+    emb = Embedder.from_pretrained(tiny_model, max_pixels=64 * 64)
+    batch = emb.tokenize(emb.prompts([EmbedInput(text="x", images=[str(p)])]), [[str(p)]])
+    pad = emb.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    n = int((batch["input_ids"] == pad).sum())
+    assert n == image_tokens(3001, 1999, emb.grid, emb.max_pixels) and n > 0

@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mmemb.model.images import DEFAULT_MAX_DECODE_PIXELS
+
 T = TypeVar("T", bound="StageConfig")
 
 
@@ -132,3 +134,10 @@ class ImageResolution(StageConfig):
                             "the processor grid within [min_pixels, max_pixels] (1 MP ~ 1,300 "
                             "image tokens on Qwen2-VL); the processor's own limits still apply")
     min_pixels: int | None = Field(None, ge=1, description="None: the processor's own minimum")
+    max_decode_pixels: int | None = Field(
+        DEFAULT_MAX_DECODE_PIXELS, ge=1, description="an image that would decode to more "
+        "pixels is refused (a per-row error); JPEGs decode reduced first. None: no limit "
+        "but PIL's own (179 MP)")
+    allow_images_outside_root: bool = Field(
+        False, description="read image paths that resolve outside image_root (absolute, "
+        "'..', links out of it); off: such a row is refused, naming file, column and row")

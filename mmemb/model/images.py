@@ -3,10 +3,10 @@
 What a hostile or unlucky row can hold, and what happens:
 
 * **A path outside the image root** (absolute, ``../..``, or a link inside the root that
-  points out of it): :func:`confine` resolves links and refuses it, unless the run allows
-  it explicitly (``allow_images_outside_root``, ``run.images.allow_outside_root``). Readers
-  of the contracts check every path column up front (``data_contracts.io.validate`` with
-  ``image_root``), so the error names the file, column and row before any compute.
+  points out of it): refused when a stage reads its artifact, before any compute, by
+  ``data_contracts.io.validate`` (given ``image_root``; links resolved), naming the file,
+  column and row, unless the run allows it explicitly (``allow_images_outside_root``,
+  ``run.images.allow_outside_root``).
 * **Something that is not a regular file** (a FIFO would block ``open`` forever, a device
   would stream without end, a folder cannot be decoded): :func:`open_image` checks with
   ``os.stat`` before opening, then opens non-blocking and checks the descriptor again.
@@ -88,51 +88,6 @@ def _open_regular(path: str | Path):
     if hasattr(os, "set_blocking"):
         os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
-
-
-def confine(path: str | Path, root: str | Path | None, allow_outside: bool = False) -> Path:
-    """``root / path`` after checking that, links resolved, it lies inside ``root``.
-
-    ``root`` None: no root to confine to (paths are used as given). ``allow_outside``: the
-    run's explicit opt-out. Raises :class:`ImageInputError` for a path that leaves the root.
-    """
-    if root is None:
-        return Path(path)
-    full = Path(root) / path
-    if allow_outside:
-        return full
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(full)
-    if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
-        raise ImageInputError(
-            path, f"resolves to {real}, outside the image root {real_root}",
-            "fix the path, move the image under the root, or allow it explicitly with "
-            "allow_images_outside_root: true (run.images.allow_outside_root)")
-    return full
-
-
-class Confiner:
-    """:func:`confine` for many paths, resolving each folder once (a contract reader checks
-    every path of an artifact)."""
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.real_root = os.path.realpath(root)
-        self._dirs: dict[str, str] = {}
-
-    def outside(self, path: str) -> str | None:
-        """The resolved target of ``path`` when it is outside the root, else None."""
-        full = os.path.join(self.root, path)
-        head, tail = os.path.split(full)
-        d = self._dirs.get(head)
-        if d is None:
-            d = self._dirs[head] = os.path.realpath(head)
-        real = os.path.join(d, tail)
-        if os.path.islink(real) or tail in ("..", "."):
-            real = os.path.realpath(real)
-        inside = real == self.real_root or real.startswith(
-            self.real_root.rstrip(os.sep) + os.sep)
-        return None if inside else real
 
 
 def _reduction(size: tuple[int, int], want: tuple[int, int]) -> int:

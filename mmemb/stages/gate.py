@@ -56,7 +56,8 @@ class Query:
 def load_queries(cfg: GateConfig) -> list[Query]:
     """Queries with positives from selections (stage 3) or plain pairs."""
     contract = SELECTIONS if io.contract_of(cfg.data) == "selections" else PAIRS
-    table = io.read(cfg.data, contract)
+    table = io.read(cfg.data, contract, image_root=cfg.image_root,
+                    allow_outside_root=cfg.allow_images_outside_root)
     out = []
     for r in table.to_pylist():
         out.append(Query(r["pair_id"], r["dataset"], r["family"],
@@ -252,14 +253,17 @@ def run(cfg: GateConfig, log: StepLogger = null_logger) -> StageResult:
         raise ValueError(f"{cfg.data}: {len(queries)} queries, fewer than queries_per_step="
                          f"{cfg.queries_per_step}; lower it or give more data")
     policy = Embedder.from_pretrained(cfg.model, max_pixels=cfg.max_pixels,
-                                    min_pixels=cfg.min_pixels)
+                                      min_pixels=cfg.min_pixels,
+                                      max_decode_pixels=cfg.max_decode_pixels)
     ref_model = copy.deepcopy(policy.model).eval().requires_grad_(False)
     ref = Embedder(ref_model, policy.processor, policy.config, max_pixels=policy.max_pixels,
-                   min_pixels=policy.min_pixels)
+                   min_pixels=policy.min_pixels, max_decode_pixels=cfg.max_decode_pixels)
     vpol = _vllm_policy(policy, cfg, out) if cfg.rollout_backend == "vllm" else None
     enc = AdaptiveEncoder(policy, budget=cfg.budget, threshold=cfg.threshold, vllm=vpol)
     ref_enc = AdaptiveEncoder(ref, budget=cfg.budget)
-    eval_rows = io.read(cfg.eval, EVAL_ROWS).to_pylist() if cfg.eval else []
+    eval_rows = io.read(cfg.eval, EVAL_ROWS, image_root=cfg.image_root,
+                        allow_outside_root=cfg.allow_images_outside_root
+                        ).to_pylist() if cfg.eval else []
     before = gate_report(enc, eval_rows, cfg.image_root)
     start_params = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
     engine = _deepspeed_engine(policy.model, cfg)

@@ -169,7 +169,8 @@ def skip_reason(cand: dict) -> str | None:
 
 def _load(cfg: ScoreConfig) -> tuple[list[dict], dict[str, list[dict]], int]:
     """Pairs, and the candidates of the scored side grouped by pair (checked against pairs)."""
-    pairs = io.read(cfg.pairs, PAIRS).to_pylist()
+    pairs = io.read(cfg.pairs, PAIRS, image_root=cfg.image_root,
+                    allow_outside_root=cfg.allow_images_outside_root).to_pylist()
     rat = io.read(cfg.rationales, RATIONALES).to_pylist()
     ids = {p["pair_id"] for p in pairs}
     by_pair: dict[str, list[dict]] = defaultdict(list)
@@ -192,7 +193,8 @@ def _load_embedder(cfg: ScoreConfig):
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     emb = Embedder.from_pretrained(cfg.model, dtype=dtype, device=device,
-                                   max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels)
+                                   max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels,
+                                   max_decode_pixels=cfg.max_decode_pixels)
     emb.model.eval()
     return emb
 

@@ -328,7 +328,8 @@ def _run(cfg: TrainConfig, log: StepLogger) -> StageResult:
 
     # ---- data
     data_path = cfg.data or cfg.pairs
-    rows, contract = load_rows(data_path, cfg.image_root)
+    rows, contract = load_rows(data_path, cfg.image_root,
+                               allow_outside_root=cfg.allow_images_outside_root)
     B, A, K = cfg.batch_size, cfg.grad_accum, cfg.hard_negatives
     G = B * W
     sampler = EpochSampler(len(rows), G, cfg.seed)  # refuses a dataset < one global batch
@@ -360,7 +361,8 @@ def _run(cfg: TrainConfig, log: StepLogger) -> StageResult:
     # ---- model + engine
     emb = Embedder.from_pretrained(cfg.model, max_text_tokens=cfg.max_text_tokens,
                                    add_special_tokens=True, max_pixels=cfg.max_pixels,
-                                   min_pixels=cfg.min_pixels)
+                                   min_pixels=cfg.min_pixels,
+                                   max_decode_pixels=cfg.max_decode_pixels)
     if device == "cuda":
         emb.model.to(torch.device("cuda", torch.cuda.current_device()))
     prepare_model(emb, cfg)
@@ -386,7 +388,8 @@ def _run(cfg: TrainConfig, log: StepLogger) -> StageResult:
         from data_contracts import io
         from data_contracts.schemas import EVAL_ROWS
 
-        eval_rows = io.read(cfg.eval, EVAL_ROWS).to_pylist()
+        eval_rows = io.read(cfg.eval, EVAL_ROWS, image_root=cfg.image_root,
+                            allow_outside_root=cfg.allow_images_outside_root).to_pylist()
     metrics: dict[str, float] = {}
 
     # ---- resume

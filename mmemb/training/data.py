@@ -53,11 +53,14 @@ def _inp(inst, text, img, image_root) -> EmbedInput:
 
 
 def load_rows(path: str | Path, image_root: str | Path | None = None,
-              check_paths: bool = True) -> tuple[list[TrainRow], str]:
-    """Rows of a selections or pairs artifact, validated by its contract; (rows, contract)."""
+              check_paths: bool = True, allow_outside_root: bool = False
+              ) -> tuple[list[TrainRow], str]:
+    """Rows of a selections or pairs artifact, validated by its contract (image paths
+    inside ``image_root`` unless ``allow_outside_root``); (rows, contract)."""
     name = io.contract_of(path)
     contract = SELECTIONS if name == "selections" else PAIRS
-    table = io.read(path, contract, check_paths=check_paths, image_root=image_root)
+    table = io.read(path, contract, check_paths=check_paths, image_root=image_root,
+                    allow_outside_root=allow_outside_root)
     rows = []
     for r in table.to_pylist():
         negs = [_inp(r["pos_inst"], t, im, image_root)

@@ -105,3 +105,86 @@ def test_embedder_tokens_of_a_reduced_jpeg_match_the_header(tiny_model, tmp_path
     pad = emb.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     n = int((batch["input_ids"] == pad).sum())
     assert n == image_tokens(3001, 1999, emb.grid, emb.max_pixels) and n > 0
+
+
+# --------------------------------------------------------------------------- image root
+def _pairs(tmp_path, qry_imgs, name="pairs"):
+    from data_contracts import io
+    from data_contracts.schemas import PAIRS
+
+    rows = [{"pair_id": f"p{i}", "dataset": "d", "family": None, "qry_inst": "",
+             "qry_text": "q", "qry_img_path": im, "pos_inst": "", "pos_text": f"t{i}",
+             "pos_img_path": "", "neg_text": [], "neg_img_path": [], "meta": None}
+            for i, im in enumerate(qry_imgs)]
+    return io.write(rows, tmp_path / name, PAIRS).uri
+
+
+@pytest.fixture
+def rooted(tmp_path):
+    root = tmp_path / "root"
+    (root / "img").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "img" / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "secret.png")
+    os.symlink(tmp_path / "secret.png", root / "img" / "link_out.png")
+    os.symlink(root / "img" / "a.png", root / "img" / "link_in.png")
+    os.symlink(tmp_path, root / "escape")  # a folder link out of the root
+    return root
+
+
+@pytest.mark.parametrize("bad", ["../secret.png", "{abs}", "img/link_out.png",
+                                 "escape/secret.png", "img/../../secret.png"])
+def test_image_paths_outside_the_root_are_refused_naming_file_column_row(tmp_path, rooted,
+                                                                         bad):
+    from data_contracts import io
+    from data_contracts.io import ContractError
+    from data_contracts.schemas import PAIRS
+
+    bad = bad.format(abs=tmp_path / "secret.png")
+    uri = _pairs(tmp_path, ["img/a.png", "img/link_in.png", bad])
+    with pytest.raises(ContractError, match=r"pairs, column 'qry_img_path', row 2: image "
+                       r"path .* resolves to .*secret.png', outside the image root .*"
+                       r"allow_images_outside_root: true") as e:
+        io.read(uri, PAIRS, image_root=rooted)
+    assert (e.value.column, e.value.row) == ("qry_img_path", 2)
+    # the explicit opt-out reads it; without an image root nothing is confined
+    assert io.read(uri, PAIRS, image_root=rooted, allow_outside_root=True).num_rows == 3
+    assert io.read(uri, PAIRS).num_rows == 3
+
+
+def test_training_rows_are_confined_to_the_image_root(tmp_path, rooted):
+    from data_contracts.io import ContractError
+    from mmemb.training.data import load_rows
+
+    uri = _pairs(tmp_path, ["img/a.png", "../secret.png"])
+    with pytest.raises(ContractError, match=r"row 1: image path '../secret.png'"):
+        load_rows(uri, rooted)
+    rows, _ = load_rows(uri, rooted, allow_outside_root=True)
+    assert [r.query.images for r in rows] == [[str(rooted / "img/a.png")],
+                                              [str(rooted / "../secret.png")]]
+
+
+def test_a_fifo_in_the_data_is_named_as_such(tmp_path, rooted):
+    from data_contracts import io
+    from data_contracts.io import ContractError
+    from data_contracts.schemas import PAIRS
+
+    os.mkfifo(rooted / "img" / "pipe.png")
+    uri = _pairs(tmp_path, ["img/pipe.png"])
+    with pytest.raises(ContractError, match=r"row 0: image .*pipe.png' is not a regular file"):
+        io.read(uri, PAIRS, image_root=rooted, check_paths=True)
+
+
+def test_run_images_settings_are_wired_into_every_stage_that_reads_images():
+    from mmemb.configs.pipeline import PipelineConfig
+
+    cfg = PipelineConfig.load("configs/demo.yaml", overrides=[
+        "run.images.allow_outside_root=true", "run.images.max_decode_pixels=5000000",
+        "train.max_decode_pixels=7000000"])
+    for stage in ("score", "train", "gate", "evaluate"):
+        sec = cfg.section(stage)
+        assert sec.allow_images_outside_root is True
+        assert sec.max_decode_pixels == (7_000_000 if stage == "train" else 5_000_000)
+    assert cfg.generate.allow_images_outside_root is True
+    default = PipelineConfig.load("configs/demo.yaml")
+    assert default.train.allow_images_outside_root is False
+    assert default.train.max_decode_pixels == 100_000_000

@@ -188,3 +188,115 @@ def test_run_images_settings_are_wired_into_every_stage_that_reads_images():
     default = PipelineConfig.load("configs/demo.yaml")
     assert default.train.allow_images_outside_root is False
     assert default.train.max_decode_pixels == 100_000_000
+
+
+# --------------------------------------------------------------------------- stages 4 and 5
+def _truncated_jpeg(path):
+    import io as _io
+
+    buf = _io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(buf, "JPEG", quality=95)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # cut mid-scan
+
+
+def test_drop_unreadable_lists_rows_and_negatives(tmp_path):
+    from mmemb.model.prompts import EmbedInput
+    from mmemb.training.data import TrainRow, drop_unreadable, image_check
+
+    good, bad = tmp_path / "good.png", tmp_path / "trunc.jpg"
+    Image.new("RGB", (16, 16)).save(good)
+    _truncated_jpeg(bad)
+
+    def row(i, q, neg):
+        return TrainRow(f"p{i}", "d", None, EmbedInput(text="q", images=[str(q)]), None,
+                        EmbedInput(text=f"t{i}"),
+                        [EmbedInput(text="n", images=[str(neg)] if neg else [])])
+    rows = [row(0, good, None), row(1, bad, None), row(2, good, bad)]
+    kept, rep = drop_unreadable(rows, image_check(), "sel")
+    assert [r.pair_id for r in kept] == ["p0", "p2"] and kept[1].negatives == []
+    assert (rep.rows_skipped, rep.negatives_dropped, rep.images_checked) == (1, 1, 2)
+    assert [(r["row"], r["column"], r["dropped"]) for r in rep.rows] == [
+        (1, "qry_img_path", "row"), (2, "neg_img_path", "negative")]
+    assert "trunc.jpg' cannot be read (OSError: Truncated File Read)" in rep.rows[0]["error"]
+    assert rep.message(3).startswith("1 of 3 rows skipped and 1 hard negative(s) dropped: "
+                                     "an image cannot be read")
+
+
+@pytest.fixture(scope="module")
+def broken_data(synth, tmp_path_factory):
+    """16 smoke pairs under a fresh image root: row 3's query image is a truncated JPEG,
+    row 5's hard negative too; 6 eval rows, row 1's query image truncated."""
+    import shutil
+
+    from data_contracts import io
+    from data_contracts.schemas import EVAL_ROWS, PAIRS
+
+    d = tmp_path_factory.mktemp("broken")
+    root = d / "root"
+    pairs = io.read(synth["pairs"], PAIRS).to_pylist()[:16]
+    evals = io.read(synth["eval"], EVAL_ROWS).to_pylist()[:6]
+    for r in pairs + evals:
+        p = r["qry_img_path"]
+        (root / p).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(synth["image_root"] / p, root / p)
+    _truncated_jpeg(root / "bad" / "trunc.jpg")
+    pairs[3]["qry_img_path"] = "bad/trunc.jpg"
+    pairs[5]["neg_img_path"] = ["bad/trunc.jpg"]
+    evals[1]["qry_img_path"] = "bad/trunc.jpg"
+    return {"pairs": io.write(pairs, d / "pairs", PAIRS).uri, "root": root,
+            "eval": io.write(evals, d / "eval", EVAL_ROWS).uri}
+
+
+@pytest.mark.slow
+def test_train_skips_and_counts_rows_with_unreadable_images(tiny_model, broken_data, tmp_path):
+    import json
+
+    import torch
+
+    from mmemb.configs.train import TrainConfig
+    from mmemb.stages import train
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = TrainConfig(model=str(tiny_model), pairs=broken_data["pairs"],
+                          eval=broken_data["eval"], image_root=str(broken_data["root"]),
+                          out=str(tmp_path / "train"), steps=2, batch_size=4, gradcache=False,
+                          eval_before=False, save_every=10**6)
+        res = train.run(cfg)
+    finally:
+        torch.set_num_threads(n)
+    m = res.metrics
+    assert m["data/rows_skipped_unreadable_image"] == 1.0
+    assert m["data/negatives_dropped_unreadable_image"] == 1.0
+    assert m["eval_data/rows_skipped_unreadable_image"] == 1.0
+    assert "eval/mean" in m and m["steps"] == 2.0
+    listed = [json.loads(x) for x in (tmp_path / "train" / "skipped_rows.jsonl").read_text()
+              .splitlines()]
+    assert [(x["row"], x["column"], x["dropped"]) for x in listed] == [
+        (3, "qry_img_path", "row"), (5, "neg_img_path", "negative")]
+    assert listed[0]["file"] == broken_data["pairs"]
+    assert "1 rows skipped, 1 negatives dropped (unreadable images" in res.summary
+    assert json.loads((tmp_path / "train" / "train_summary.json").read_text())[
+        "data/rows_skipped_unreadable_image"] == 1.0
+
+
+def test_gate_skips_and_counts_queries_with_unreadable_images(tiny_model, broken_data,
+                                                             tmp_path):
+    import json
+
+    from mmemb.configs.gate import GateConfig
+    from mmemb.stages import gate
+
+    cfg = GateConfig(model=str(tiny_model), data=broken_data["pairs"],
+                     eval=broken_data["eval"], image_root=str(broken_data["root"]),
+                     out=str(tmp_path / "gate"), steps=1, queries_per_step=2, group_size=2,
+                     budget=4, anchor_weight=0.0)
+    res = gate.run(cfg)
+    assert res.metrics["data/rows_skipped_unreadable_image"] == 1.0
+    assert res.metrics["eval_data/rows_skipped_unreadable_image"] == 1.0
+    listed = [json.loads(x) for x in (tmp_path / "gate" / "skipped_rows.jsonl").read_text()
+              .splitlines()]
+    assert [(x["row"], x["column"]) for x in listed] == [(3, "qry_img_path")]
+    assert "1 queries skipped (unreadable images" in res.summary

@@ -33,7 +33,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_contracts.schemas import META_NAME, META_VERSION, Contract
+from data_contracts.schemas import META_NAME, META_VERSION, RESERVED_MARKUP, Contract
 
 MANIFEST = "_manifest.json"
 DEFAULT_SHARD_ROWS = 50_000
@@ -319,6 +319,15 @@ def validate(table: pa.Table, contract: Contract, where: str = "<memory>", *,
             if v is not None and v not in allowed:
                 raise ContractError(where, f"value {v!r} not one of {list(allowed)}",
                                     column=name, row=i)
+    for name in contract.no_markup:
+        for i, v in enumerate(table.column(name).to_pylist()):
+            bad = [t for t in RESERVED_MARKUP if v and t in v]
+            if bad:
+                raise ContractError(where, f"holds reserved token(s) {bad}: a rationale with "
+                                    "them would end the reasoning span early or move the "
+                                    "pooling position", column=name, row=i,
+                                    fix="drop the row's rationale (null) or rerun stage 3, "
+                                    "which filters such candidates as malformed.")
     if contract.key:
         seen: dict[tuple, int] = {}
         cols = [table.column(k).to_pylist() for k in contract.key]

@@ -22,6 +22,12 @@ META_VERSION = b"mmemb.schema_version"
 #: Row outcome values shared by every produced artifact. Failed rows are kept, never dropped.
 STATUS_VALUES = ("ok", "truncated", "empty", "error", "skipped")
 
+#: Strings a text column marked ``no_markup`` must not hold: the embedding format's tokens
+#: and Qwen's chat and vision markers (= ``mmemb.teachers.base.RESERVED_TOKENS``).
+RESERVED_MARKUP = ("<think>", "</think>", "<emb>", "<|im_start|>", "<|im_end|>",
+                   "<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                   "<|video_pad|>")
+
 
 @dataclass(frozen=True)
 class Contract:
@@ -38,6 +44,8 @@ class Contract:
     path_columns: tuple[str, ...] = ()
     # Columns restricted to a set of values.
     enums: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Text columns that must not hold a RESERVED_MARKUP string.
+    no_markup: tuple[str, ...] = ()
     doc: str = ""
 
     @property
@@ -198,6 +206,7 @@ SELECTIONS = Contract(
     non_empty=("pair_id", "dataset"),
     same_length=(("neg_text", "neg_img_path"),),
     path_columns=("qry_img_path", "pos_img_path", "neg_img_path"),
+    no_markup=("rationale",),  # stage 3 filters malformed candidates; a hand-made file too
     doc="Stage 3: the stage-4 training set, one row per pair with its chosen rationale.",
 )
 

@@ -29,6 +29,7 @@ from mmemb.model.prompts import EMBEDDING_CONFIG_FILE, EmbeddingConfig, EmbedInp
 from mmemb.model.resolution import Grid, fit_image, target_size
 
 Mode = Literal["direct", "reason", "auto"]
+IMAGE_PAD = "<|image_pad|>"  # one per image in a prompt, expanded by the processor
 
 
 class EmbeddingConfigMismatch(ValueError):
@@ -238,7 +239,17 @@ class Embedder(torch.nn.Module):
 
     # ------------------------------------------------------------------ tokenisation
     def tokenize(self, texts: list[str], images: list[list]) -> dict[str, torch.Tensor]:
-        """Run the processor on full prompt strings; images are expanded to their tokens."""
+        """Run the processor on full prompt strings; images are expanded to their tokens.
+
+        Each prompt must hold one image slot per image (the prompt builders write them and
+        escape any in the data); a mismatch is refused here, naming the input, instead of
+        failing inside the processor."""
+        for i, (t, ims) in enumerate(zip(texts, images, strict=True)):
+            n = t.count(IMAGE_PAD)
+            if n != len(ims):
+                raise ValueError(f"input {i}: its prompt has {n} image slot(s) ({IMAGE_PAD}) "
+                                 f"for {len(ims)} image(s); build prompts with "
+                                 "mmemb.model.prompts (it escapes markup found in the data)")
         flat = [fit_image(self.load_image(im), self.grid, self.max_pixels, self.min_pixels)
                 for ims in images for im in ims]  # the run's resolution (mmemb.model.resolution)
         kw = dict(text=texts, padding=True, return_tensors="pt")

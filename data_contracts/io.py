@@ -319,6 +319,15 @@ def validate(table: pa.Table, contract: Contract, where: str = "<memory>", *,
             if v is not None and v not in allowed:
                 raise ContractError(where, f"value {v!r} not one of {list(allowed)}",
                                     column=name, row=i)
+    if contract.finite_if_ok:
+        ok = [s == "ok" for s in table.column("status").to_pylist()]
+        for name in contract.finite_if_ok:
+            for i, v in enumerate(table.column(name).to_pylist()):
+                if ok[i] and (v is None or not math.isfinite(v)):
+                    raise ContractError(where, f"{v!r} in a row with status 'ok': a scored "
+                                        f"row needs a finite {name}", column=name, row=i,
+                                        fix="give the row status 'error' with the reason, "
+                                        "or rerun the stage that wrote it.")
     for name in contract.no_markup:
         for i, v in enumerate(table.column(name).to_pylist()):
             bad = [t for t in RESERVED_MARKUP if v and t in v]

@@ -46,6 +46,8 @@ class Contract:
     enums: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # Text columns that must not hold a RESERVED_MARKUP string.
     no_markup: tuple[str, ...] = ()
+    # Numeric columns that must be non-null and finite in every row whose status is "ok".
+    finite_if_ok: tuple[str, ...] = ()
     doc: str = ""
 
     @property
@@ -186,6 +188,8 @@ SCORES = Contract(
     key=("pair_id", "teacher_id", "cand_idx"),
     non_empty=("pair_id", "teacher_id", "status"),
     enums={"status": STATUS_VALUES},
+    finite_if_ok=("delta", "s_with", "s_without", "cos_with", "cos_without", "rank_with",
+                  "rank_without"),
     doc="Stage 2: counterfactual utility delta = s(q + r) - s(q) per candidate.",
 )
 

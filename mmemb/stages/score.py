@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import time
 from collections import defaultdict
@@ -150,6 +151,20 @@ def embed_sorted(emb, inputs: list[EmbedInput], mode: str, batch_size: int, desc
                     except Exception as e:  # noqa: BLE001
                         errors[i] = f"embedding failed: {type(e).__name__}: {e}"[:500]
     return out, errors
+
+
+def scored_fields(cf: Counterfactual, j: int) -> dict:
+    """Candidate ``j``'s score row fields: status ``ok``, or ``error`` naming the value when
+    one is not finite (NaN/inf embeddings), which the scores contract refuses as ``ok``."""
+    f = {"cos_with": float(cf.cos_with[j]), "cos_without": float(cf.cos_without),
+         "s_with": float(cf.s_with[j]), "s_without": float(cf.s_without),
+         "delta": float(cf.delta[j])}
+    bad = {k: v for k, v in f.items() if not math.isfinite(v)}
+    if bad:
+        return {"status": "error", "error": f"non-finite score {bad}: the model's embeddings "
+                "hold NaN/inf for this query or rationale"}
+    return {"status": "ok", "error": None, **f, "rank_with": int(cf.rank_with[j]),
+            "rank_without": int(cf.rank_without)}
 
 
 # --------------------------------------------------------------------------- the stage
@@ -286,11 +301,7 @@ def _run(cfg: ScoreConfig) -> StageResult:
                 elif vec_of[key][1] is not None:
                     row.update(status="error", error=vec_of[key][1])
                 else:
-                    row.update(status="ok", error=None,
-                               cos_with=float(cf.cos_with[j]), cos_without=float(cf.cos_without),
-                               s_with=float(cf.s_with[j]), s_without=float(cf.s_without),
-                               delta=float(cf.delta[j]), rank_with=int(cf.rank_with[j]),
-                               rank_without=int(cf.rank_without))
+                    row.update(scored_fields(cf, j))
                     j += 1
                 rows.append(row)
         return [{k: r.get(k) for k in SCORES.columns} for r in rows]

@@ -422,3 +422,52 @@ def test_selections_refuse_a_rationale_with_reserved_tokens(tmp_path):
     assert not (tmp_path / "sel").exists()
     rows[2]["rationale"] = "so done"
     assert io.write(rows, tmp_path / "sel", SELECTIONS).rows == 3
+
+
+# --------------------------------------------------------------------------- scores
+def _score_rows(delta):
+    base = {"pair_id": "p0", "teacher_id": "t", "pool_size": 4, "cos_with": 0.5,
+            "cos_without": 0.4, "s_with": -1.0, "s_without": -1.2, "rank_with": 1,
+            "rank_without": 2, "status": "ok", "error": None}
+    return [{**base, "cand_idx": 0, "delta": 0.2},
+            {**base, "cand_idx": 1, "delta": None, "status": "error", "error": "x",
+             "s_with": None},  # not ok: may be null
+            {**base, "cand_idx": 2, "delta": delta}]
+
+
+@pytest.mark.parametrize("delta", [float("inf"), float("-inf"), float("nan"), None])
+def test_scores_refuse_a_non_finite_or_null_delta_in_an_ok_row(tmp_path, delta):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_contracts import io
+    from data_contracts.io import ContractError
+    from data_contracts.schemas import SCORES
+
+    rows = _score_rows(delta)
+    with pytest.raises(ContractError, match=r"scores, column 'delta', row 2: .* in a row with "
+                       r"status 'ok': a scored row needs a finite delta"):
+        io.write(rows, tmp_path / "scores", SCORES)
+    # a file written by other means (what select and its plots read) is refused on read,
+    # naming the file and the row
+    f = tmp_path / "hand.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCORES.schema), f)
+    with pytest.raises(ContractError, match=r"hand.parquet, column 'delta', row 2"):
+        io.read(f, SCORES)
+    rows[2]["delta"] = -0.1
+    assert io.write(rows, tmp_path / "scores", SCORES).rows == 3
+
+
+def test_score_rows_with_non_finite_values_become_errors():
+    import torch
+
+    from mmemb.stages.score import counterfactual, scored_fields
+
+    q0 = torch.tensor([1.0, 0.0])
+    qk = torch.tensor([[1.0, 0.0], [float("nan"), 0.0]])
+    pool = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    cf = counterfactual(q0, qk, pool, tau=0.05)
+    ok, bad = scored_fields(cf, 0), scored_fields(cf, 1)
+    assert ok["status"] == "ok" and ok["delta"] == pytest.approx(0.0) and ok["rank_with"] == 1
+    assert bad["status"] == "error" and "non-finite score" in bad["error"]
+    assert "delta" not in bad  # left null, as the contract allows outside 'ok' rows

@@ -167,7 +167,7 @@ class Embedder(torch.nn.Module):
 
         from mmemb.model import loading
 
-        path = Path(path) if Path(path).exists() else path
+        path = loading.resolve_model(path)  # a missing folder is named as such
         saved = EmbeddingConfig.load(path) if isinstance(path, Path) else None
         if expect is not None and saved is not None and saved != expect:
             diff = {k: (v, getattr(expect, k)) for k, v in saved.model_dump().items()

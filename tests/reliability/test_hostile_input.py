@@ -471,3 +471,68 @@ def test_score_rows_with_non_finite_values_become_errors():
     assert ok["status"] == "ok" and ok["delta"] == pytest.approx(0.0) and ok["rank_with"] == 1
     assert bad["status"] == "error" and "non-finite score" in bad["error"]
     assert "delta" not in bad  # left null, as the contract allows outside 'ok' rows
+
+
+# --------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("override, key, got", [
+    ("train.lr=.inf", "train.lr", "inf"), ("select.margin=.nan", "select.margin", "nan"),
+    ("score.tau=-.inf", "score.tau", "-inf"), ("train.betas=[.nan, 0.9]", "train.betas.0",
+                                               "nan"),
+    ("run.tracking.upload_max_mb=.inf", "run.tracking.upload_max_mb", "inf")])
+def test_configs_refuse_nan_and_infinity_in_every_float(override, key, got):
+    import re
+
+    from mmemb.configs.base import ConfigError
+    from mmemb.configs.pipeline import PipelineConfig
+
+    with pytest.raises(ConfigError, match=re.escape(f"  - {key}: Input should be a finite "
+                                                    f"number (got {got})")):
+        PipelineConfig.load("configs/demo.yaml", overrides=[override])
+
+
+def test_stage_configs_refuse_nan_alone_too():
+    from mmemb.configs.base import ConfigError
+    from mmemb.configs.select import SelectConfig
+
+    with pytest.raises(ConfigError, match=r"margin: Input should be a finite number"):
+        SelectConfig.from_dict({"pairs": "p", "rationales": "r", "scores": "s",
+                                "margin": float("nan")})
+
+
+@pytest.mark.parametrize("override, key, known", [
+    ("score.bogus_key=1", "score.bogus_key", "batch_size, device, dtype"),
+    ("train.lora={r: 4, bogus: 1}", "train.lora.bogus", "alpha, dropout, r, target_modules"),
+    ("launch.train.bogus=1", "launch.train.bogus", "env, gpus_per_replica, hostfile"),
+    ("generate.teachers=[{id: a, backend: oracle, k: 2, bogus: 1}]",
+     "generate.teachers.0.bogus", "backend, batch_size"),
+    ("bogus_top=1", "bogus_top", "evaluate, gate, generate, launch, prepare, run")])
+def test_an_unknown_nested_key_lists_its_own_sections_keys(override, key, known):
+    from mmemb.configs.base import ConfigError
+    from mmemb.configs.pipeline import PipelineConfig
+
+    with pytest.raises(ConfigError) as e:
+        PipelineConfig.load("configs/demo.yaml", overrides=[override])
+    line = next(x for x in str(e.value).splitlines() if x.startswith(f"  - {key}:"))
+    assert known in line.split("Known keys here: ")[1], line
+    if key != "bogus_top":
+        assert "prepare" not in line.split("Known keys here:")[1].split(", ")  # not the top
+
+
+@pytest.mark.parametrize("kind", ["nested", "absolute", "file", "hub"])
+def test_a_missing_model_folder_is_named_as_such(tmp_path, monkeypatch, kind):
+    from mmemb.model.embedder import Embedder
+    from mmemb.model.loading import CheckpointError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    path, msg = {
+        "nested": ("runs/demo/train/student", r"model folder 'runs/demo/train/student' does "
+                   r"not exist .*run the stage that writes it first"),
+        "absolute": (str(tmp_path / "gone"), r"model folder '.*gone' does not exist"),
+        "file": ("weights.bin", r"model 'weights.bin' is a file, not a checkpoint folder"),
+        "hub": ("nobody-h5/missing-model", r"no such folder .* not in the local Hugging Face "
+                r"cache"),
+    }[kind]
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=msg):
+        Embedder.from_pretrained(path)

@@ -372,25 +372,34 @@ def validate(table: pa.Table, contract: Contract, where: str = "<memory>", *,
 
 class _Confiner:
     """Is ``root / path`` inside ``root`` once links are resolved? Each folder is resolved
-    once (an artifact holds many paths in few folders); a final component that is a link
-    is resolved on its own."""
+    and listed once (an artifact holds many paths in few folders), so a path costs a dict
+    lookup; a final component that is a link is resolved on its own."""
 
     def __init__(self, root: str | Path):
         self.root = os.fspath(root)
         real = os.path.realpath(self.root)
         self.real_root = real
         self.prefix = real.rstrip(os.sep) + os.sep
-        self._dirs: dict[str, str] = {}
+        self._dirs: dict[str, tuple[str, frozenset[str]]] = {}
+
+    def _folder(self, head: str) -> tuple[str, frozenset[str]]:
+        got = self._dirs.get(head)
+        if got is None:
+            real = os.path.realpath(head)
+            try:
+                with os.scandir(real) as it:
+                    links = frozenset(e.name for e in it if e.is_symlink())
+            except OSError:  # missing or not a folder: nothing in it can be a link
+                links = frozenset()
+            got = self._dirs[head] = (real, links)
+        return got
 
     def outside(self, path: str) -> str | None:
         """Where ``path`` resolves to when that is outside the root, else None."""
         head, tail = os.path.split(os.path.join(self.root, path))
-        d = self._dirs.get(head)
-        if d is None:
-            d = self._dirs[head] = os.path.realpath(head)
-        real = os.path.join(d, tail) if tail not in ("", ".", "..") else os.path.realpath(
-            os.path.join(d, tail))
-        if os.path.islink(real):
+        d, links = self._folder(head)
+        real = os.path.join(d, tail)
+        if tail in ("", ".", "..") or tail in links:
             real = os.path.realpath(real)
         return None if real == self.real_root or real.startswith(self.prefix) else real
 

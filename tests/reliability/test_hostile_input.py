@@ -105,6 +105,8 @@ def test_embedder_tokens_of_a_reduced_jpeg_match_the_header(tiny_model, tmp_path
     pad = emb.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     n = int((batch["input_ids"] == pad).sum())
     assert n == image_tokens(3001, 1999, emb.grid, emb.max_pixels) and n > 0
+    # the embedder's own decode already lands on the grid target of the file's size
+    assert emb.load_image(str(p)).size == emb.target_size(3001, 1999)
 
 
 # --------------------------------------------------------------------------- image root

@@ -24,6 +24,12 @@ META_VERSION = b"mmemb.schema_version"
 #: the teacher prompt, its token count in ``prompt_tokens``).
 STATUS_VALUES = ("ok", "truncated", "empty", "error", "skipped", "too_long")
 
+#: Strings a text column marked ``no_markup`` must not hold: the embedding format's tokens
+#: and Qwen's chat and vision markers (= ``mmemb.teachers.base.RESERVED_TOKENS``).
+RESERVED_MARKUP = ("<think>", "</think>", "<emb>", "<|im_start|>", "<|im_end|>",
+                   "<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                   "<|video_pad|>")
+
 
 @dataclass(frozen=True)
 class Contract:
@@ -40,6 +46,10 @@ class Contract:
     path_columns: tuple[str, ...] = ()
     # Columns restricted to a set of values.
     enums: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Text columns that must not hold a RESERVED_MARKUP string.
+    no_markup: tuple[str, ...] = ()
+    # Numeric columns that must be non-null and finite in every row whose status is "ok".
+    finite_if_ok: tuple[str, ...] = ()
     doc: str = ""
 
     @property
@@ -184,6 +194,8 @@ SCORES = Contract(
     key=("pair_id", "teacher_id", "cand_idx"),
     non_empty=("pair_id", "teacher_id", "status"),
     enums={"status": STATUS_VALUES},
+    finite_if_ok=("delta", "s_with", "s_without", "cos_with", "cos_without", "rank_with",
+                  "rank_without"),
     doc="Stage 2: counterfactual utility delta = s(q + r) - s(q) per candidate.",
 )
 
@@ -204,6 +216,7 @@ SELECTIONS = Contract(
     non_empty=("pair_id", "dataset"),
     same_length=(("neg_text", "neg_img_path"),),
     path_columns=("qry_img_path", "pos_img_path", "neg_img_path"),
+    no_markup=("rationale",),  # stage 3 filters malformed candidates; a hand-made file too
     doc="Stage 3: the stage-4 training set, one row per pair with its chosen rationale.",
 )
 

@@ -116,6 +116,8 @@ class GenerateConfig(StageConfig):
 
     pairs: str = Field(..., description="training pairs artifact (contract 'pairs')")
     image_root: str | None = Field(None, description="folder image paths are relative to")
+    allow_images_outside_root: bool = Field(False, description="read image paths resolving "
+                                            "outside image_root (see run.images)")
     out: str = Field("runs/generate", description="stage folder; rationales go to "
                      "<out>/rationales")
     teachers: list[TeacherConfig] = Field(..., min_length=1)

@@ -112,7 +112,8 @@ def run(cfg: GenerateConfig, log: StepLogger = null_logger) -> StageResult:
 
 def _run(cfg: GenerateConfig) -> StageResult:
     t0 = time.perf_counter()
-    pairs_table = io.read(cfg.pairs, PAIRS)
+    pairs_table = io.read(cfg.pairs, PAIRS, image_root=cfg.image_root,
+                          allow_outside_root=cfg.allow_images_outside_root)
     pairs = pairs_table.to_pylist()
     if cfg.limit:
         pairs = pairs[: cfg.limit]

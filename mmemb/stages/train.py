@@ -47,7 +47,16 @@ from mmemb.model.embedder import Embedder
 from mmemb.model.prompts import EmbedInput
 from mmemb.stages.base import StageResult, StepLogger, null_logger
 from mmemb.training import checkpoint as ckpt
-from mmemb.training.data import EpochSampler, TrainRow, content_key, load_rows
+from mmemb.training.data import (
+    EpochSampler,
+    SkipReport,
+    TrainRow,
+    content_key,
+    drop_unreadable,
+    drop_unreadable_eval,
+    load_rows,
+    stage_image_check,
+)
 from mmemb.training.deepspeed_config import ds_config, lr_scheduler, use_bf16
 from mmemb.training.distributed import (
     all_reduce_mean,
@@ -71,6 +80,20 @@ from mmemb.training.module import (
 def _say(msg: str) -> None:
     if is_main():
         print(f"[train] {msg}", flush=True)
+
+
+def _skip_unreadable(result: tuple[list, SkipReport], out: Path, name: str, what: str
+                     ) -> tuple[list, SkipReport]:
+    """Log and list (``out/name``, rank 0) what was left out for an unreadable image."""
+    rows, rep = result
+    if rep.rows and not rows and what == "rows":
+        raise ValueError(f"no training row is left: {rep.message(rep.rows_skipped, what)}")
+    if is_main():
+        (out / name).unlink(missing_ok=True)
+        if rep.rows:
+            rep.write(out / name)
+            _say(f"{rep.message(len(rows) + rep.rows_skipped, what)} ({out / name})")
+    return rows, rep
 
 
 def _setup_env() -> None:
@@ -372,7 +395,11 @@ def _run(cfg: TrainConfig, log: StepLogger) -> StageResult:
 
     # ---- data
     data_path = cfg.data or cfg.pairs
-    rows, contract = load_rows(data_path, cfg.image_root)
+    rows, contract = load_rows(data_path, cfg.image_root,
+                               allow_outside_root=cfg.allow_images_outside_root)
+    check = stage_image_check(cfg.model, cfg.max_pixels, cfg.min_pixels, cfg.max_decode_pixels)
+    rows, skipped = _skip_unreadable(drop_unreadable(rows, check, str(data_path)), out,
+                                     "skipped_rows.jsonl", "rows")
     B, A, K = cfg.batch_size, cfg.grad_accum, cfg.hard_negatives
     G = B * W
     sampler = EpochSampler(len(rows), G, cfg.seed)  # refuses a dataset < one global batch
@@ -404,7 +431,8 @@ def _run(cfg: TrainConfig, log: StepLogger) -> StageResult:
     # ---- model + engine
     emb = Embedder.from_pretrained(cfg.model, max_text_tokens=cfg.max_text_tokens,
                                    add_special_tokens=True, max_pixels=cfg.max_pixels,
-                                   min_pixels=cfg.min_pixels)
+                                   min_pixels=cfg.min_pixels,
+                                   max_decode_pixels=cfg.max_decode_pixels)
     if device == "cuda":
         emb.model.to(torch.device("cuda", torch.cuda.current_device()))
     prepare_model(emb, cfg)
@@ -430,8 +458,12 @@ def _run(cfg: TrainConfig, log: StepLogger) -> StageResult:
         from data_contracts import io
         from data_contracts.schemas import EVAL_ROWS
 
-        eval_rows = io.read(cfg.eval, EVAL_ROWS).to_pylist()
-    metrics: dict[str, float] = {}
+        eval_rows = io.read(cfg.eval, EVAL_ROWS, image_root=cfg.image_root,
+                            allow_outside_root=cfg.allow_images_outside_root).to_pylist()
+    eval_rows, eval_skipped = _skip_unreadable(drop_unreadable_eval(
+        eval_rows, cfg.image_root, check, str(cfg.eval)), out, "skipped_eval_rows.jsonl",
+        "eval rows")
+    metrics: dict[str, float] = {**skipped.metrics("data"), **eval_skipped.metrics("eval_data")}
 
     # ---- resume
     order_meta = {"seed": cfg.seed, "global_batch": G, "grad_accum": A, "rows": len(rows),
@@ -593,13 +625,18 @@ def _run(cfg: TrainConfig, log: StepLogger) -> StageResult:
     barrier()
     summary = (f"train: {total} steps, loss {metrics.get('loss_first', float('nan')):.3f} -> "
                f"{metrics.get('loss_last', float('nan')):.3f}"
+               + (f"; {skipped.rows_skipped} rows skipped, {skipped.negatives_dropped} "
+                  f"negatives dropped (unreadable images, {out / 'skipped_rows.jsonl'})"
+                  if skipped.rows else "")
                + (f"; synthetic hit@1 {metrics.get('eval_before/mean', float('nan')):.3f} -> "
                   f"{metrics['eval/mean']:.3f}" if "eval/mean" in metrics else "")
                + f"; student at {student}")
     if rk == 0:
         print(f"[train] {summary}", flush=True)
     files = {"train_summary": out / "train_summary.json", "steps": steps_file,
-             "ds_config": out / "ds_config.json"}
+             "ds_config": out / "ds_config.json",
+             **{n: out / f"{n}.jsonl" for n in ("skipped_rows", "skipped_eval_rows")
+                if (out / f"{n}.jsonl").is_file()}}
     return StageResult("train", metrics=metrics, step_metrics=history, files=files,
                        models={"student": student}, summary=summary)
 

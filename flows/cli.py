@@ -41,15 +41,27 @@ _ENV_DEFAULTS = {
 }
 
 
-def _setup_env(run_dir: str | None) -> None:
-    """Environment before Prefect is imported: offline hubs, loopback, a local Prefect home."""
-    try:
-        import torch
+#: Commands that never touch a model: they must not import torch, vLLM, DeepSpeed or
+#: transformers (seconds each on a busy machine; tests/flows/test_first_contact.py).
+LIGHT_COMMANDS = frozenset({"config", "status", "ui", "sync"})
 
-        cuda = torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        cuda = False
+
+def _setup_env(run_dir: str | None, light: bool = False) -> None:
+    """Environment before Prefect is imported: offline hubs, loopback, a local Prefect home.
+
+    ``light``: the command runs no model, so torch is not imported to ask for a GPU (the
+    DeepSpeed accelerator default is then left unset; nothing in it imports DeepSpeed)."""
+    cuda = False
+    if not light:
+        try:
+            import torch
+
+            cuda = torch.cuda.is_available()
+        except Exception:  # noqa: BLE001
+            cuda = False
     for k, v in _ENV_DEFAULTS.items():
+        if k == "DS_ACCELERATOR" and light:
+            continue
         if k == "DS_ACCELERATOR" and cuda:
             continue
         os.environ.setdefault(k, v)
@@ -502,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    _setup_env(_run_dir_of(getattr(a, "config", None), getattr(a, "run_dir", None)))
+    _setup_env(_run_dir_of(getattr(a, "config", None), getattr(a, "run_dir", None)),
+               light=a.command in LIGHT_COMMANDS)
     from data_contracts.io import ContractError
     from mmemb.configs.base import ConfigError
 

@@ -16,7 +16,7 @@ from mmemb.model.embedder import Embedder
 from mmemb.stages.train import build_items, make_loss_fn, prepare_model
 from mmemb.training.data import load_rows
 from mmemb.training.deepspeed_config import ds_config, lr_scheduler
-from mmemb.training.distributed import free_port
+from mmemb.training.distributed import free_port, init_deepspeed
 from mmemb.training.module import EmbedTrainModule, make_chunks
 
 OBJ = Stage4Objective(alpha=1.0, lam=0.5, tau=0.05)
@@ -32,7 +32,7 @@ def process_group():
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(free_port()))
-    deepspeed.init_distributed()
+    init_deepspeed()  # a stale op build lock is cleared, a live one waited for (bounded)
     yield
     if dist.is_initialized():
         deepspeed.comm.destroy_process_group()

@@ -371,7 +371,7 @@ def warm_ops(say: Callable[[str], None] = _print) -> float:
         say("DeepSpeed ops: this accelerator has no shm comm op")
         return 0.0
     say(f"building DeepSpeed's shm comm op into {extensions_root()} (once, {BUILD_TIME_HINT})"
-        "...")
+        "..." if _shm_op_needed() else "checking DeepSpeed's shm comm op (built already)...")
     builder.load(verbose=False)
     dt = time.perf_counter() - t0
     say(f"DeepSpeed shm comm op ready in {dt:.1f}s")

@@ -164,3 +164,22 @@ def test_ops_are_built_with_the_environments_own_ninja(monkeypatch):
     assert parts[0] == str(bindir) and parts.count(str(bindir)) == 1 and "/usr/bin" in parts
     assert D.use_venv_ninja() == str(bindir / "ninja")  # idempotent
     assert os.environ["PATH"].split(os.pathsep) == parts
+
+
+def test_training_start_up_says_what_it_is_doing(tiny_model, synth, tmp_path, capsys):
+    """The 77-136 s that were silent: import, op build (or not), process group, each timed."""
+    from mmemb.configs.train import TrainConfig
+    from mmemb.stages import train
+
+    cfg = TrainConfig(model=str(tiny_model), pairs=str(synth["pairs"]),
+                      image_root=str(synth["image_root"]), out=str(tmp_path), batch_size=128)
+    builds = D._shm_op_needed()  # decided before the start-up, which may build it
+    with pytest.raises(ValueError, match="fewer than one global contrastive batch"):
+        train.run(cfg)  # refused right after the start-up: what it printed is all we need
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[train]")]
+    assert lines[0] == "[train] importing DeepSpeed..."
+    assert lines[1].startswith("[train] DeepSpeed ") and " imported in " in lines[1]
+    assert lines[2].startswith("[train] initialising DeepSpeed (")
+    assert ("building its shm comm op into" in lines[2]) is builds
+    assert ("ops already built" in lines[2]) is not builds
+    assert lines[3].startswith("[train] DeepSpeed initialised in ")

@@ -330,9 +330,25 @@ def _accelerator() -> str:
 
 
 def _shm_op_needed() -> bool:
-    """Will ``init_distributed`` build the shm comm op (CPU accelerator, not built yet)?"""
-    return _accelerator() == "cpu" and not any(
-        extensions_root().glob("deepspeed_shm_comm*/deepspeed_shm_comm*.so"))
+    """Will ``init_distributed`` build the shm comm op? (CPU accelerator only.) Not built
+    yet, or ninja's dry run has work to do (say the log was written by another ninja)."""
+    if _accelerator() != "cpu":
+        return False
+    folder = extensions_root() / "deepspeed_shm_comm"
+    if not any(folder.glob("deepspeed_shm_comm*.so")):
+        return True
+    import shutil
+    import subprocess
+
+    ninja = shutil.which("ninja")
+    if ninja is None or not (folder / "build.ninja").is_file():
+        return False
+    try:  # a dry run writes nothing (no log, no outputs)
+        out = subprocess.run([ninja, "-n", "-C", str(folder)], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "no work to do" not in out.stdout
 
 
 def init_deepspeed(say: Callable[[str], None] = _print) -> float:

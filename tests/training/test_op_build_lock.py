@@ -117,9 +117,17 @@ def test_the_start_up_says_when_the_shm_op_will_be_built(tmp_path, monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     assert D.extensions_root() == tmp_path
     assert D._shm_op_needed()
-    (tmp_path / "deepspeed_shm_comm").mkdir()
-    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
+    op = tmp_path / "deepspeed_shm_comm"
+    op.mkdir()
+    (op / "deepspeed_shm_comm.so").write_bytes(b"")
     assert not D._shm_op_needed()
+    ninja = D.use_venv_ninja()
+    if ninja:  # built, but ninja would still rebuild (an output out of date): say so
+        (op / "build.ninja").write_text("rule touch\n  command = touch $out\n"
+                                        "build stamp: touch\n")
+        assert D._shm_op_needed()
+        subprocess.run([ninja, "-C", str(op)], check=True, capture_output=True)
+        assert not D._shm_op_needed()
     monkeypatch.setenv("DS_ACCELERATOR", "cuda")
     shutil.rmtree(tmp_path / "deepspeed_shm_comm")
     assert not D._shm_op_needed()

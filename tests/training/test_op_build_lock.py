@@ -114,6 +114,7 @@ def test_torchs_baton_wait_is_bounded_once_guarded(tmp_path):
 
 def test_the_start_up_says_when_the_shm_op_will_be_built(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("PATH", os.environ.get("PATH", ""))  # use_venv_ninja edits it
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     assert D.extensions_root() == tmp_path
     assert D._shm_op_needed()

@@ -34,6 +34,10 @@ ifeq ($(GPU),)
 else
 	@$(PY) -m pip install -q -e ".[gpu,dev]"
 endif
+	@# DeepSpeed's CPU shm comm op: built here once (1-5 min on 2 busy cores) rather than
+	@# silently inside the first training run or test; if it cannot be built now, the first
+	@# run builds it (docs/reliability.md, "First contact and fresh clone").
+	@$(PY) -m mmemb.training.distributed warm || echo ">> DeepSpeed's shm comm op not pre-built; the first training run builds it"
 	@rm -f $(VENV)/.setup-*
 	@touch $@
 	@echo ">> setup done"

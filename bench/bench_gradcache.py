@@ -79,12 +79,12 @@ def main(argv: list[str] | None = None) -> dict:
     from mmemb.stages.train import build_items, make_loss_fn, prepare_model
     from mmemb.training.data import EpochSampler, load_rows
     from mmemb.training.deepspeed_config import ds_config, lr_scheduler
-    from mmemb.training.distributed import single_process_env
+    from mmemb.training.distributed import init_deepspeed, single_process_env
     from mmemb.training.module import EmbedTrainModule, make_chunks
 
     single_process_env()
     deepspeed.utils.logger.setLevel("WARNING")
-    deepspeed.init_distributed()
+    init_deepspeed()
     rows, _ = load_rows(a.data, a.image_root)
     sampler = EpochSampler(len(rows), a.batch, 0)
     cfg = TrainConfig(model=a.model, data=a.data, batch_size=a.batch, chunk_size=a.chunk,

@@ -12,7 +12,8 @@
 
 Every subcommand's ``--help`` explains its options. Prefect needs no server: without
 ``PREFECT_API_URL`` a temporary local API starts (its database under
-``<run_dir>/.prefect``); with it, runs appear on that server.
+``<run_dir>/.prefect``; waited for up to 600 s, ``--prefect-timeout``: flows/startup.py);
+with it, runs appear on that server.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ from pathlib import Path
 # applies its CPU torchvision shim (mmemb/_compat.py) in them before vLLM imports
 # transformers' image utilities.
 import mmemb  # noqa: E402, F401
+from flows.startup import (  # noqa: E402 - light: no Prefect at import
+    DEFAULT_PREFECT_TIMEOUT_S,
+    DEFAULT_UI_TIMEOUT_S,
+    PREFECT_ENV,
+    StartupTimeout,
+)
 
 STAGE_NAMES = ("prepare", "generate", "score", "select", "train", "gate", "evaluate")
 
@@ -41,15 +48,27 @@ _ENV_DEFAULTS = {
 }
 
 
-def _setup_env(run_dir: str | None) -> None:
-    """Environment before Prefect is imported: offline hubs, loopback, a local Prefect home."""
-    try:
-        import torch
+#: Commands that never touch a model: they must not import torch, vLLM, DeepSpeed or
+#: transformers (seconds each on a busy machine; tests/flows/test_first_contact.py).
+LIGHT_COMMANDS = frozenset({"config", "status", "ui", "sync"})
 
-        cuda = torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        cuda = False
+
+def _setup_env(run_dir: str | None, light: bool = False) -> None:
+    """Environment before Prefect is imported: offline hubs, loopback, a local Prefect home.
+
+    ``light``: the command runs no model, so torch is not imported to ask for a GPU (the
+    DeepSpeed accelerator default is then left unset; nothing in it imports DeepSpeed)."""
+    cuda = False
+    if not light:
+        try:
+            import torch
+
+            cuda = torch.cuda.is_available()
+        except Exception:  # noqa: BLE001
+            cuda = False
     for k, v in _ENV_DEFAULTS.items():
+        if k == "DS_ACCELERATOR" and light:
+            continue
         if k == "DS_ACCELERATOR" and cuda:
             continue
         os.environ.setdefault(k, v)
@@ -81,6 +100,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     """The pipeline, after the preflight (:mod:`mmemb.preflight`): seconds of checks before
     Prefect's start-up and any stage, refusing with every problem at once (exit 2)."""
     from flows.pipeline import pipeline, plan
+    from flows.startup import prefect_startup, prefect_timeout
     from mmemb.configs.pipeline import PipelineConfig
     from mmemb.preflight import PreflightError, preflight
 
@@ -107,7 +127,9 @@ def cmd_run(a: argparse.Namespace) -> int:
         if problems is not None:
             print(f"[preflight] {' -> '.join(stages)}: ok ({time.perf_counter() - t0:.1f}s)",
                   flush=True)
-    out = pipeline(cfg, from_stage=a.from_stage, only=a.only, force=a.force or None)
+    with prefect_startup(*prefect_timeout(a.prefect_timeout,
+                                          cfg.run.prefect_startup_timeout_s)):
+        out = pipeline(cfg, from_stage=a.from_stage, only=a.only, force=a.force or None)
     print("\n" + out["summary"])
     print(f"  wall time incl. Prefect start-up: {time.perf_counter() - t0:.0f}s", flush=True)
     if a.json:
@@ -118,7 +140,8 @@ def cmd_run(a: argparse.Namespace) -> int:
 def cmd_stage(a: argparse.Namespace) -> int:
     from flows.stage import run_stage_from_file
 
-    out = run_stage_from_file(a.name, a.config, a.run_dir, a.force, a.set, a.parent_run_id)
+    out = run_stage_from_file(a.name, a.config, a.run_dir, a.force, a.set, a.parent_run_id,
+                              prefect_timeout=a.prefect_timeout)
     print(json.dumps({k: out.get(k) for k in ("stage", "status", "summary", "metrics",
                                               "outputs", "mlflow_run_id")}, indent=2,
                      default=str))
@@ -137,7 +160,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     sets = [s if Path(a.config).is_file() and _is_pipeline_yaml(a.config)
             else s.removeprefix("evaluate.") for s in sets]
     out = run_stage_from_file("evaluate", a.config, a.run_dir, a.force,
-                              sets)
+                              sets, prefect_timeout=a.prefect_timeout)
     print(out.get("summary") or out.get("reason", ""))
     return 0 if out["status"] in ("ran", "cached") else 1
 
@@ -304,20 +327,32 @@ def stop_ui(proc: subprocess.Popen, timeout: float = 20.0) -> None:
         pass
 
 
-def wait_healthy(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+def wait_healthy(url: str, timeout: float | None = None,
+                 proc: subprocess.Popen | None = None) -> float:
+    """Wait until ``url``/health answers 200; returns the seconds it took.
+
+    ``timeout`` (default :data:`flows.startup.DEFAULT_UI_TIMEOUT_S`, generous: the server
+    needed 106 s on a loaded 2-core machine). Raises :class:`TimeoutError` whose message
+    says how to wait longer, or :class:`RuntimeError` when ``proc`` exits first."""
     import urllib.request
 
-    deadline = time.time() + timeout
+    from flows.startup import ui_message
+
+    timeout = DEFAULT_UI_TIMEOUT_S if timeout is None else timeout
+    t0 = time.time()
+    deadline = t0 + timeout
     while time.time() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"MLflow server exited with status {proc.returncode}")
+            raise RuntimeError(f"the MLflow server exited with status {proc.returncode} "
+                               "before it answered (port in use? its output is above)")
         try:
             with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=2) as r:  # noqa: S310
                 if r.status == 200:
-                    return
+                    return time.time() - t0
         except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"MLflow server at {url} not healthy after {timeout:.0f}s")
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(ui_message(url, timeout))
 
 
 def cmd_ui(a: argparse.Namespace) -> int:
@@ -327,10 +362,16 @@ def cmd_ui(a: argparse.Namespace) -> int:
         print(f"mmemb ui: {e}", file=sys.stderr)
         return 2
     url = f"http://{a.host}:{a.port}"
+    print(f"starting the MLflow UI over {a.run_dir} on {url}; waiting up to {a.timeout:.0f}s "
+          "for it (--timeout)", flush=True)
     try:
-        wait_healthy(url, proc=proc)
-        print(f"MLflow UI over {a.run_dir}: {url}  (Ctrl-C stops it)", flush=True)
+        took = wait_healthy(url, timeout=a.timeout, proc=proc)
+        print(f"MLflow UI over {a.run_dir}: {url}  (up in {took:.0f}s; Ctrl-C stops it)",
+              flush=True)
         proc.wait()
+    except (TimeoutError, RuntimeError) as e:
+        print(f"mmemb ui: {e}", file=sys.stderr, flush=True)
+        return 3
     except KeyboardInterrupt:
         print("\nstopping the MLflow UI", flush=True)
     finally:
@@ -386,6 +427,23 @@ def cmd_sync(a: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- parser
 
+def _seconds(text: str) -> int:
+    try:
+        v = int(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a number of seconds") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give at least 1 second")
+    return v
+
+
+def _prefect_timeout_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefect-timeout", type=_seconds, metavar="SECONDS",
+                   help="how long to wait for Prefect's temporary API server when "
+                   "PREFECT_API_URL is unset (default: run.prefect_startup_timeout_s, else "
+                   f"{PREFECT_ENV}, else {DEFAULT_PREFECT_TIMEOUT_S})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmemb", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -412,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value (YAML syntax), e.g. --set train.lr=1e-4")
     r.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     r.add_argument("--json", metavar="FILE", help="also write the result payload as JSON")
+    _prefect_timeout_option(r)
     r.add_argument("--skip-preflight", action="store_true", help="start without the "
                    "preflight (models load and have the method's tokens, input columns, "
                    "image roots, teacher prompt budgets, writable outputs; mmemb/preflight.py)")
@@ -429,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set generate.seed=1")
     s.add_argument("--parent-run-id", help="MLflow run to nest under (default: the run "
                    "dir's last pipeline run)")
+    _prefect_timeout_option(s)
     s.set_defaults(fn=cmd_stage)
 
     e = sub.add_parser("eval", help="evaluate a model (the evaluate stage)",
@@ -443,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="recompute even if cached")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value")
+    _prefect_timeout_option(e)
     e.set_defaults(fn=cmd_eval)
 
     m = sub.add_parser("embed", help="embed a Parquet/JSONL of inputs with a trained model",
@@ -472,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     u.add_argument("--backend-store-uri", help="another tracking store instead")
     u.add_argument("--workers", type=int, default=1, help="server worker processes")
+    u.add_argument("--timeout", type=_seconds, default=DEFAULT_UI_TIMEOUT_S,
+                   metavar="SECONDS", help="how long to wait for the server to answer "
+                   f"(default {DEFAULT_UI_TIMEOUT_S}; a busy machine can need minutes)")
     u.set_defaults(fn=cmd_ui)
 
     t = sub.add_parser("status", help="show which stages are cached in a run directory")
@@ -502,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    _setup_env(_run_dir_of(getattr(a, "config", None), getattr(a, "run_dir", None)))
+    _setup_env(_run_dir_of(getattr(a, "config", None), getattr(a, "run_dir", None)),
+               light=a.command in LIGHT_COMMANDS)
     from data_contracts.io import ContractError
     from mmemb.configs.base import ConfigError
 
@@ -511,6 +576,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ContractError) as e:
         print(f"mmemb {a.command}: {e}", file=sys.stderr)
         return 2
+    except StartupTimeout as e:
+        print(f"mmemb {a.command}: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

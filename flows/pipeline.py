@@ -321,7 +321,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--run-dir")
     a = ap.parse_args(argv)
     cfg = PipelineConfig.load(a.config, run_dir=a.run_dir)
-    pipeline(cfg)
+    from flows.startup import prefect_startup, prefect_timeout
+
+    with prefect_startup(*prefect_timeout(None, cfg.run.prefect_startup_timeout_s)):
+        pipeline(cfg)
 
 
 if __name__ == "__main__":

@@ -116,13 +116,21 @@ def make_stage_flow(stage: str):
 
 def run_stage_from_file(stage: str, config_path: str, run_dir: str | None = None,
                         force: bool = False, overrides: list[str] | None = None,
-                        parent_run_id: str | None = None, flow_obj=None) -> dict:
-    """Load the stage's config from a pipeline or stage YAML and run its flow."""
+                        parent_run_id: str | None = None, flow_obj=None,
+                        prefect_timeout: int | None = None) -> dict:
+    """Load the stage's config from a pipeline or stage YAML and run its flow.
+
+    ``prefect_timeout``: seconds to wait for Prefect's temporary API server (default: the
+    run section's ``prefect_startup_timeout_s``, then the environment; flows/startup.py)."""
+    from flows.startup import prefect_startup
+    from flows.startup import prefect_timeout as startup_wait
+
     config, run, launch = resolve_stage_inputs(stage, None, config_path, run_dir, None, None,
                                                overrides)
     flow_obj = flow_obj or make_stage_flow(stage)
-    return flow_obj(config=config, run=run, launch=launch, force=force,
-                    parent_run_id=parent_run_id)
+    with prefect_startup(*startup_wait(prefect_timeout, run.prefect_startup_timeout_s)):
+        return flow_obj(config=config, run=run, launch=launch, force=force,
+                        parent_run_id=parent_run_id)
 
 
 def main(stage: str, argv: list[str] | None = None) -> dict:

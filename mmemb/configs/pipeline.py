@@ -145,6 +145,10 @@ class RunSection(StageConfig):
     stages: list[StageName] = Field(default_factory=lambda: list(STAGES),
                                     description="stages this pipeline runs, in order")
     tracking: TrackingConfig = TrackingConfig()
+    prefect_startup_timeout_s: int | None = Field(
+        None, ge=1, description="seconds to wait for Prefect's temporary API server (no "
+        "PREFECT_API_URL); unset: PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, else 600 "
+        "(flows/startup.py)")
 
 
 class LaunchConfig(StageConfig):

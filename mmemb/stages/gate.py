@@ -193,9 +193,11 @@ def _deepspeed_engine(model: torch.nn.Module, cfg: GateConfig):
     import deepspeed
 
     from mmemb.training.deepspeed_config import ds_config
-    from mmemb.training.distributed import single_process_env
+    from mmemb.training.distributed import init_deepspeed, is_dist, single_process_env
 
     single_process_env()
+    if not is_dist():  # say what the start-up does (op build, process group) and its time
+        init_deepspeed(lambda m: print(f"[gate] {m}", flush=True))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ds = ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), device, micro_batch=1,
                    grad_accum=1)

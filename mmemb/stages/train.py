@@ -63,6 +63,7 @@ from mmemb.training.distributed import (
     all_reduce_sum,
     barrier,
     free_port,
+    init_deepspeed,
     is_main,
     rank,
     single_process_env,
@@ -348,14 +349,17 @@ def run(cfg: TrainConfig, log: StepLogger = null_logger) -> StageResult:
     out, also on errors, so a failed run leaves the process reusable.
     """
     _setup_env()
+    _say("importing DeepSpeed...")
+    t0 = time.perf_counter()
     import deepspeed
     import torch.distributed as dist
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
+    _say(f"DeepSpeed {deepspeed.__version__} imported in {time.perf_counter() - t0:.1f}s")
     if not dist.is_initialized():
         _forget_stale_groups()
-    deepspeed.init_distributed()
+    init_deepspeed(_say)
     try:
         return _run(cfg, log)
     finally:
@@ -445,10 +449,13 @@ def _run(cfg: TrainConfig, log: StepLogger) -> StageResult:
     ds = ds_config(cfg, W, device)
     if is_main():
         (out / "ds_config.json").write_text(json.dumps(ds, indent=2))
+    _say(f"building the DeepSpeed engine (ZeRO-{cfg.zero_stage})...")
+    t_engine = time.perf_counter()
     engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=[p for _, p in trainable], config=ds,
         lr_scheduler=lr_scheduler(cfg, total, warm_lm))
-    _say(f"ZeRO-{cfg.zero_stage} | {'bf16' if bf16 else 'fp32'} | "
+    _say(f"engine ready in {time.perf_counter() - t_engine:.1f}s | "
+         f"ZeRO-{cfg.zero_stage} | {'bf16' if bf16 else 'fp32'} | "
          f"{'gradcache chunks of ' + str(cfg.chunk_size) if cfg.gradcache else 'no gradcache'}"
          f" | trainable {n_train:,} of {n_all:,} params"
          f"{' (LoRA r=' + str(cfg.lora.r) + ')' if cfg.lora else ''} | vision {cfg.vision}")

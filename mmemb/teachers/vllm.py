@@ -65,9 +65,10 @@ def prepare_environment() -> None:
     starts with ``spawn``. For those, ``PYTHONPATH`` gets a ``sitecustomize`` that applies
     the shim when torchvision is first imported (:mod:`mmemb.teachers._vllm_site`).
     """
-    import mmemb  # noqa: F401  (applies the shim in this process)
+    import mmemb
     from mmemb import _compat
 
+    _compat.patch_torchvision_for_cpu_torch()  # in this process (``import mmemb`` defers it)
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

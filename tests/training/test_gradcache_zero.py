@@ -1,6 +1,28 @@
 """GradCache under DeepSpeed ZeRO-2 and ZeRO-3 (one CPU process, gloo): the gradient at the
 accumulation boundary equals the plain full-batch gradient of plain torch, and the weights
-after optimizer steps equal those of the same run without gradient caching."""
+after optimizer steps equal those of the same run without gradient caching.
+
+Tolerances, and why they hold on any machine (issue 13, item 22). GradCache sums each
+gradient over 8+ chunk backwards where the reference sums it in one, so the two differ by
+float32 rounding, and that rounding depends on the CPU kernels torch picks (AVX-512, AVX2,
+SSE; MKL/oneDNN code paths) and the thread count. DeepSpeed's shm comm op is not involved:
+with one rank it reduces nothing, and the gradients with and without it are bit-identical.
+An elementwise ``allclose(rtol=1e-4, atol=1e-6)`` judged entries that are near zero
+because their terms cancel, where the error is relative to the terms, not to the result:
+measured at 0.36-0.70 of that tolerance across kernel choices on one machine, so another
+machine failed it (embed_tokens.weight). Hence:
+
+* gradients: ``|a - ref| <= 1e-4 |ref| + 1e-4 max|ref|`` per tensor (the error of a sum
+  scales with its terms). Measured worst 0.041 of it (AVX-512 / AVX2 / SSE, MKL and oneDNN
+  limited to AVX2, 1 or 2 threads); a 0.1% error in the temperature scores 6.0.
+* weights: Adam's ``g / sqrt(v)`` maps near-zero gradient entries to updates of order lr,
+  so a last-bit gradient difference can move one entry by up to ~lr; an elementwise bound
+  cannot hold (the former ``atol=1e-4`` failed here too: 2.3e-4 with AVX-512 kernels,
+  5.6e-4 with AVX2). Over all trainable weights, ``|w_gc - w_plain|`` must be <= 1% of
+  how far the weights moved (measured <= 1.1e-4; the 0.1% temperature error: 1.9e-2),
+  and at most 0.1% of entries may differ by more than 1e-4 (measured <= 0.0014%; that
+  error: 17%).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +38,7 @@ from mmemb.model.embedder import Embedder
 from mmemb.stages.train import build_items, make_loss_fn, prepare_model
 from mmemb.training.data import load_rows
 from mmemb.training.deepspeed_config import ds_config, lr_scheduler
-from mmemb.training.distributed import free_port
+from mmemb.training.distributed import free_port, init_deepspeed
 from mmemb.training.module import EmbedTrainModule, make_chunks
 
 OBJ = Stage4Objective(alpha=1.0, lam=0.5, tau=0.05)
@@ -32,7 +54,7 @@ def process_group():
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(free_port()))
-    deepspeed.init_distributed()
+    init_deepspeed()  # a stale op build lock is cleared, a live one waited for (bounded)
     yield
     if dist.is_initialized():
         deepspeed.comm.destroy_process_group()
@@ -119,16 +141,30 @@ def test_gradcache_under_zero(process_group, tiny_model, batches, stage):
     g_plain, w_plain, nb_plain = _ds_run(tiny_model, cfg, False, batches)
     assert min(nb) >= 8 and nb_plain == [1, 1]  # several chunk backwards per optimizer step
     assert set(g_gc) == set(ref) and len(ref) > 30
-    for n, g in ref.items():
-        # the boundary gradient DeepSpeed holds == plain torch full batch, under ZeRO
-        assert torch.allclose(g_gc[n], g, rtol=1e-4, atol=1e-6), (n, stage)
-        assert torch.allclose(g_plain[n], g, rtol=1e-4, atol=1e-6), (n, stage)
+    # the boundary gradient DeepSpeed holds == plain torch full batch, under ZeRO
+    for name, got in (("gradcache", g_gc), ("plain", g_plain)):
+        err, worst = max((grad_error(got[n], g), n) for n, g in ref.items())
+        print(f"ZeRO-{stage} {name}: gradient error {err:.3f} of the tolerance ({worst})")
+        assert err <= 1.0, (stage, name, worst, err)
     base = Embedder.from_pretrained(tiny_model)
-    init = dict(base.model.named_parameters())
-    moved = 0
-    for n, w in w_gc.items():
-        # Two Adam steps of lr 1e-2 move each weight by ~2e-2; Adam's g / sqrt(v) turns the
-        # last-bit gradient differences of near-zero entries into ~1e-5, hence atol 1e-4.
-        assert torch.allclose(w, w_plain[n], rtol=0, atol=1e-4), (n, stage)
-        moved += int(not torch.equal(w, init[n.removeprefix("model.")].detach()))
+    init = {n: p.detach() for n, p in base.model.named_parameters()}
+    moved = sum(int(not torch.equal(w, init[n.removeprefix("model.")])) for n, w in w_gc.items())
     assert moved == len(w_gc)  # every trainable parameter was updated
+    rel, frac = weight_error(w_gc, w_plain, {n: init[n.removeprefix("model.")] for n in w_gc})
+    print(f"ZeRO-{stage} weights: difference {rel:.2e} of the movement, {frac:.4%} of entries "
+          "off by > 1e-4")
+    assert rel <= 1e-2 and frac <= 1e-3, (stage, rel, frac)
+
+
+def grad_error(got: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-4,
+               scale_tol: float = 1e-4) -> float:
+    """max |got - ref| / (rtol |ref| + scale_tol max|ref|): <= 1 passes (module docstring)."""
+    bound = rtol * ref.abs() + scale_tol * ref.abs().max()
+    return float(((got - ref).abs() / bound.clamp_min(1e-30)).max())
+
+
+def weight_error(got: dict, ref: dict, init: dict, atol: float = 1e-4) -> tuple[float, float]:
+    """(|got - ref| / |ref - init| over all tensors, fraction of entries off by > atol)."""
+    diff = torch.cat([(got[n] - ref[n]).flatten() for n in ref])
+    moved = torch.cat([(ref[n] - init[n]).flatten() for n in ref])
+    return float(diff.norm() / moved.norm()), float((diff.abs() > atol).float().mean())

@@ -28,7 +28,9 @@ class _TorchvisionShim(importlib.abc.MetaPathFinder):
         except ValueError:
             pass
         try:
-            import mmemb  # noqa: F401  (its import applies the shim)
+            from mmemb._compat import patch_torchvision_for_cpu_torch
+
+            patch_torchvision_for_cpu_torch()
         except Exception:  # noqa: BLE001 - never break the interpreter's start
             pass
         return None  # the regular finders import torchvision itself

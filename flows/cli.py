@@ -107,7 +107,8 @@ def cmd_run(a: argparse.Namespace) -> int:
         if problems is not None:
             print(f"[preflight] {' -> '.join(stages)}: ok ({time.perf_counter() - t0:.1f}s)",
                   flush=True)
-    out = pipeline(cfg, from_stage=a.from_stage, only=a.only, force=a.force or None)
+    out = pipeline(cfg, from_stage=a.from_stage, only=a.only, force=a.force or None,
+                   verify=a.verify)
     print("\n" + out["summary"])
     print(f"  wall time incl. Prefect start-up: {time.perf_counter() - t0:.0f}s", flush=True)
     if a.json:
@@ -118,7 +119,8 @@ def cmd_run(a: argparse.Namespace) -> int:
 def cmd_stage(a: argparse.Namespace) -> int:
     from flows.stage import run_stage_from_file
 
-    out = run_stage_from_file(a.name, a.config, a.run_dir, a.force, a.set, a.parent_run_id)
+    out = run_stage_from_file(a.name, a.config, a.run_dir, a.force, a.set, a.parent_run_id,
+                              verify=a.verify)
     print(json.dumps({k: out.get(k) for k in ("stage", "status", "summary", "metrics",
                                               "outputs", "mlflow_run_id")}, indent=2,
                      default=str))
@@ -339,15 +341,14 @@ def cmd_ui(a: argparse.Namespace) -> int:
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    from tasks.cache import outputs_intact, read_state, result_from_state
+    from tasks.cache import run_status
 
-    for stage in STAGE_NAMES:
-        st = read_state(a.run_dir, stage)
+    for stage, (verdict, why, st) in run_status(a.run_dir, STAGE_NAMES, a.verify).items():
         if st is None:
-            print(f"{stage:<9} -")
+            print(f"{stage:<9} " + (f"INTERRUPTED: {why}" if verdict == "interrupted" else "-"))
             continue
-        ok, why = outputs_intact(result_from_state(st["result"]))
-        print(f"{stage:<9} {'ok' if ok else 'STALE: ' + why:<10} key {st['key'][:12]} "
+        text = "ok" if verdict == "ok" else f"STALE: {why}"
+        print(f"{stage:<9} {text:<10} key {st['key'][:12]} "
               f"{st.get('finished_at', '')} {st.get('duration_s', 0):7.1f}s  "
               f"{st['result'].get('summary', '')}")
     return 0
@@ -412,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value (YAML syntax), e.g. --set train.lr=1e-4")
     r.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     r.add_argument("--json", metavar="FILE", help="also write the result payload as JSON")
+    r.add_argument("--verify", action="store_true", help="hash every output part and model "
+                   "file before reusing a cached stage (default: each part must exist with "
+                   "its recorded size)")
     r.add_argument("--skip-preflight", action="store_true", help="start without the "
                    "preflight (models load and have the method's tokens, input columns, "
                    "image roots, teacher prompt budgets, writable outputs; mmemb/preflight.py)")
@@ -429,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set generate.seed=1")
     s.add_argument("--parent-run-id", help="MLflow run to nest under (default: the run "
                    "dir's last pipeline run)")
+    s.add_argument("--verify", action="store_true", help="hash every output part and model "
+                   "file before reusing the cached stage")
     s.set_defaults(fn=cmd_stage)
 
     e = sub.add_parser("eval", help="evaluate a model (the evaluate stage)",
@@ -474,8 +480,13 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--workers", type=int, default=1, help="server worker processes")
     u.set_defaults(fn=cmd_ui)
 
-    t = sub.add_parser("status", help="show which stages are cached in a run directory")
+    t = sub.add_parser("status", help="show which stages are cached in a run directory",
+                       description="Per stage: ok, STALE (an output part is gone or changed, "
+                       "an input differs from the one it was built from, or its upstream "
+                       "stage is stale) or INTERRUPTED (a run did not finish).")
     t.add_argument("--run-dir", default="runs/demo", help="run directory")
+    t.add_argument("--verify", action="store_true", help="also hash every output part and "
+                   "model file")
     t.set_defaults(fn=cmd_status)
 
     c = sub.add_parser("config", help="print the resolved (wired, validated) config",

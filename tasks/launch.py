@@ -31,6 +31,7 @@ from pathlib import Path
 from data_contracts.io import ContractError
 from mmemb.configs.base import ConfigError, StageConfig
 from mmemb.configs.pipeline import LaunchConfig
+from mmemb.redact import redact_text
 from mmemb.stages.base import StageResult
 
 RESULT_FILE = "_launch_result.json"
@@ -143,8 +144,22 @@ def build_command(launch: LaunchConfig, stage: str, config_path: Path, result_pa
     return [*launch.prefix, *cmd]
 
 
+def _expand_env(launch_cfg: LaunchConfig) -> dict[str, str]:
+    """``launch.<stage>.env`` with ``${NAME}`` references expanded from this environment: a
+    config names the variable that holds a secret, never its value (the config is the flow's
+    parameters, stored in Prefect's database)."""
+    out = {}
+    for k, v in launch_cfg.env.items():
+        val = os.path.expandvars(v)
+        if "${" in val:
+            raise ConfigError(f"launch env {k}={v!r} refers to an environment variable that is "
+                              "not set here; export it before the run")
+        out[k] = val
+    return out
+
+
 def _env(launch_cfg: LaunchConfig, env: dict[str, str] | None) -> dict[str, str]:
-    full = {**os.environ, **launch_cfg.env, **(env or {})}
+    full = {**os.environ, **_expand_env(launch_cfg), **(env or {})}
     root = str(Path(__file__).resolve().parent.parent)
     full["PYTHONPATH"] = os.pathsep.join(
         [root, *(p for p in full.get("PYTHONPATH", "").split(os.pathsep) if p)])
@@ -189,7 +204,7 @@ def launch(launch_cfg: LaunchConfig, stage: str, cfg: StageConfig, state_dir: Pa
     config_path, result_path = _prepare_paths(state_dir)
     cfg.to_yaml(config_path)
     cmd = build_command(launch_cfg, stage, config_path, result_path)
-    print(f"[{stage}] launching: {shlex.join(cmd)}", flush=True)
+    print(redact_text(f"[{stage}] launching: {shlex.join(cmd)}"), flush=True)
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=_env(launch_cfg, env), timeout=launch_cfg.timeout_s,

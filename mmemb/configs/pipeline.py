@@ -284,6 +284,23 @@ class PipelineConfig(StageConfig):
     def _wire(cls, data: Any) -> Any:
         return wire(data) if isinstance(data, dict) else data
 
+    @model_validator(mode="after")
+    def _no_secrets(self) -> PipelineConfig:
+        """A config is the flow's parameters (stored in Prefect's database) and MLflow's
+        params: it may name the environment variable that holds a secret, never hold one."""
+        from mmemb.redact import find_secrets
+
+        bad = find_secrets(self.model_dump(mode="json"))
+        if bad:
+            raise ValueError(
+                f"{', '.join(bad)}: holds a secret (a password or token in a URL, a "
+                "connection string, a *_KEY/*_TOKEN value or a token). Configs become Prefect "
+                "flow parameters and MLflow params, so keep the value in the environment: "
+                "write ${NAME} for launch.<stage>.env values and run.tracking.uri (expanded "
+                "at run time), or leave run.tracking.uri unset and export "
+                "MLFLOW_TRACKING_URI (or MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD)")
+        return self
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: str | Path, run_dir: str | None = None,

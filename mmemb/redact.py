@@ -39,7 +39,10 @@ _URL_TOKEN_USER = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/:@\s]{
 _TOKEN = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|"
                     r"github_pat_[A-Za-z0-9_]{20,}|sk-[A-Za-z0-9_-]{20,}|"
                     r"AKIA[0-9A-Z]{16}|xox[baprs]-[A-Za-z0-9-]{10,})\b")
-_VALUE = r"(?P<v>\"[^\"]*\"|'[^']*'|[^\s;&,\"'<>]+)"
+# a value ends at ; , whitespace or a quote, and at & only where a new "name=" follows
+# (a URL query), so "Password=Tr0ub4dor&3;" is hidden whole
+_VALUE = (r"(?P<v>\"[^\"]*\"|'[^']*'|[^\s;&,\"'<>]+"
+          r"(?:&(?![A-Za-z0-9_.-]+=)[^\s;&,\"'<>]*)*)")
 # Connection strings: ADO/ODBC ("Password=x;"), libpq ("password=x host=db"), URL queries
 # ("?password=x&", "&sig=x"), Azure ("AccountKey=x;").
 _CONN_FIELD = re.compile(r"(?P<k>\b(?:password|passwd|pwd|secret|token|api[_-]?key|apikey|"

@@ -33,6 +33,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from mmemb.configs.base import ConfigError, StageConfig, read_yaml
 from mmemb.configs.prepare import PrepareConfig
+from mmemb.redact import find_secrets
 
 #: Stage order. ``prepare`` is stage 0 (base model + data), then the method's five stages
 #: (generate, score, select, train, gate) and the evaluation.
@@ -287,19 +288,19 @@ class PipelineConfig(StageConfig):
     @model_validator(mode="after")
     def _no_secrets(self) -> PipelineConfig:
         """A config is the flow's parameters (stored in Prefect's database) and MLflow's
-        params: it may name the environment variable that holds a secret, never hold one."""
-        from mmemb.redact import find_secrets
-
+        params: it may name the environment variable that holds a secret, never hold one.
+        (:meth:`from_dict` checks first, so its message never quotes the value.)"""
         bad = find_secrets(self.model_dump(mode="json"))
         if bad:
-            raise ValueError(
-                f"{', '.join(bad)}: holds a secret (a password or token in a URL, a "
-                "connection string, a *_KEY/*_TOKEN value or a token). Configs become Prefect "
-                "flow parameters and MLflow params, so keep the value in the environment: "
-                "write ${NAME} for launch.<stage>.env values and run.tracking.uri (expanded "
-                "at run time), or leave run.tracking.uri unset and export "
-                "MLFLOW_TRACKING_URI (or MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD)")
+            raise ValueError(_secrets_message(bad))
         return self
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "<config>") -> PipelineConfig:
+        bad = find_secrets(data) if isinstance(data, dict) else []
+        if bad:
+            raise ConfigError(f"{where}: {_secrets_message(bad)}")
+        return super().from_dict(data, where)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -330,6 +331,15 @@ class PipelineConfig(StageConfig):
 
     def launch_for(self, stage: str) -> LaunchConfig:
         return self.launch.get(stage) or LaunchConfig()
+
+
+def _secrets_message(keys: list[str]) -> str:
+    return (f"{', '.join(keys)}: holds a secret (a password or token in a URL, a connection "
+            "string, a *_KEY/*_TOKEN value or a token; the value is not repeated here). "
+            "Configs become Prefect flow parameters and MLflow params, so keep the value in "
+            "the environment: write ${NAME} for launch.<stage>.env values and "
+            "run.tracking.uri (expanded at run time), or leave run.tracking.uri unset and "
+            "export MLFLOW_TRACKING_URI (or MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD)")
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:

@@ -119,13 +119,16 @@ def build_command(launch: LaunchConfig, stage: str, config_path: Path, result_pa
     if launch.launcher == "subprocess":
         cmd = [py, *w]
     elif launch.launcher == "torchrun":
-        cmd = [py, "-m", "torch.distributed.run", f"--nnodes={launch.nnodes}",
+        multi = launch.nnodes > 1 or bool(launch.rdzv_endpoint)
+        # one node: torchrun whose stores listen on 127.0.0.1 (mmemb.training.torchrun_local)
+        runner = "torch.distributed.run" if multi else "mmemb.training.torchrun_local"
+        cmd = [py, "-m", runner, f"--nnodes={launch.nnodes}",
                f"--nproc-per-node={launch.nproc_per_node}"]
-        if launch.nnodes > 1 or launch.rdzv_endpoint:
+        if multi:
             cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv_endpoint}",
                     f"--rdzv-id={launch.rdzv_id or 'mmemb-' + stage}"]
         else:
-            cmd += ["--standalone"]
+            cmd += ["--standalone", "--local-addr=127.0.0.1"]
         cmd += w
     elif launch.launcher == "deepspeed":
         cmd = [py, "-m", "deepspeed.launcher.runner"]

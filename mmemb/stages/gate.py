@@ -160,9 +160,10 @@ def _deepspeed_engine(model: torch.nn.Module, cfg: GateConfig):
     import deepspeed
 
     from mmemb.training.deepspeed_config import ds_config
-    from mmemb.training.distributed import single_process_env
+    from mmemb.training.distributed import init_process_group, single_process_env
 
     single_process_env()
+    init_process_group()  # single node: the store listens on 127.0.0.1 only
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ds = ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), device, micro_batch=1,
                    grad_accum=1)

@@ -59,6 +59,7 @@ from mmemb.training.distributed import (
     single_process_env,
     world_size,
 )
+from mmemb.training.distributed import init_process_group as loopback_process_group
 from mmemb.training.module import (
     EmbedTrainModule,
     Item,
@@ -288,6 +289,7 @@ def run(cfg: TrainConfig, log: StepLogger = null_logger) -> StageResult:
     ds_logger.setLevel(logging.WARNING)
     if not dist.is_initialized():
         _forget_stale_groups()
+    loopback_process_group()  # single node: the store listens on 127.0.0.1 only
     deepspeed.init_distributed()
     try:
         return _run(cfg, log)

@@ -197,7 +197,7 @@ def embed_file(model: str, input_path: str, output: str, mode: str = "adaptive",
     rows = _read_inputs(Path(input_path))
     if not rows:
         raise ContractError(input_path, "has no rows.", fix="give at least one input.")
-    inputs, ids = [], []
+    inputs, ids, tasks = [], [], []
     for i, r in enumerate(rows):
         text = _pick(r, ("text", "qry_text", "qry"))
         inst = _pick(r, ("instruction", "qry_inst"))
@@ -207,9 +207,16 @@ def embed_file(model: str, input_path: str, output: str, mode: str = "adaptive",
                                 fix="give a 'text', 'instruction' or 'image' column.")
         inputs.append(EmbedInput.from_row(inst, text, img, image_root))
         ids.append(str(_pick(r, ("id", "pair_id", "row_id")) or i))
-    if len(set(ids)) != len(ids):
-        raise ContractError(input_path, "ids are not unique.", column="id",
-                            fix="make the id column unique or drop it (row numbers are used).")
+        tasks.append(str(r.get("task") or ""))
+    # an id is unique within its task (the eval artifact's key is task + row_id)
+    seen: dict[tuple[str, str], int] = {}
+    for i, key in enumerate(zip(tasks, ids, strict=True)):
+        if key in seen:
+            raise ContractError(input_path, f"id {key[1]!r} of task {key[0]!r} appears twice "
+                                f"(rows {seen[key]} and {i}).", row=i, column="id",
+                                fix="make (task, id) unique or drop the id column (row "
+                                "numbers are used).")
+        seen[key] = i
     emb = Embedder.from_pretrained(model)
     t0 = time.perf_counter()
     if mode == "direct":
@@ -217,7 +224,8 @@ def embed_file(model: str, input_path: str, output: str, mode: str = "adaptive",
         dt = (time.perf_counter() - t0) * 1000 / len(inputs)
         vecs = out.embeddings
         extra = [{"reasoned": False, "rationale": None, "n_gen_tokens": 0,
-                  "n_prompt_tokens": int(n), "latency_ms": dt} for n in out.n_tokens.tolist()]
+                  "n_prompt_tokens": int(n), "latency_ms": dt, "p_think": None}
+                 for n in out.n_tokens.tolist()]
     else:
         from mmemb.inference import AdaptiveEncoder
 
@@ -236,21 +244,47 @@ def embed_file(model: str, input_path: str, output: str, mode: str = "adaptive",
         extra = [{"reasoned": bool(res.reasoned[i]), "rationale": res.rationales[i],
                   "n_gen_tokens": int(res.n_gen_tokens[i]),
                   "n_prompt_tokens": int(res.n_prompt_tokens[i]),
-                  "latency_ms": float(res.latency_ms[i])} for i in range(len(inputs))]
+                  "latency_ms": float(res.latency_ms[i]),
+                  # the gate's own probability; in reason mode there is no decision pass
+                  "p_think": float(res.p_think[i]) if mode == "adaptive" else None}
+                 for i in range(len(inputs))]
     bad = (~torch.isfinite(vecs).all(dim=1)).nonzero().flatten().tolist()
     table = []
     for i, (rid, v, e) in enumerate(zip(ids, vecs.tolist(), extra, strict=True)):
-        table.append({"id": rid, "task": "", "side": "query", "mode": mode,
+        table.append({"id": rid, "task": tasks[i], "side": "query", "mode": mode,
                       "embedding": v if i not in bad else None, **e,
                       "status": "error" if i in bad else "ok",
                       "error": "non-finite embedding" if i in bad else None})
     return io.write(table, output, EMBEDDINGS)
 
 
+def embed_report(output: str) -> dict:
+    """How an ``embeddings`` artifact was produced: inputs, how many reasoned, p(think)."""
+    from data_contracts import io
+    from data_contracts.schemas import EMBEDDINGS
+
+    rows = io.read(output, EMBEDDINGS).drop_columns(["embedding"]).to_pylist()
+    ok = [r for r in rows if r["status"] == "ok"]
+    p = [r["p_think"] for r in ok if r["p_think"] is not None]
+    n_r = sum(bool(r["reasoned"]) for r in ok)
+    return {"inputs": len(rows), "ok": len(ok), "errors": len(rows) - len(ok),
+            "reasoned": n_r, "reasoned_share": n_r / len(ok) if ok else None,
+            "p_think_mean": sum(p) / len(p) if p else None,
+            "p_think_min": min(p) if p else None, "p_think_max": max(p) if p else None,
+            "gen_tokens_mean": (sum(r["n_gen_tokens"] or 0 for r in ok) / len(ok)
+                                if ok else None),
+            "per_row": "columns reasoned, p_think, n_gen_tokens, rationale of the artifact"}
+
+
 def cmd_embed(a: argparse.Namespace) -> int:
     ref = embed_file(a.model, a.input, a.output, a.mode, a.batch_size, a.image_root,
                      a.budget, a.threshold)
-    print(json.dumps(ref.to_dict(), indent=2))
+    rep = embed_report(ref.uri)
+    print(json.dumps({**ref.to_dict(), "report": rep}, indent=2))
+    share = "-" if rep["reasoned_share"] is None else f"{100 * rep['reasoned_share']:.0f}%"
+    pm = "-" if rep["p_think_mean"] is None else f"{rep['p_think_mean']:.3f}"
+    print(f"[embed] {rep['inputs']} inputs ({a.mode}): {rep['reasoned']} reasoned ({share}), "
+          f"mean p(think) {pm}, {rep['errors']} error(s); per row: {ref.uri}", file=sys.stderr)
     return 0
 
 

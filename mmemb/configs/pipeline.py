@@ -300,7 +300,13 @@ class PipelineConfig(StageConfig):
         bad = find_secrets(data) if isinstance(data, dict) else []
         if bad:
             raise ConfigError(f"{where}: {_secrets_message(bad)}")
-        return super().from_dict(data, where)
+        try:
+            return super().from_dict(data, where)
+        except ConfigError as e:
+            hint = _unwired_hint(str(e), data) if isinstance(data, dict) else ""
+            if not hint:
+                raise
+            raise ConfigError(f"{e}\n{hint}") from None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -331,6 +337,36 @@ class PipelineConfig(StageConfig):
 
     def launch_for(self, stage: str) -> LaunchConfig:
         return self.launch.get(stage) or LaunchConfig()
+
+
+_WIRED_FROM_PREPARE = re.compile(r"^\{(base_model|pairs|eval|image_root)\}$")
+
+
+def _unwired_hint(message: str, data: dict) -> str:
+    """When a stage misses a key that prepare would have wired (no eval set, say): what to
+    set, or which run.stages leave that stage out."""
+    missing: dict[str, list[str]] = {}
+    for stage in STAGES[1:]:
+        for field, template in WIRING[stage].items():
+            m = _WIRED_FROM_PREPARE.match(template)
+            if m and f"  - {stage}.{field}: required key is missing" in message:
+                missing.setdefault(stage, []).append(f"{field} (prepare's {m.group(1)})")
+    if not missing:
+        return ""
+    run = data.get("run") if isinstance(data.get("run"), dict) else {}
+    stages = [s for s in (run.get("stages") or STAGES) if s not in missing]
+    what = "; ".join(f"{s}.{', '.join(f)}" for s, f in missing.items())
+    prep = sorted({f.split("'s ")[1].rstrip(")") for fs in missing.values() for f in fs})
+    # a section that is present is validated even when run.stages leaves its stage out
+    drop = [s for s in missing if data.get(s) is not None]
+    yaml_drop = f" and no '{drop[0]}:' section" if len(drop) == 1 else (
+        f" and no {', '.join(drop)} sections" if drop else "")
+    cli_drop = "".join(f" --set {s}=null" for s in drop)
+    return (f"  hint: {what} comes from the prepare stage, and prepare.{'/'.join(prep)} is "
+            f"not set. Set prepare.{prep[0]} (or the key itself), or run without "
+            f"{', '.join(missing)}: run.stages=[{', '.join(stages)}]{yaml_drop} in the "
+            f"config, or on the command line --stages {','.join(stages)}{cli_drop} "
+            f"(mmemb run; mmemb config: --set 'run.stages=[{','.join(stages)}]'{cli_drop}).")
 
 
 def _secrets_message(keys: list[str]) -> str:

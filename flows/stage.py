@@ -124,8 +124,12 @@ def run_stage_from_file(stage: str, config_path: str, run_dir: str | None = None
     """Load the stage's config from a pipeline or stage YAML and run its flow."""
     config, run, launch = resolve_stage_inputs(stage, None, config_path, run_dir, None, None,
                                                overrides)
-    # validated (secrets refused) here, before the values become the flow's parameters
-    stage_pipeline_config(stage, config, run, launch)
+    # secrets refused here, before the values become the flow's parameters
+    from mmemb.configs.pipeline import refuse_secrets
+
+    refuse_secrets({"run": run.model_dump(mode="json"), stage: config.model_dump(mode="json"),
+                    "launch": {stage: launch.model_dump(mode="json")} if launch else {}},
+                   config_path)
     flow_obj = flow_obj or make_stage_flow(stage)
     return flow_obj(config=config, run=run, launch=launch, force=force,
                     parent_run_id=parent_run_id, verify=verify)

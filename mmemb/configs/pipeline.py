@@ -297,9 +297,7 @@ class PipelineConfig(StageConfig):
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "<config>") -> PipelineConfig:
-        bad = find_secrets(data) if isinstance(data, dict) else []
-        if bad:
-            raise ConfigError(f"{where}: {_secrets_message(bad)}")
+        refuse_secrets(data, where)
         try:
             return super().from_dict(data, where)
         except ConfigError as e:
@@ -367,6 +365,14 @@ def _unwired_hint(message: str, data: dict) -> str:
             f"{', '.join(missing)}: run.stages=[{', '.join(stages)}]{yaml_drop} in the "
             f"config, or on the command line --stages {','.join(stages)}{cli_drop} "
             f"(mmemb run; mmemb config: --set 'run.stages=[{','.join(stages)}]'{cli_drop}).")
+
+
+def refuse_secrets(data: Any, where: str = "<config>") -> None:
+    """Raise :class:`ConfigError` naming the keys of ``data`` (a config mapping) that hold a
+    secret; the message never quotes the values."""
+    bad = find_secrets(data) if isinstance(data, dict) else []
+    if bad:
+        raise ConfigError(f"{where}: {_secrets_message(bad)}")
 
 
 def _secrets_message(keys: list[str]) -> str:

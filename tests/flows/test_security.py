@@ -159,6 +159,17 @@ def test_run_refuses_a_secret_before_prefect_stores_it(tmp_path, capsys):
     assert not (tmp_path / "r" / ".prefect").exists()  # no flow run was created
 
 
+def test_stage_command_refuses_a_secret_too(tmp_path, capsys):
+    from flows.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"run": {"run_dir": str(tmp_path / "r")},
+                               "prepare": {**FAST_PREPARE, "out": "s3://u:hunter2@h/x"}}))
+    assert main(["stage", "prepare", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "prepare.out: holds a secret" in err and "hunter2" not in err
+
+
 def test_unfilled_deployment_template_is_refused(monkeypatch, tmp_path):
     from tasks.tracking import resolve_uri
 

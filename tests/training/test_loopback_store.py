@@ -11,6 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 #: Listening TCP sockets of this process, from /proc (no ss/netstat needed).
@@ -56,23 +58,43 @@ def _run(script: str, env: dict[str, str], timeout: float = 240) -> subprocess.C
                           cwd=ROOT, env=full, capture_output=True, text=True, timeout=timeout)
 
 
+_ENV1 = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+         "MASTER_ADDR": "127.0.0.1"}
+
+
+def _listening(p: subprocess.CompletedProcess) -> list[list]:
+    assert p.returncode == 0, p.stderr[-4000:]
+    line = next(x for x in p.stdout.splitlines() if x.startswith("LISTEN"))
+    return json.loads(line.split(" ", 1)[1])
+
+
 def test_single_process_store_listens_on_loopback_only():
-    """What stage 4 and 5 do in a plain run: our group first, then DeepSpeed's init."""
     port = _free_port()
-    p = _run("""
-        import json, os, deepspeed
+    listening = _listening(_run("""
+        import json, os, torch, torch.distributed as dist
+        from mmemb.training.distributed import init_process_group
+        assert init_process_group("gloo") is True
+        t = torch.ones(1); dist.all_reduce(t)
+        print("LISTEN", json.dumps(listeners(os.getpid())))
+        dist.destroy_process_group()
+    """, {**_ENV1, "MASTER_PORT": str(port)}))
+    assert [ip for ip, prt in listening if prt == port] == ["127.0.0.1"]
+    assert all(ip in ("127.0.0.1", "::1") for ip, _ in listening), listening
+
+
+@pytest.mark.slow  # DeepSpeed's CPU init loads (first time: builds) its shm op: 7-100 s
+def test_deepspeed_init_reuses_the_loopback_group():
+    """What stages 4 and 5 do in a plain run: our group first, then DeepSpeed's init."""
+    port = _free_port()
+    listening = _listening(_run("""
+        import json, os, deepspeed, torch, torch.distributed as dist
         from mmemb.training.distributed import init_process_group
         assert init_process_group() is True
         deepspeed.init_distributed()
-        import torch, torch.distributed as dist
         t = torch.ones(1); dist.all_reduce(t)
-        print("LISTEN", json.dumps(listeners(os.getpid())), dist.get_backend())
+        print("LISTEN", json.dumps(listeners(os.getpid())))
         deepspeed.comm.destroy_process_group()
-    """, {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-          "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    assert p.returncode == 0, p.stderr[-4000:]
-    line = next(x for x in p.stdout.splitlines() if x.startswith("LISTEN"))
-    listening = json.loads(line.split(" ", 1)[1].rsplit(" ", 1)[0])
+    """, {**_ENV1, "MASTER_PORT": str(port)}))
     assert [ip for ip, prt in listening if prt == port] == ["127.0.0.1"]
     assert all(ip in ("127.0.0.1", "::1") for ip, _ in listening), listening
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_contracts.schemas import META_NAME, META_VERSION, Contract
+from data_contracts.schemas import META_NAME, META_VERSION, RESERVED_MARKUP, Contract
 
 MANIFEST = "_manifest.json"
 DEFAULT_SHARD_ROWS = 50_000
@@ -273,10 +273,13 @@ def _check_manifest(mpath: Path, m: object) -> None:
 
 
 def read(path: str | Path, contract: Contract, *, check_paths: bool = False,
-         image_root: str | Path | None = None, verify_digest: bool = True) -> pa.Table:
+         image_root: str | Path | None = None, verify_digest: bool = True,
+         allow_outside_root: bool = False) -> pa.Table:
     """Read and validate an artifact folder or a single Parquet file.
 
     Raises :class:`ContractError` naming the file, column and row of the first problem.
+    With ``image_root``, every image path must lie inside it (links resolved) unless
+    ``allow_outside_root``.
     """
     path = Path(path)
     if not path.exists():
@@ -309,7 +312,8 @@ def read(path: str | Path, contract: Contract, *, check_paths: bool = False,
                 raise ContractError(f, f"holds {t.num_rows} rows, the manifest says "
                                     f"{p['rows']}.", fix="rerun the stage that produces it.")
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    validate(table, contract, str(path), check_paths=check_paths, image_root=image_root)
+    validate(table, contract, str(path), check_paths=check_paths, image_root=image_root,
+             allow_outside_root=allow_outside_root)
     return table
 
 
@@ -337,8 +341,13 @@ def _read_file(f: Path, contract: Contract) -> pa.Table:
 
 
 def validate(table: pa.Table, contract: Contract, where: str = "<memory>", *,
-             check_paths: bool = False, image_root: str | Path | None = None) -> None:
-    """Check the contract's value rules; raise on the first broken row."""
+             check_paths: bool = False, image_root: str | Path | None = None,
+             allow_outside_root: bool = False) -> None:
+    """Check the contract's value rules; raise on the first broken row.
+
+    ``image_root``: image paths must resolve (links followed) inside it, unless
+    ``allow_outside_root``; ``check_paths``: they must also be regular files.
+    """
     _check_nulls(table, contract, where)
     for name in contract.non_empty:
         col = table.column(name)
@@ -353,6 +362,24 @@ def validate(table: pa.Table, contract: Contract, where: str = "<memory>", *,
             if v is not None and v not in allowed:
                 raise ContractError(where, f"value {v!r} not one of {list(allowed)}",
                                     column=name, row=i)
+    if contract.finite_if_ok:
+        ok = [s == "ok" for s in table.column("status").to_pylist()]
+        for name in contract.finite_if_ok:
+            for i, v in enumerate(table.column(name).to_pylist()):
+                if ok[i] and (v is None or not math.isfinite(v)):
+                    raise ContractError(where, f"{v!r} in a row with status 'ok': a scored "
+                                        f"row needs a finite {name}", column=name, row=i,
+                                        fix="give the row status 'error' with the reason, "
+                                        "or rerun the stage that wrote it.")
+    for name in contract.no_markup:
+        for i, v in enumerate(table.column(name).to_pylist()):
+            bad = [t for t in RESERVED_MARKUP if v and t in v]
+            if bad:
+                raise ContractError(where, f"holds reserved token(s) {bad}: a rationale with "
+                                    "them would end the reasoning span early or move the "
+                                    "pooling position", column=name, row=i,
+                                    fix="drop the row's rationale (null) or rerun stage 3, "
+                                    "which filters such candidates as malformed.")
     if contract.key:
         seen: dict[tuple, int] = {}
         cols = [table.column(k).to_pylist() for k in contract.key]
@@ -371,15 +398,70 @@ def validate(table: pa.Table, contract: Contract, where: str = "<memory>", *,
                 raise ContractError(where, f"list columns {list(group)} have lengths {list(ls)}",
                                     column=group[1], row=i,
                                     fix="every list in the group needs one entry per item.")
+    if image_root is not None and not allow_outside_root:
+        _check_confined(table, contract, where, image_root)
     if check_paths:
         root = Path(image_root) if image_root else Path(".")
         for name in contract.path_columns:
             for i, v in enumerate(table.column(name).to_pylist()):
                 for p in (v if isinstance(v, list) else [v]):
                     if p and not (root / p).is_file():
-                        raise ContractError(where, f"image {str(root / p)!r} does not exist",
+                        what = ("is not a regular file (a FIFO, device or folder)"
+                                if (root / p).exists() else "does not exist")
+                        raise ContractError(where, f"image {str(root / p)!r} {what}",
                                             column=name, row=i,
                                             fix="fix the path or the image_root setting.")
+
+
+class _Confiner:
+    """Is ``root / path`` inside ``root`` once links are resolved? Each folder is resolved
+    and listed once (an artifact holds many paths in few folders), so a path costs a dict
+    lookup; a final component that is a link is resolved on its own."""
+
+    def __init__(self, root: str | Path):
+        self.root = os.fspath(root)
+        real = os.path.realpath(self.root)
+        self.real_root = real
+        self.prefix = real.rstrip(os.sep) + os.sep
+        self._dirs: dict[str, tuple[str, frozenset[str]]] = {}
+
+    def _folder(self, head: str) -> tuple[str, frozenset[str]]:
+        got = self._dirs.get(head)
+        if got is None:
+            real = os.path.realpath(head)
+            try:
+                with os.scandir(real) as it:
+                    links = frozenset(e.name for e in it if e.is_symlink())
+            except OSError:  # missing or not a folder: nothing in it can be a link
+                links = frozenset()
+            got = self._dirs[head] = (real, links)
+        return got
+
+    def outside(self, path: str) -> str | None:
+        """Where ``path`` resolves to when that is outside the root, else None."""
+        head, tail = os.path.split(os.path.join(self.root, path))
+        d, links = self._folder(head)
+        real = os.path.join(d, tail)
+        if tail in ("", ".", "..") or tail in links:
+            real = os.path.realpath(real)
+        return None if real == self.real_root or real.startswith(self.prefix) else real
+
+
+def _check_confined(table: pa.Table, contract: Contract, where: str,
+                    image_root: str | Path) -> None:
+    conf = _Confiner(image_root)
+    for name in contract.path_columns:
+        for i, v in enumerate(table.column(name).to_pylist()):
+            for p in (v if isinstance(v, list) else [v]):
+                real = conf.outside(p) if p else None
+                if real is not None:
+                    raise ContractError(
+                        where, f"image path {p!r} resolves to {real!r}, outside the image "
+                        f"root {conf.real_root!r}", column=name, row=i,
+                        fix="fix the path (relative to the image root, no '..' out of it, "
+                        "no link out of it), move the image under the root, or allow it "
+                        "explicitly: allow_images_outside_root: true in the stage's section "
+                        "(run.images.allow_outside_root for every stage).")
 
 
 def _check_nulls(table: pa.Table, contract: Contract, where: str) -> None:

@@ -20,7 +20,15 @@ META_NAME = b"mmemb.contract"
 META_VERSION = b"mmemb.schema_version"
 
 #: Row outcome values shared by every produced artifact. Failed rows are kept, never dropped.
-STATUS_VALUES = ("ok", "truncated", "empty", "error", "skipped")
+#: ``too_long``: the input did not fit the model's context and was not submitted (stage 1:
+#: the teacher prompt, its token count in ``prompt_tokens``).
+STATUS_VALUES = ("ok", "truncated", "empty", "error", "skipped", "too_long")
+
+#: Strings a text column marked ``no_markup`` must not hold: the embedding format's tokens
+#: and Qwen's chat and vision markers (= ``mmemb.teachers.base.RESERVED_TOKENS``).
+RESERVED_MARKUP = ("<think>", "</think>", "<emb>", "<|im_start|>", "<|im_end|>",
+                   "<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                   "<|video_pad|>")
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,10 @@ class Contract:
     path_columns: tuple[str, ...] = ()
     # Columns restricted to a set of values.
     enums: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Text columns that must not hold a RESERVED_MARKUP string.
+    no_markup: tuple[str, ...] = ()
+    # Numeric columns that must be non-null and finite in every row whose status is "ok".
+    finite_if_ok: tuple[str, ...] = ()
     doc: str = ""
 
     @property
@@ -131,15 +143,19 @@ EVAL_CORPUS = Contract(
 
 RATIONALES = Contract(
     name="rationales",
-    version=1,
+    version=2,  # 2: raw_text, prompt_tokens, status too_long
     schema=_s(
         pa.field("pair_id", _str, nullable=False),
         pa.field("side", _str, nullable=False),  # "query" | "target"
         pa.field("teacher_id", _str, nullable=False),
         pa.field("cand_idx", pa.int32(), nullable=False),
-        pa.field("text", _str),
-        pa.field("n_tokens", pa.int32()),
-        pa.field("finish_reason", _str),  # "stop" | "length" | ...
+        pa.field("text", _str),  # the rationale
+        # The teacher's verbatim output when `text` was cut out of it (its own <think> span
+        # parsed, teacher option think_output); null when `text` is the output itself.
+        pa.field("raw_text", _str),
+        pa.field("n_tokens", pa.int32()),  # tokens of `text` (verbatim: tokens generated)
+        pa.field("prompt_tokens", pa.int32()),  # the prompt as measured; null: the oracle
+        pa.field("finish_reason", _str),  # "stop" | "length" | ...; null: never generated
         pa.field("status", _str, nullable=False),
         pa.field("error", _str),
         pa.field("backend", _str),  # "vllm" | "hf" | "oracle"
@@ -178,6 +194,8 @@ SCORES = Contract(
     key=("pair_id", "teacher_id", "cand_idx"),
     non_empty=("pair_id", "teacher_id", "status"),
     enums={"status": STATUS_VALUES},
+    finite_if_ok=("delta", "s_with", "s_without", "cos_with", "cos_without", "rank_with",
+                  "rank_without"),
     doc="Stage 2: counterfactual utility delta = s(q + r) - s(q) per candidate.",
 )
 
@@ -198,6 +216,7 @@ SELECTIONS = Contract(
     non_empty=("pair_id", "dataset"),
     same_length=(("neg_text", "neg_img_path"),),
     path_columns=("qry_img_path", "pos_img_path", "neg_img_path"),
+    no_markup=("rationale",),  # stage 3 filters malformed candidates; a hand-made file too
     doc="Stage 3: the stage-4 training set, one row per pair with its chosen rationale.",
 )
 

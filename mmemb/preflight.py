@@ -525,23 +525,27 @@ class _Preflight:
     # ------------------------------------------------------------------ teacher budget
     def check_budget(self, i: int, t, m: _Model) -> None:
         """Worst-case image + template text + max_tokens within the engine's context."""
-        from mmemb.model.prompts import EmbedInput, chat_renderer, teacher_prompt
+        import math
+        from types import SimpleNamespace
+
+        from mmemb.model.prompts import EmbedInput
         from mmemb.model.resolution import Grid
-        from mmemb.teachers.base import PROMPT_TEMPLATES
+        from mmemb.teachers.base import PROMPT_TEMPLATES, GenRequest, PromptBudget
 
         grid = Grid.of(m.processor)
         max_px, min_px = getattr(t, "max_pixels", None), getattr(t, "min_pixels", None)
         hi = min(grid.max_pixels, max_px or grid.max_pixels)
         img = _square_tokens(hi, grid, max_px, min_px)
-        # the prompt as the model teachers build and count it (teachers.base.PromptBudget):
-        # the checkpoint's own chat template, one placeholder token per image
-        render = chat_renderer(m.processor)
+        # the prompt as the model teachers build and count it, through the same counter
+        budget = PromptBudget(m.processor, t.max_model_len, max_px, min_px)
+        side = math.isqrt(int(hi))
         text = 0
-        for side in self.cfg.generate.sides:
-            prompt = teacher_prompt(EmbedInput(images=["image"]),
-                                    PROMPT_TEMPLATES[t.template_version(side)], render=render)
-            n = len(m.tokenizer(prompt)["input_ids"])
-            text = max(text, n - prompt.count(IMAGE_PAD))
+        for side_name in self.cfg.generate.sides:
+            req = GenRequest("preflight", side_name, EmbedInput(images=["image"]))
+            prompt = req.prompt(PROMPT_TEMPLATES[t.template_version(side_name)],
+                                render=budget.render)
+            worst = budget.count(prompt, [SimpleNamespace(size=(side, side))])
+            text = max(text, worst - img)
         out = t.sampling.max_tokens
         need = img + text + out
         if need <= t.max_model_len:

@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mmemb.model.images import DEFAULT_MAX_DECODE_PIXELS
+
 T = TypeVar("T", bound="StageConfig")
 
 
@@ -35,9 +37,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 class StageConfig(BaseModel):
-    """Common behaviour: forbid unknown keys, validate on assignment, YAML in and out."""
+    """Common behaviour: forbid unknown keys, validate on assignment, YAML in and out.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    Floats are finite: ``.nan``/``.inf`` (YAML) or ``nan`` (an override) fail validation in
+    every field of every section; ``lr=.inf`` would otherwise pass ``gt=0``, and a NaN
+    ``margin`` compares false with everything.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @classmethod
     def from_yaml(cls: type[T], path: str | Path, section: str | None = None,
@@ -107,13 +114,64 @@ class StageConfig(BaseModel):
         return out
 
 
+def _is_model(tp) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _as_model(tp) -> type | None:
+    """``tp`` itself, or the one config class of an optional/union type."""
+    import typing
+
+    if _is_model(tp):
+        return tp
+    ms = [a for a in typing.get_args(tp) if _is_model(a)]
+    return ms[0] if len(ms) == 1 else None
+
+
+def _child(tp, key):
+    """The type of ``key`` inside ``tp``: a field of a config class, a member of a union
+    (pydantic names the member it tried), an item of a list, a value of a dict."""
+    import typing
+
+    if _is_model(tp):
+        f = tp.model_fields.get(key) if isinstance(key, str) else None
+        return f.annotation if f is not None else None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (list, set, frozenset) and args:
+        return args[0]
+    if origin is tuple and args:
+        return args[0] if len(args) == 2 and args[1] is Ellipsis else (
+            args[key] if isinstance(key, int) and key < len(args) else None)
+    if origin is dict and len(args) == 2:
+        return args[1]
+    named = [a for a in args if getattr(a, "__name__", None) == key]
+    if named:
+        return named[0]
+    for a in args:  # Optional[X] / X | Y: the first member that has the key
+        c = _child(a, key) if a is not type(None) else None
+        if c is not None:
+            return c
+    return None
+
+
+def _model_at(cls: type, loc: tuple) -> type | None:
+    """The config class that holds the key at ``loc`` (its last element)."""
+    tp = cls
+    for key in loc[:-1]:
+        tp = _child(tp, key)
+        if tp is None:
+            return None
+    return _as_model(tp)
+
+
 def format_validation_error(e: ValidationError, cls: type, where: str) -> str:
     lines = [f"{where}: invalid {cls.__name__}:"]
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "<root>"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            known = ", ".join(sorted(cls.model_fields))
+            here = _model_at(cls, tuple(err["loc"])) or cls
+            known = ", ".join(sorted(here.model_fields))
             msg = f"unknown key (a typo?). Known keys here: {known}"
         elif err["type"] == "missing":
             msg = "required key is missing; add it"
@@ -132,3 +190,10 @@ class ImageResolution(StageConfig):
                             "the processor grid within [min_pixels, max_pixels] (1 MP ~ 1,300 "
                             "image tokens on Qwen2-VL); the processor's own limits still apply")
     min_pixels: int | None = Field(None, ge=1, description="None: the processor's own minimum")
+    max_decode_pixels: int | None = Field(
+        DEFAULT_MAX_DECODE_PIXELS, ge=1, description="an image that would decode to more "
+        "pixels is refused (a per-row error); JPEGs decode reduced first. None: no limit "
+        "but PIL's own (179 MP)")
+    allow_images_outside_root: bool = Field(
+        False, description="read image paths that resolve outside image_root (absolute, "
+        "'..', links out of it); off: such a row is refused, naming file, column and row")

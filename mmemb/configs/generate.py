@@ -22,10 +22,21 @@ from mmemb.teachers.base import DEFAULT_PROMPT_VERSION, PROMPT_TEMPLATES
 
 
 class SamplingConfig(StageConfig):
-    """vLLM's ``SamplingParams`` (and transformers' ``generate``) knobs; recorded per row."""
+    """vLLM's ``SamplingParams`` (and transformers' ``generate``) knobs; recorded per row.
+
+    Every one is passed explicitly to both backends: a checkpoint's ``generation_config.json``
+    must not change what the config says (Qwen2-VL's has ``top_k: 1``, so a transformers
+    ``generate`` that leaves top_k out samples greedily: K identical candidates).
+    """
 
     temperature: float = Field(1.0, ge=0, description="0 = greedy (then K samples are equal)")
-    top_p: float = Field(0.95, gt=0, le=1)
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling; 1 = off")
+    top_k: int = Field(0, ge=0, description="sample among the k likeliest tokens; 0 = off "
+                       "(vLLM's -1 is written 0 here: transformers refuses -1)")
+    min_p: float = Field(0.0, ge=0, le=1, description="drop tokens below min_p x the top "
+                         "token's probability; 0 = off")
+    repetition_penalty: float = Field(1.0, gt=0, description="> 1 discourages repeating "
+                                      "prompt and output tokens; 1 = off")
     max_tokens: int = Field(96, ge=1, description="longer outputs are kept as 'truncated'")
     stop: list[str] = Field(default_factory=list, description="stop strings (not included in "
                             "the text), e.g. a reasoning teacher's '</think>'")
@@ -52,10 +63,20 @@ class TeacherConfig(StageConfig):
         description="oracle only: share of each candidate kind")
     batch_size: int = Field(512, ge=1, description="prompts per engine call (vllm: large "
                             "chunks keep the engine's scheduler full; hf: the generate batch)")
+    think_output: Literal["answer", "thinking"] = Field(
+        "answer", description="a teacher that writes its own <think>...</think> (Qwen3-VL "
+        "Thinking): answer = the text after </think> is the rationale (the prompt asks for "
+        "one or two sentences; the thinking is the model's scratchpad); thinking = the text "
+        "inside. The verbatim output is kept in the raw_text column")
+    max_pixels: int | None = Field(None, ge=28 * 28, description="images are resized onto "
+                                   "the processor grid within [min_pixels, max_pixels] "
+                                   "(wired from run.resolution); None: the processor's own")
+    min_pixels: int | None = Field(None, ge=1, description="None: the processor's own minimum")
     # --- vLLM engine
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (vllm)")
     dtype: str = Field("auto", description="engine dtype: auto | bfloat16 | float16 | float32")
-    max_model_len: int = Field(2048, ge=64)
+    max_model_len: int = Field(2048, ge=64, description="prompt budget (hf and vllm): a "
+                               "longer prompt is not submitted, its rows get status too_long")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     enforce_eager: bool | None = Field(None, description="None: eager on CPU (graph capture "
                                        "costs more than it saves there), graphs on GPU")
@@ -80,6 +101,10 @@ class TeacherConfig(StageConfig):
             raise ValueError(f"teacher {self.id!r}: prompt_version {self.prompt_version!r} is "
                              f"not one of {sorted(PROMPT_TEMPLATES)}; add a new template to "
                              "mmemb/teachers/base.py instead of editing an old one")
+        if self.min_pixels is not None and self.max_pixels is not None and \
+                self.min_pixels > self.max_pixels:
+            raise ValueError(f"teacher {self.id!r}: min_pixels={self.min_pixels} is above "
+                             f"max_pixels={self.max_pixels}; lower it or raise max_pixels")
         if self.backend == "oracle":
             bad = set(self.shares) - {"correct", "wrong", "irrelevant"}
             if bad or not self.shares or min(self.shares.values()) < 0 or \
@@ -100,6 +125,8 @@ class GenerateConfig(StageConfig):
 
     pairs: str = Field(..., description="training pairs artifact (contract 'pairs')")
     image_root: str | None = Field(None, description="folder image paths are relative to")
+    allow_images_outside_root: bool = Field(False, description="read image paths resolving "
+                                            "outside image_root (see run.images)")
     out: str = Field("runs/generate", description="stage folder; rationales go to "
                      "<out>/rationales")
     teachers: list[TeacherConfig] = Field(..., min_length=1)

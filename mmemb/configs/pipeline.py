@@ -33,6 +33,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from mmemb.configs.base import ConfigError, StageConfig, read_yaml
 from mmemb.configs.prepare import PrepareConfig
+from mmemb.model.images import DEFAULT_MAX_DECODE_PIXELS
 from mmemb.redact import find_secrets
 
 #: Stage order. ``prepare`` is stage 0 (base model + data), then the method's five stages
@@ -123,6 +124,17 @@ class ResolutionConfig(StageConfig):
     min_pixels: int | None = Field(None, ge=1, description="None: the processor's own")
 
 
+class ImagesConfig(StageConfig):
+    """How image files from the data are opened, for the whole run: wired into every
+    stage section that reads images and leaves the setting out."""
+
+    allow_outside_root: bool = Field(False, description="read image paths that resolve "
+                                     "outside the image root (absolute, '..', links out)")
+    max_decode_pixels: int | None = Field(DEFAULT_MAX_DECODE_PIXELS, ge=1, description=""
+                                          "refuse an image that would decode to more pixels "
+                                          "(per row); None: PIL's own limit only")
+
+
 class RunSection(StageConfig):
     """The run as a whole."""
 
@@ -130,6 +142,7 @@ class RunSection(StageConfig):
     run_dir: str = "runs/demo"
     seed: int = Field(0, description="default seed of every stage whose section sets none")
     resolution: ResolutionConfig = ResolutionConfig()
+    images: ImagesConfig = ImagesConfig()
     stages: list[StageName] = Field(default_factory=lambda: list(STAGES),
                                     description="stages this pipeline runs, in order")
     tracking: TrackingConfig = TrackingConfig()
@@ -221,6 +234,18 @@ def _wire_resolution(stage: str, raw: dict, fields: set[str], res: dict) -> None
             t.setdefault(k, v)
 
 
+#: ``run.images`` key -> the stage field it fills.
+_IMAGE_FIELDS = {"allow_outside_root": "allow_images_outside_root",
+                 "max_decode_pixels": "max_decode_pixels"}
+
+
+def _wire_images(raw: dict, fields: set[str], images: dict) -> None:
+    """``run.images`` into the stage's own fields unless its section sets them."""
+    for k, field in _IMAGE_FIELDS.items():
+        if field in fields and k in images:
+            raw.setdefault(field, images[k])
+
+
 def wire(data: dict[str, Any]) -> dict[str, Any]:
     """Fill the stage fields the YAML leaves out from the run dir and upstream outputs."""
     data = copy.deepcopy(data)
@@ -256,6 +281,7 @@ def wire(data: dict[str, Any]) -> dict[str, Any]:
         if "seed" in fields and "seed" not in raw:
             raw["seed"] = seed
         _wire_resolution(stage, raw, fields, res)
+        _wire_images(raw, fields, dict(run.get("images") or {}))
         data[stage] = raw
     gate, train = data.get("gate"), data.get("train")
     if isinstance(gate, dict) and isinstance(train, dict):

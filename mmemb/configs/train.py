@@ -42,7 +42,8 @@ class LoraSettings(StageConfig):
     """peft LoRA on the language model's linear layers (the vision tower is not adapted).
 
     The final ``student`` is saved with the adapter merged (a plain checkpoint every later
-    stage loads the same way); the unmerged adapter is kept beside it in ``out/adapter``.
+    stage loads the same way); the unmerged adapter is kept beside it in ``out/adapter``
+    (with the trained token rows, when ``train_token_rows``: they are part of the adapter).
     """
 
     r: int = Field(16, ge=1)
@@ -50,6 +51,14 @@ class LoraSettings(StageConfig):
     dropout: float = Field(0.0, ge=0, lt=1, description="0 keeps the forward deterministic, "
                            "which gradient caching needs (no RNG replay)")
     target_modules: list[str] = Field(default_factory=lambda: list(LM_LINEAR))
+    train_token_rows: bool = Field(
+        True, description="also train the embedding rows of <think>, </think> and <emb> (and "
+        "their LM-head rows; shared when the head is tied) through peft's "
+        "trainable_token_indices. LoRA freezes everything else, and these rows are new "
+        "(<emb> in every family, <think>/</think> outside Qwen3-VL: only mean-initialised) or "
+        "get a new role (Qwen3-VL's <think>): frozen, <emb>'s input row and the LM-head rows "
+        "the stage-5 gate reads (<think> vs <emb>) could never learn. Every other row stays "
+        "exactly the base's; false reproduces adapters-only LoRA")
 
 
 class TrainConfig(ImageResolution):

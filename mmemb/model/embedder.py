@@ -24,10 +24,12 @@ import torch
 import torch.nn.functional as F
 
 import mmemb  # noqa: F401  (CPU torchvision shim)
+from mmemb.model.images import DEFAULT_MAX_DECODE_PIXELS, TargetFn
 from mmemb.model.prompts import EMBEDDING_CONFIG_FILE, EmbeddingConfig, EmbedInput, embed_prompt
-from mmemb.model.resolution import Grid, fit_image
+from mmemb.model.resolution import Grid, fit_image, target_size
 
 Mode = Literal["direct", "reason", "auto"]
+IMAGE_PAD = "<|image_pad|>"  # one per image in a prompt, expanded by the processor
 
 
 class EmbeddingConfigMismatch(ValueError):
@@ -45,19 +47,53 @@ class EncoderOutput:
     attention_mask: torch.Tensor | None = None  # [B, T]
 
 
-def load_image(path_or_img, max_pixels: int | None = None):
-    """Open an image as RGB; CMYK, palette, 16-bit and animated inputs are converted."""
+def load_image(path_or_img, max_pixels: int | None = None, *,
+               max_decode_pixels: int | None = DEFAULT_MAX_DECODE_PIXELS,
+               target: TargetFn | None = None):
+    """Open an image as RGB; CMYK, palette, 16-bit and animated inputs are converted.
+
+    A path goes through :func:`mmemb.model.images.open_image`: regular files only, the
+    decode limit, large images decoded reduced. ``target`` (original size -> the size the
+    caller resizes to, e.g. the processor grid's): an image decoded smaller than the file
+    is resized here to exactly that target, computed from the *original* size, so the
+    token count is the one the header predicts (unreduced images are returned as decoded,
+    for the caller's resize as before). ``max_pixels``: cap the area, aspect kept.
+    """
+    if not isinstance(path_or_img, (str, Path)):
+        img = _to_rgb(path_or_img)
+    else:
+        from mmemb.model.images import open_image
+
+        want_of = target
+        if want_of is None and max_pixels:
+            want_of = lambda w, h: _capped(w, h, max_pixels)  # noqa: E731
+        img, orig, reduced = open_image(path_or_img, max_decode_pixels=max_decode_pixels,
+                                        target=want_of, convert=_to_rgb)
+        if target is not None and reduced:
+            w, h = target(*orig)
+            if img.width != img.height and (img.width > img.height) != (w > h):
+                w, h = h, w  # EXIF turned the image by 90 degrees
+            if img.size != (w, h):
+                img = img.resize((w, h), resample=3)  # bicubic, as fit_image and HF
+    if max_pixels and img.width * img.height > max_pixels:
+        scale = (max_pixels / (img.width * img.height)) ** 0.5
+        img = img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))))
+    if min(img.size) < 2:
+        img = img.resize((max(2, img.width), max(2, img.height)))
+    return img
+
+
+def _capped(w: int, h: int, max_pixels: int) -> tuple[int, int]:
+    if w * h <= max_pixels:
+        return w, h
+    scale = (max_pixels / (w * h)) ** 0.5
+    return max(1, int(w * scale)), max(1, int(h * scale))
+
+
+def _to_rgb(img):
+    """First frame, EXIF orientation, then RGB (alpha composited on white)."""
     from PIL import Image, ImageOps
 
-    if not isinstance(path_or_img, (str, Path)):
-        img = path_or_img
-    else:
-        try:
-            img = Image.open(path_or_img)
-            img.load()
-        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
-            raise ValueError(f"image {str(path_or_img)!r} cannot be read ({type(e).__name__}: "
-                             f"{e}); fix or remove it") from e
     if getattr(img, "is_animated", False):
         img.seek(0)  # first frame of an animated GIF/PNG
     img = ImageOps.exif_transpose(img)
@@ -67,13 +103,7 @@ def load_image(path_or_img, max_pixels: int | None = None):
         img = img.convert("RGBA")
         bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(bg, img)
-    img = img.convert("RGB")
-    if max_pixels and img.width * img.height > max_pixels:
-        scale = (max_pixels / (img.width * img.height)) ** 0.5
-        img = img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))))
-    if min(img.size) < 2:
-        img = img.resize((max(2, img.width), max(2, img.height)))
-    return img
+    return img.convert("RGB")
 
 
 def hf_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -87,9 +117,11 @@ class Embedder(torch.nn.Module):
 
     def __init__(self, model, processor, config: EmbeddingConfig | None = None,
                  max_pixels: int = 1024 * 1024, max_text_tokens: int = 2048,
-                 min_pixels: int | None = None):
+                 min_pixels: int | None = None,
+                 max_decode_pixels: int | None = DEFAULT_MAX_DECODE_PIXELS):
         super().__init__()
         self.min_pixels = min_pixels
+        self.max_decode_pixels = max_decode_pixels
         self.save_dtype: torch.dtype | None = None  # set by from_pretrained (source dtype)
         self.max_text_tokens = max_text_tokens
         self.model = model
@@ -118,7 +150,9 @@ class Embedder(torch.nn.Module):
                         new_token_init: str = "mean",
                         trust_remote_code: bool = False, attn_implementation: str = "sdpa",
                         max_pixels: int = 1024 * 1024, max_text_tokens: int = 2048,
-                        min_pixels: int | None = None) -> Embedder:
+                        min_pixels: int | None = None,
+                        max_decode_pixels: int | None = DEFAULT_MAX_DECODE_PIXELS
+                        ) -> Embedder:
         """Load any checkpoint through the one path of :mod:`mmemb.model.loading`.
 
         Refuses one whose saved embedding config differs from ``expect``. A base without
@@ -133,7 +167,7 @@ class Embedder(torch.nn.Module):
 
         from mmemb.model import loading
 
-        path = Path(path) if Path(path).exists() else path
+        path = loading.resolve_model(path)  # a missing folder is named as such
         saved = EmbeddingConfig.load(path) if isinstance(path, Path) else None
         if expect is not None and saved is not None and saved != expect:
             diff = {k: (v, getattr(expect, k)) for k, v in saved.model_dump().items()
@@ -165,7 +199,7 @@ class Embedder(torch.nn.Module):
                                       round_to=loading.source_dtype(src)
                                       if isinstance(src, Path) else None)
         emb = cls(model, processor, cfg, max_pixels=max_pixels, max_text_tokens=max_text_tokens,
-                  min_pixels=min_pixels)
+                  min_pixels=min_pixels, max_decode_pixels=max_decode_pixels)
         emb.save_dtype = loading.source_dtype(src) if isinstance(src, Path) else None
         if device is not None:
             emb.to(device)
@@ -205,14 +239,37 @@ class Embedder(torch.nn.Module):
 
     # ------------------------------------------------------------------ tokenisation
     def tokenize(self, texts: list[str], images: list[list]) -> dict[str, torch.Tensor]:
-        """Run the processor on full prompt strings; images are expanded to their tokens."""
-        flat = [fit_image(load_image(im), self.grid, self.max_pixels, self.min_pixels)
+        """Run the processor on full prompt strings; images are expanded to their tokens.
+
+        Each prompt must hold one image slot per image (the prompt builders write them and
+        escape any in the data); a mismatch is refused here, naming the input, instead of
+        failing inside the processor."""
+        for i, (t, ims) in enumerate(zip(texts, images, strict=True)):
+            n = t.count(IMAGE_PAD)
+            if n != len(ims):
+                raise ValueError(f"input {i}: its prompt has {n} image slot(s) ({IMAGE_PAD}) "
+                                 f"for {len(ims)} image(s); build prompts with "
+                                 "mmemb.model.prompts (it escapes markup found in the data)")
+        flat = [fit_image(self.load_image(im), self.grid, self.max_pixels, self.min_pixels)
                 for ims in images for im in ims]  # the run's resolution (mmemb.model.resolution)
         kw = dict(text=texts, padding=True, return_tensors="pt")
         if flat:
             kw["images"] = flat
         batch = self.processor(**kw)
         return {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size an image of ``width x height`` is given to the processor at."""
+        if self.grid is None:
+            return _capped(width, height, self.max_pixels) if self.max_pixels else (width,
+                                                                                    height)
+        return target_size(width, height, self.grid, self.max_pixels, self.min_pixels)
+
+    def load_image(self, path_or_img):
+        """One image as the embedder sees it before :func:`fit_image`: decoded within
+        ``max_decode_pixels``, reduced while decoding where the format allows."""
+        return load_image(path_or_img, max_decode_pixels=self.max_decode_pixels,
+                          target=self.target_size)
 
     def prompts(self, inputs: list[EmbedInput], mode: Mode = "direct") -> list[str]:
         """Prompt strings: ``direct`` ignores rationales, ``reason`` requires one per input,

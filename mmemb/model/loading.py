@@ -57,6 +57,49 @@ class CheckpointError(ValueError):
 
 
 # ---------------------------------------------------------------------------- folders
+def looks_like_hub_id(value: str) -> bool:
+    """``org/name``: one slash, not absolute, not relative-looking (``./x``, ``~/x``)."""
+    return (value.count("/") == 1 and not value.startswith(("/", ".", "~"))
+            and all(part and not part.startswith(".") for part in value.split("/")))
+
+
+def resolve_model(path: str | Path) -> Path | str:
+    """A checkpoint folder as a ``Path``, a hub id (``org/name``) as a ``str``.
+
+    A path that exists but is a file, and one that names no folder and cannot be a hub id
+    (absolute, ``./``, several components: ``runs/demo/train/student``), is refused here
+    with what is missing, instead of the hub client's "Repo id must be in the form ...".
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise CheckpointError(f"model {str(path)!r} is a file, not a checkpoint folder: point "
+                              "to the folder holding config.json, the weights and the "
+                              "tokenizer")
+    if looks_like_hub_id(str(path)):
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") \
+                and not _in_hf_cache(str(path)):
+            raise CheckpointError(f"model {str(path)!r}: no such folder ({p.absolute()}), and "
+                                  "as a hub id it is not in the local Hugging Face cache "
+                                  "(HF_HUB_OFFLINE=1: nothing is downloaded); fix the path, "
+                                  "or download it once where there is network")
+        return str(path)
+    parent = next((a for a in p.absolute().parents if a.is_dir()), None)
+    raise CheckpointError(f"model folder {str(path)!r} does not exist ({p.absolute()}; the "
+                          f"nearest existing folder is {parent}): check the path, or run "
+                          "the stage that writes it first (a hub id has the form org/name)")
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an invalid repo id
+        return False
+
+
 def legacy_names(path: str | Path) -> dict[str, str]:
     """{old: new} for each outdated processor type name in a checkpoint folder."""
     f = Path(path) / PREPROCESSOR_FILE
@@ -73,9 +116,9 @@ def legacy_names(path: str | Path) -> dict[str, str]:
 def loadable_dir(path: str | Path, work: str | Path | None = None) -> Path | str:
     """``path``, or a shadow folder (links + a fixed preprocessor config) where ``path``
     names an old processor type. ``work``: where to put it (default: the temp folder)."""
-    p = Path(path)
-    if not p.is_dir():
-        return path  # a hub id: left to transformers / vLLM
+    p = resolve_model(path)
+    if not isinstance(p, Path):
+        return p  # a hub id: left to transformers / vLLM
     old = legacy_names(p)
     if not old:
         return p

@@ -26,6 +26,16 @@ THINK, END_THINK, EMB = "<think>", "</think>", "<emb>"
 SPECIAL_TOKENS = (THINK, END_THINK, EMB)
 IMAGE_MARKER = "<|image_1|>"  # MMEB's image slot in instructions
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+
+#: Qwen chat/vision markup (``<|im_start|>``, ``<|image_pad|>``, ...: every ``<|name|>``
+#: but MMEB's own ``<|image_N|>`` slots, which are no tokens) and the tag-like tokens of
+#: the Qwen-VL tokenizers and the method.
+_PIPE_MARKUP = re.compile(r"<\|(?!image_\d+\|>)[A-Za-z0-9_]+\|>")
+TAG_TOKENS = (THINK, END_THINK, EMB, "<tool_call>", "</tool_call>", "<tool_response>",
+              "</tool_response>")
+#: Inserted after the ``<`` of a reserved string found in data, so no tokenizer (ours,
+#: vLLM's, a chat template's) can read it as the special token.
+ESCAPE = "\u200b"  # zero-width space
 EMBEDDING_CONFIG_FILE = "mmemb_embedding.json"
 PROMPT_VERSION = "qwen-chat-v1"
 
@@ -72,15 +82,39 @@ class EmbedInput:
         return cls(text=text or "", instruction=inst or "", images=images)
 
 
-def user_content(inp: EmbedInput) -> str:
+def escape_markup(text: str, extra: tuple[str, ...] = ()) -> str:
+    """``text`` with every reserved string (chat and vision markup, ``<think>``,
+    ``</think>``, ``<emb>``, ``extra``) made plain text: :data:`ESCAPE` after its ``<``.
+
+    Data and rationales are text, never structure: a query holding ``<emb>`` or
+    ``<|im_start|>`` must not add a pooling position or a chat turn, and one holding
+    ``<|vision_start|><|image_pad|><|vision_end|>`` must not add an image slot. Escaping
+    the string (rather than ``split_special_tokens=True`` at tokenisation) works for every
+    consumer of the prompt string: the embedder's processor, vLLM, the teachers' chat
+    templates; and ``split_special_tokens`` leaves non-special added tokens such as
+    Qwen3-VL's ``<think>``/``</think>`` whole. The cost: one zero-width token per
+    occurrence; text without reserved strings is unchanged.
+    """
+    if "<" not in text:
+        return text
+    text = _PIPE_MARKUP.sub(lambda m: "<" + ESCAPE + m.group(0)[1:], text)
+    for t in dict.fromkeys(TAG_TOKENS + tuple(extra)):
+        if t and t in text:
+            text = text.replace(t, t[0] + ESCAPE + t[1:])
+    return text
+
+
+def user_content(inp: EmbedInput, cfg: EmbeddingConfig | None = None) -> str:
     """The user turn: images first (or where ``<|image_1|>`` marks them), then the text.
 
     Spaces right after an image are dropped: the chat templates render an image item and
     the text item after it with nothing between (``<|vision_end|>Represent ...``); MMEB's
     ``<|image_1|> Represent ...`` would otherwise put a space token there. Newlines are
-    kept (they are the data's own).
+    kept (they are the data's own). Reserved strings in the instruction and the text are
+    escaped (:func:`escape_markup`): only the image slots this function writes are markup.
     """
-    inst = inp.instruction or ""
+    extra = _method_tokens(cfg)
+    inst = escape_markup(inp.instruction or "", extra)
     n_img = len(inp.images)
     body = inst
     if n_img:
@@ -94,15 +128,21 @@ def user_content(inp: EmbedInput) -> str:
         body = body.replace(IMAGE_MARKER, "")
     body = body.strip()
     if inp.text:
-        body = f"{body}\n{inp.text}" if body else inp.text
+        text = escape_markup(inp.text, extra)
+        body = f"{body}\n{text}" if body else text
     return body
+
+
+def _method_tokens(cfg: EmbeddingConfig | None) -> tuple[str, ...]:
+    return () if cfg is None else (cfg.think_token, cfg.end_think_token, cfg.emb_token)
 
 
 def prompt_prefix(inp: EmbedInput, cfg: EmbeddingConfig | None = None) -> str:
     """Everything up to and including the assistant header (the gate decides next)."""
     cfg = cfg or EmbeddingConfig()
     system = "" if cfg.system is None else f"<|im_start|>system\n{cfg.system}<|im_end|>\n"
-    return f"{system}<|im_start|>user\n{user_content(inp)}<|im_end|>\n<|im_start|>assistant\n"
+    return (f"{system}<|im_start|>user\n{user_content(inp, cfg)}<|im_end|>\n"
+            f"<|im_start|>assistant\n")
 
 
 def embed_prompt(inp: EmbedInput, cfg: EmbeddingConfig | None = None,
@@ -112,6 +152,7 @@ def embed_prompt(inp: EmbedInput, cfg: EmbeddingConfig | None = None,
     r = rationale if rationale is not None else inp.rationale
     if r is None:
         return prompt_prefix(inp, cfg) + cfg.emb_token
+    r = escape_markup(r, _method_tokens(cfg))  # a rationale is text: it cannot close the span
     return prompt_prefix(inp, cfg) + f"{cfg.think_token}{r}{cfg.end_think_token}{cfg.emb_token}"
 
 

@@ -98,9 +98,13 @@ def image_tokens(width: int, height: int, grid: Grid, max_pixels: int | None,
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding the pixels."""
+    """(width, height) from the file header, without decoding the pixels (regular files
+    only: a FIFO would block the open)."""
     from PIL import Image
 
+    from mmemb.model.images import regular_file
+
+    regular_file(path)
     with Image.open(path) as im:
         return im.size
 

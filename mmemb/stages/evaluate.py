@@ -31,6 +31,7 @@ from data_contracts.io import ContractError
 from data_contracts.schemas import EVAL_CORPUS, EVAL_ROWS
 from mmemb.configs.evaluate import EvaluateConfig
 from mmemb.eval import harness, report
+from mmemb.model.images import DEFAULT_MAX_DECODE_PIXELS
 from mmemb.stages.base import StageResult, StepLogger, null_logger
 
 
@@ -43,6 +44,11 @@ def load_data(cfg: EvaluateConfig):
     ev = Path(cfg.eval)
     if _is_artifact(ev):
         rows, corpus = harness.load_eval_data(ev, cfg.corpus)
+        if cfg.image_root and not cfg.allow_images_outside_root:  # paths stay in the root
+            io.validate(rows, EVAL_ROWS, str(ev), image_root=cfg.image_root)
+            if corpus is not None:
+                io.validate(corpus, EVAL_CORPUS, str(cfg.corpus or ev.parent / "eval_corpus"),
+                            image_root=cfg.image_root)
         return rows, corpus, cfg.image_root, {}
     if not ev.is_dir():
         raise ContractError(ev, "does not exist.", fix="set evaluate.eval to an eval_rows "
@@ -79,7 +85,8 @@ def build_encoder(cfg: EvaluateConfig):
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     emb = Embedder.from_pretrained(cfg.model, dtype=dtype, device=device,
-                                   max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels)
+                                   max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels,
+                                   max_decode_pixels=cfg.max_decode_pixels)
     if set(cfg.modes) <= {"direct"}:
         return harness.EmbedderEncoder(emb, batch_size=cfg.batch_size), dtype
     from mmemb.inference import AdaptiveEncoder
@@ -114,7 +121,9 @@ def run(cfg: EvaluateConfig, log: StepLogger = null_logger) -> StageResult:
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
     model_id = harness._digest({"checkpoint": harness.checkpoint_digest(
         cfg.model, cache / "_checkpoint_digests.json"), "dtype": dtype,
-        "max_pixels": cfg.max_pixels, "min_pixels": cfg.min_pixels})
+        "max_pixels": cfg.max_pixels, "min_pixels": cfg.min_pixels,
+        **({"max_decode_pixels": cfg.max_decode_pixels}
+           if cfg.max_decode_pixels != DEFAULT_MAX_DECODE_PIXELS else {})})
     gen = {"budget": cfg.budget, "temperature": cfg.temperature, "top_p": cfg.top_p,
            "generation": cfg.generation}
     mode_settings = {"reason": gen, "adaptive": {**gen, "threshold": cfg.threshold}}

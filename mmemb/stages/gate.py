@@ -39,7 +39,13 @@ from mmemb.losses.objective import ObjectiveOutput, Stage4Objective
 from mmemb.model.embedder import Embedder
 from mmemb.model.prompts import EmbedInput
 from mmemb.stages.base import StageResult, StepLogger, null_logger
-from mmemb.training.data import content_key
+from mmemb.training.data import (
+    SkipReport,
+    check_images,
+    content_key,
+    drop_unreadable_eval,
+    stage_image_check,
+)
 
 
 @dataclass
@@ -56,7 +62,8 @@ class Query:
 def load_queries(cfg: GateConfig) -> list[Query]:
     """Queries with positives from selections (stage 3) or plain pairs."""
     contract = SELECTIONS if io.contract_of(cfg.data) == "selections" else PAIRS
-    table = io.read(cfg.data, contract)
+    table = io.read(cfg.data, contract, image_root=cfg.image_root,
+                    allow_outside_root=cfg.allow_images_outside_root)
     out = []
     for r in table.to_pylist():
         out.append(Query(r["pair_id"], r["dataset"], r["family"],
@@ -65,6 +72,32 @@ def load_queries(cfg: GateConfig) -> list[Query]:
                          r["pos_text"] or "", list(r["neg_text"] or []),
                          r.get("rationale") or None))
     return out
+
+
+def _report_skipped(rep: SkipReport, kept: int, path: Path, what: str) -> None:
+    """Log and list (``path``) what was left out because an image cannot be read."""
+    path.unlink(missing_ok=True)
+    if rep.rows:
+        rep.write(path)
+        print(f"[gate] {rep.message(kept + rep.rows_skipped, what)} ({path})", flush=True)
+
+
+def _skip_unreadable_queries(queries: list[Query], check, cfg: GateConfig, out: Path
+                             ) -> tuple[list[Query], SkipReport]:
+    """The queries whose images decode; the others are listed and counted, not trained on."""
+    bad = check_images([p for q in queries for p in q.inp.images if isinstance(p, str)], check)
+    rep = SkipReport(str(cfg.data), images_checked=len({p for q in queries
+                                                        for p in q.inp.images}))
+    kept = []
+    for i, q in enumerate(queries):
+        p = next((p for p in q.inp.images if p in bad), None)
+        if p is None:
+            kept.append(q)
+        else:
+            rep.rows.append({"row": i, "pair_id": q.pair_id, "column": "qry_img_path",
+                             "path": p, "error": bad[p], "dropped": "row"})
+    _report_skipped(rep, len(kept), out / "skipped_rows.jsonl", "queries")
+    return kept, rep
 
 
 def _pools(queries: list[Query], idx: list[int], size: int, rng: random.Random
@@ -249,18 +282,26 @@ def run(cfg: GateConfig, log: StepLogger = null_logger) -> StageResult:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     queries = load_queries(cfg)
+    check = stage_image_check(cfg.model, cfg.max_pixels, cfg.min_pixels, cfg.max_decode_pixels)
+    queries, skipped = _skip_unreadable_queries(queries, check, cfg, out)
     if len(queries) < cfg.queries_per_step:
         raise ValueError(f"{cfg.data}: {len(queries)} queries, fewer than queries_per_step="
                          f"{cfg.queries_per_step}; lower it or give more data")
     policy = Embedder.from_pretrained(cfg.model, max_pixels=cfg.max_pixels,
-                                    min_pixels=cfg.min_pixels)
+                                      min_pixels=cfg.min_pixels,
+                                      max_decode_pixels=cfg.max_decode_pixels)
     ref_model = copy.deepcopy(policy.model).eval().requires_grad_(False)
     ref = Embedder(ref_model, policy.processor, policy.config, max_pixels=policy.max_pixels,
-                   min_pixels=policy.min_pixels)
+                   min_pixels=policy.min_pixels, max_decode_pixels=cfg.max_decode_pixels)
     vpol = _vllm_policy(policy, cfg, out) if cfg.rollout_backend == "vllm" else None
     enc = AdaptiveEncoder(policy, budget=cfg.budget, threshold=cfg.threshold, vllm=vpol)
     ref_enc = AdaptiveEncoder(ref, budget=cfg.budget)
-    eval_rows = io.read(cfg.eval, EVAL_ROWS).to_pylist() if cfg.eval else []
+    eval_rows = io.read(cfg.eval, EVAL_ROWS, image_root=cfg.image_root,
+                        allow_outside_root=cfg.allow_images_outside_root
+                        ).to_pylist() if cfg.eval else []
+    eval_rows, eval_skipped = drop_unreadable_eval(eval_rows, cfg.image_root, check,
+                                                   str(cfg.eval), candidates=False)
+    _report_skipped(eval_skipped, len(eval_rows), out / "skipped_eval_rows.jsonl", "eval rows")
     before = gate_report(enc, eval_rows, cfg.image_root)
     start_params = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
     engine = _deepspeed_engine(policy.model, cfg)
@@ -365,17 +406,23 @@ def run(cfg: GateConfig, log: StepLogger = null_logger) -> StageResult:
         "params_changed": float(changed),
         "params_total": float(len(start_params)),
         "train_s": time.perf_counter() - t_start,
+        **skipped.metrics("data"), **eval_skipped.metrics("eval_data"),
         **{f"before/{a}": b for a, b in before.items()},
         **{f"after/{a}": b for a, b in after.items()},
     }
     summary = (f"gate: reward {metrics['reward_first_quarter']:+.3f} -> "
                f"{metrics['reward_last_quarter']:+.3f}; reasoning ratio on eval "
                + ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in after.items()
-                           if k.startswith("reason_ratio/family/")))
+                           if k.startswith("reason_ratio/family/"))
+               + (f"; {skipped.rows_skipped} queries skipped (unreadable images, "
+                  f"{out / 'skipped_rows.jsonl'})" if skipped.rows else ""))
     print(f"[gate] {summary}", flush=True)
     (out / "gate_summary.json").write_text(json.dumps(metrics, indent=2))
     return StageResult("gate", metrics=metrics, step_metrics=steps,
-                       files={"gate_summary": out / "gate_summary.json"},
+                       files={"gate_summary": out / "gate_summary.json",
+                              **{n: out / f"{n}.jsonl" for n in ("skipped_rows",
+                                                                 "skipped_eval_rows")
+                                 if (out / f"{n}.jsonl").is_file()}},
                        models={"policy": policy_dir}, summary=summary)
 
 

@@ -2,11 +2,15 @@
 
 Reads the training pairs, asks every configured teacher for K rationales per query (and per
 target when ``sides`` includes it), and writes one row per candidate (contract
-``rationales``): text, token count, finish reason, status (ok / truncated / empty / error),
-teacher id, backend, model, sampling parameters (JSON), prompt version and the request's
-seed. Nothing is dropped: failed generations are rows with status ``error`` and the
-message, truncated and empty ones keep their status, and a rationale containing a reserved
-token (``<think>``, ``<emb>``, chat markers) is kept with ``error`` starting "malformed:".
+``rationales``): text, token count, finish reason, status (ok / truncated / empty / error /
+too_long), teacher id, backend, model, sampling parameters (JSON), prompt version, the
+request's seed and its prompt length. Nothing is dropped: failed generations are rows with
+status ``error`` and the message, truncated and empty ones keep their status, a prompt
+longer than the teacher's ``max_model_len`` is not submitted and its K rows get status
+``too_long`` with the count (lower ``run.resolution.max_pixels`` or raise the limit), and a
+rationale containing a reserved token (``<think>``, ``<emb>``, chat markers) is kept with
+``error`` starting "malformed:". A teacher that writes its own ``<think>...</think>`` is
+parsed (``think_output``); its verbatim output is kept in ``raw_text``.
 
 Sharded and resumable (:mod:`mmemb.sharding`): shards are (teacher, block of pairs); each
 teacher's engine starts once, only if one of its shards is unfinished, and is shut down
@@ -91,7 +95,8 @@ def teacher_rows(tcfg: TeacherConfig, teacher, requests: list[GenRequest], seed:
         version = tcfg.template_version(r.side)
         for j, c in enumerate(cs):
             rows.append({"pair_id": r.pair_id, "side": r.side, "teacher_id": info.teacher_id,
-                         "cand_idx": j, "text": c.text, "n_tokens": c.n_tokens,
+                         "cand_idx": j, "text": c.text, "raw_text": c.raw_text,
+                         "n_tokens": c.n_tokens, "prompt_tokens": c.prompt_tokens,
                          "finish_reason": c.finish_reason, "status": c.status,
                          "error": c.error, "backend": info.backend, "model": info.model,
                          "sampling": info.sampling_json(), "prompt_version": version,
@@ -107,12 +112,13 @@ def run(cfg: GenerateConfig, log: StepLogger = null_logger) -> StageResult:
 
 def _run(cfg: GenerateConfig) -> StageResult:
     t0 = time.perf_counter()
-    pairs_table = io.read(cfg.pairs, PAIRS)
+    pairs_table = io.read(cfg.pairs, PAIRS, image_root=cfg.image_root,
+                          allow_outside_root=cfg.allow_images_outside_root)
     pairs = pairs_table.to_pylist()
     if cfg.limit:
         pairs = pairs[: cfg.limit]
     out = Path(cfg.out) / "rationales"
-    fp = fingerprint("generate-v1", input_digest(cfg.pairs), cfg.model_dump(
+    fp = fingerprint("generate-v2", input_digest(cfg.pairs), cfg.model_dump(
         mode="json", exclude={"out", "resume", "replica", "replicas", "torch_threads"}))
     blocks = split(pairs, cfg.shard_size)
     shards = []
@@ -172,7 +178,7 @@ def _run(cfg: GenerateConfig) -> StageResult:
         errors = table.column("error").to_pylist()
         n = max(1, table.num_rows)
         metrics["rows"] = float(table.num_rows)
-        for s in ("ok", "truncated", "empty", "error"):
+        for s in ("ok", "truncated", "empty", "error", "too_long"):
             metrics[f"share_{s}"] = status.get(s, 0) / n
         metrics["share_malformed"] = sum(bool(e and e.startswith("malformed:"))
                                          for e in errors) / n
@@ -181,6 +187,10 @@ def _run(cfg: GenerateConfig) -> StageResult:
         summary = (f"generate: {table.num_rows} candidate rows from {len(cfg.teachers)} "
                    f"teacher(s) for {len(pairs)} pairs; status {dict(status)}; "
                    f"{len(res.skipped)} shard(s) resumed, {len(res.processed)} computed")
+        if status.get("too_long"):
+            summary += (f"; {status['too_long']} row(s) too_long (prompt over the teacher's "
+                        "max_model_len, not generated): lower run.resolution.max_pixels or "
+                        "raise max_model_len")
     metrics["seconds"] = time.perf_counter() - t0
     print(f"[generate] {summary}", flush=True)
     return StageResult("generate", outputs=outputs, metrics=metrics, summary=summary)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import time
 from collections import defaultdict
@@ -152,6 +153,20 @@ def embed_sorted(emb, inputs: list[EmbedInput], mode: str, batch_size: int, desc
     return out, errors
 
 
+def scored_fields(cf: Counterfactual, j: int) -> dict:
+    """Candidate ``j``'s score row fields: status ``ok``, or ``error`` naming the value when
+    one is not finite (NaN/inf embeddings), which the scores contract refuses as ``ok``."""
+    f = {"cos_with": float(cf.cos_with[j]), "cos_without": float(cf.cos_without),
+         "s_with": float(cf.s_with[j]), "s_without": float(cf.s_without),
+         "delta": float(cf.delta[j])}
+    bad = {k: v for k, v in f.items() if not math.isfinite(v)}
+    if bad:
+        return {"status": "error", "error": f"non-finite score {bad}: the model's embeddings "
+                "hold NaN/inf for this query or rationale"}
+    return {"status": "ok", "error": None, **f, "rank_with": int(cf.rank_with[j]),
+            "rank_without": int(cf.rank_without)}
+
+
 # --------------------------------------------------------------------------- the stage
 
 
@@ -169,7 +184,8 @@ def skip_reason(cand: dict) -> str | None:
 
 def _load(cfg: ScoreConfig) -> tuple[list[dict], dict[str, list[dict]], int]:
     """Pairs, and the candidates of the scored side grouped by pair (checked against pairs)."""
-    pairs = io.read(cfg.pairs, PAIRS).to_pylist()
+    pairs = io.read(cfg.pairs, PAIRS, image_root=cfg.image_root,
+                    allow_outside_root=cfg.allow_images_outside_root).to_pylist()
     rat = io.read(cfg.rationales, RATIONALES).to_pylist()
     ids = {p["pair_id"] for p in pairs}
     by_pair: dict[str, list[dict]] = defaultdict(list)
@@ -192,7 +208,8 @@ def _load_embedder(cfg: ScoreConfig):
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     emb = Embedder.from_pretrained(cfg.model, dtype=dtype, device=device,
-                                   max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels)
+                                   max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels,
+                                   max_decode_pixels=cfg.max_decode_pixels)
     emb.model.eval()
     return emb
 
@@ -284,11 +301,7 @@ def _run(cfg: ScoreConfig) -> StageResult:
                 elif vec_of[key][1] is not None:
                     row.update(status="error", error=vec_of[key][1])
                 else:
-                    row.update(status="ok", error=None,
-                               cos_with=float(cf.cos_with[j]), cos_without=float(cf.cos_without),
-                               s_with=float(cf.s_with[j]), s_without=float(cf.s_without),
-                               delta=float(cf.delta[j]), rank_with=int(cf.rank_with[j]),
-                               rank_without=int(cf.rank_without))
+                    row.update(scored_fields(cf, j))
                     j += 1
                 rows.append(row)
         return [{k: r.get(k) for k in SCORES.columns} for r in rows]

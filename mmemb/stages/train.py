@@ -47,7 +47,16 @@ from mmemb.model.embedder import Embedder
 from mmemb.model.prompts import EmbedInput
 from mmemb.stages.base import StageResult, StepLogger, null_logger
 from mmemb.training import checkpoint as ckpt
-from mmemb.training.data import EpochSampler, TrainRow, content_key, load_rows
+from mmemb.training.data import (
+    EpochSampler,
+    SkipReport,
+    TrainRow,
+    content_key,
+    drop_unreadable,
+    drop_unreadable_eval,
+    load_rows,
+    stage_image_check,
+)
 from mmemb.training.deepspeed_config import ds_config, lr_scheduler, use_bf16
 from mmemb.training.distributed import (
     all_reduce_mean,
@@ -74,6 +83,20 @@ def _say(msg: str) -> None:
         print(f"[train] {msg}", flush=True)
 
 
+def _skip_unreadable(result: tuple[list, SkipReport], out: Path, name: str, what: str
+                     ) -> tuple[list, SkipReport]:
+    """Log and list (``out/name``, rank 0) what was left out for an unreadable image."""
+    rows, rep = result
+    if rep.rows and not rows and what == "rows":
+        raise ValueError(f"no training row is left: {rep.message(rep.rows_skipped, what)}")
+    if is_main():
+        (out / name).unlink(missing_ok=True)
+        if rep.rows:
+            rep.write(out / name)
+            _say(f"{rep.message(len(rows) + rep.rows_skipped, what)} ({out / name})")
+    return rows, rep
+
+
 def _setup_env() -> None:
     """Env for DeepSpeed: CPU accelerator without a GPU; rank 0 of 1 without a launcher."""
     if not torch.cuda.is_available():
@@ -93,8 +116,36 @@ def vision_trainable(name: str, policy: str) -> bool:
     return policy == "train" or (policy == "merger" and "merger" in name)
 
 
+def token_row_indices(emb: Embedder) -> list[int] | dict[str, list[int]]:
+    """peft ``trainable_token_indices`` for the method's tokens (``<think>``, ``</think>``,
+    ``<emb>``; all three, also where the base already had some: the method gives them a new
+    role).
+
+    Tied head (every shipped family): a list, so peft wraps the input embedding and ties the
+    LM head's wrapper to the same rows (one trainable ``[3, H]``; a dict naming both would
+    make two copies of shared storage, and the merge would keep only one). Untied head:
+    both modules by name, each with its own rows, since the gate reads the head's.
+    """
+    ids = sorted({emb.think_id, emb.end_think_id, emb.emb_id})
+    inp, out = emb.model.get_input_embeddings(), emb.model.get_output_embeddings()
+    if out is None or out.weight is inp.weight:
+        return ids
+    names = {id(m): n for n, m in emb.model.named_modules()}
+    return {names[id(inp)]: ids, names[id(out)]: ids}
+
+
 def prepare_model(emb: Embedder, cfg: TrainConfig) -> None:
-    """Freeze by the vision policy, wrap in LoRA, turn on gradient checkpointing (in place)."""
+    """Freeze by the vision policy, wrap in LoRA, turn on gradient checkpointing (in place).
+
+    Under LoRA with ``train_token_rows`` the method's token rows train too
+    (:func:`token_row_indices`): peft keeps them as a small separate parameter that replaces
+    those rows in every embedding / LM-head call and is written into the matrix on merge;
+    the base matrix itself is never written during training, so every other row stays the
+    base's. DeepSpeed gets the new parameter like the adapters (it ``requires_grad``).
+    Costs: each embedding / LM-head call rebuilds the [V, H] matrix with those rows replaced
+    (transient; ~0.8 GB in bf16 at Qwen's 151,936 x 2,560), and ``weight_decay`` decays the
+    rows themselves towards zero (the parameter holds the rows, not a difference).
+    """
     keep = set()
     for n, p in emb.model.named_parameters():
         ok = vision_trainable(n, cfg.vision)
@@ -104,13 +155,24 @@ def prepare_model(emb: Embedder, cfg: TrainConfig) -> None:
     if cfg.lora is not None:
         from peft import LoraConfig, get_peft_model
 
+        from mmemb.model.embedder import hf_model
+
         names = "|".join(cfg.lora.target_modules)
+        rows = token_row_indices(emb) if cfg.lora.train_token_rows else None
         lc = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                        target_modules=rf".*language_model.*\.({names})", bias="none")
+                        target_modules=rf".*language_model.*\.({names})", bias="none",
+                        trainable_token_indices=rows)
         emb.model = get_peft_model(emb.model, lc)
         for p in emb.model.parameters():  # peft froze everything else; the merger may train
             if id(p) in keep:
                 p.requires_grad_(True)
+        head = hf_model(emb.model).get_output_embeddings()
+        if rows is not None and head is not None and not hasattr(head, "token_adapter"):
+            # peft ties the head by config.tie_word_embeddings; a model tied in memory but not
+            # in its config would train the rows for the input side only
+            raise RuntimeError("lora.train_token_rows: peft did not wrap the LM head (tied "
+                               "weights but config.tie_word_embeddings is false?); the gate "
+                               "would read untrained rows")
     if cfg.gradient_checkpointing:
         from mmemb.model.embedder import hf_model
 
@@ -246,13 +308,18 @@ def _final_state_dict(engine, zero_stage: int) -> dict | None:
 
 
 def save_student(cfg: TrainConfig, sd: dict, out: Path, bf16: bool) -> Path:
-    """Rank 0: load the final weights into a fresh model and save it (LoRA merged)."""
+    """Rank 0: load the final weights into a fresh model and save it (LoRA merged, trained
+    token rows written into the embedding / LM head; ``out/adapter`` keeps both unmerged)."""
     fresh = Embedder.from_pretrained(cfg.model, max_text_tokens=cfg.max_text_tokens,
                                      add_special_tokens=True)
     prepare_model(fresh, cfg.model_copy(update={"gradient_checkpointing": False}))
     mod = EmbedTrainModule(fresh)
     missing, unexpected = mod.load_state_dict(sd, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight")}
+    own = mod.state_dict(keep_vars=True)
+    loaded = {own[k].data_ptr() for k in sd if k in own}
+    # a tied head, also under peft (lm_head.token_adapter.base_layer.weight and the shared
+    # token rows): a key whose tensor is one that was loaded under another name
+    tied = {k for k in missing if k.endswith("lm_head.weight") or own[k].data_ptr() in loaded}
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"final weights do not fit the model: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
@@ -330,7 +397,11 @@ def _run(cfg: TrainConfig, log: StepLogger) -> StageResult:
 
     # ---- data
     data_path = cfg.data or cfg.pairs
-    rows, contract = load_rows(data_path, cfg.image_root)
+    rows, contract = load_rows(data_path, cfg.image_root,
+                               allow_outside_root=cfg.allow_images_outside_root)
+    check = stage_image_check(cfg.model, cfg.max_pixels, cfg.min_pixels, cfg.max_decode_pixels)
+    rows, skipped = _skip_unreadable(drop_unreadable(rows, check, str(data_path)), out,
+                                     "skipped_rows.jsonl", "rows")
     B, A, K = cfg.batch_size, cfg.grad_accum, cfg.hard_negatives
     G = B * W
     sampler = EpochSampler(len(rows), G, cfg.seed)  # refuses a dataset < one global batch
@@ -362,7 +433,8 @@ def _run(cfg: TrainConfig, log: StepLogger) -> StageResult:
     # ---- model + engine
     emb = Embedder.from_pretrained(cfg.model, max_text_tokens=cfg.max_text_tokens,
                                    add_special_tokens=True, max_pixels=cfg.max_pixels,
-                                   min_pixels=cfg.min_pixels)
+                                   min_pixels=cfg.min_pixels,
+                                   max_decode_pixels=cfg.max_decode_pixels)
     if device == "cuda":
         emb.model.to(torch.device("cuda", torch.cuda.current_device()))
     prepare_model(emb, cfg)
@@ -388,8 +460,12 @@ def _run(cfg: TrainConfig, log: StepLogger) -> StageResult:
         from data_contracts import io
         from data_contracts.schemas import EVAL_ROWS
 
-        eval_rows = io.read(cfg.eval, EVAL_ROWS).to_pylist()
-    metrics: dict[str, float] = {}
+        eval_rows = io.read(cfg.eval, EVAL_ROWS, image_root=cfg.image_root,
+                            allow_outside_root=cfg.allow_images_outside_root).to_pylist()
+    eval_rows, eval_skipped = _skip_unreadable(drop_unreadable_eval(
+        eval_rows, cfg.image_root, check, str(cfg.eval)), out, "skipped_eval_rows.jsonl",
+        "eval rows")
+    metrics: dict[str, float] = {**skipped.metrics("data"), **eval_skipped.metrics("eval_data")}
 
     # ---- resume
     order_meta = {"seed": cfg.seed, "global_batch": G, "grad_accum": A, "rows": len(rows),
@@ -551,13 +627,18 @@ def _run(cfg: TrainConfig, log: StepLogger) -> StageResult:
     barrier()
     summary = (f"train: {total} steps, loss {metrics.get('loss_first', float('nan')):.3f} -> "
                f"{metrics.get('loss_last', float('nan')):.3f}"
+               + (f"; {skipped.rows_skipped} rows skipped, {skipped.negatives_dropped} "
+                  f"negatives dropped (unreadable images, {out / 'skipped_rows.jsonl'})"
+                  if skipped.rows else "")
                + (f"; synthetic hit@1 {metrics.get('eval_before/mean', float('nan')):.3f} -> "
                   f"{metrics['eval/mean']:.3f}" if "eval/mean" in metrics else "")
                + f"; student at {student}")
     if rk == 0:
         print(f"[train] {summary}", flush=True)
     files = {"train_summary": out / "train_summary.json", "steps": steps_file,
-             "ds_config": out / "ds_config.json"}
+             "ds_config": out / "ds_config.json",
+             **{n: out / f"{n}.jsonl" for n in ("skipped_rows", "skipped_eval_rows")
+                if (out / f"{n}.jsonl").is_file()}}
     return StageResult("train", metrics=metrics, step_metrics=history, files=files,
                        models={"student": student}, summary=summary)
 

@@ -11,24 +11,28 @@ from mmemb.teachers.base import (
     RESERVED_TOKENS,
     Candidate,
     GenRequest,
+    PromptBudget,
     Teacher,
     TeacherInfo,
     request_seed,
 )
 
-__all__ = ["PROMPT_TEMPLATES", "RESERVED_TOKENS", "Candidate", "GenRequest", "Teacher",
-           "TeacherInfo", "close_engine", "engine_key", "make_teacher", "request_seed",
-           "start_engine", "teacher_info"]
+__all__ = ["PROMPT_TEMPLATES", "RESERVED_TOKENS", "Candidate", "GenRequest", "PromptBudget",
+           "Teacher", "TeacherInfo", "close_engine", "engine_key", "make_teacher",
+           "request_seed", "start_engine", "teacher_info"]
 
 
 def teacher_info(cfg, seed: int) -> TeacherInfo:
-    """What every row of this teacher records: id, backend, model, K and sampling."""
+    """What every row of this teacher records: id, backend, model, K and sampling (every
+    knob the backend is given, and ``think_output``: how ``text`` was cut from a sample)."""
     if cfg.backend == "oracle":
         sampling = {"n": cfg.k, "shares": dict(sorted(cfg.shares.items())), "seed": seed}
     else:
-        sampling = {"n": cfg.k, "temperature": cfg.sampling.temperature,
-                    "top_p": cfg.sampling.top_p, "max_tokens": cfg.sampling.max_tokens,
-                    "stop": list(cfg.sampling.stop), "seed": seed}
+        s = cfg.sampling
+        sampling = {"n": cfg.k, "temperature": s.temperature, "top_p": s.top_p,
+                    "top_k": s.top_k, "min_p": s.min_p,
+                    "repetition_penalty": s.repetition_penalty, "max_tokens": s.max_tokens,
+                    "stop": list(s.stop), "seed": seed, "think_output": cfg.think_output}
     return TeacherInfo(cfg.id, cfg.backend, cfg.model, cfg.k, sampling)
 
 

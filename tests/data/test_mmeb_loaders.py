@@ -76,7 +76,8 @@ def test_image_task_rows_first_candidate_positive_and_image_slot(loaded, mmeb_ro
     # <|image_1|> stays in the instruction and becomes the backbone's image slot in the prompt.
     inp = EmbedInput.from_row(r["qry_inst"], r["qry_text"], r["qry_img_path"], mmeb_root)
     content = user_content(inp)
-    assert content.startswith(QWEN_IMAGE + "Represent the given news image")  # no space: as the template
+    # no space after the image: as the chat template renders an image item, then the text
+    assert content.startswith(QWEN_IMAGE + "Represent the given news image")
     assert IMAGE_MARKER not in content and content.count(QWEN_IMAGE) == 1
     t2i = _rows(ev, "MSCOCO_t2i")[1]
     assert t2i["qry_img_path"] == "" and t2i["tgt_img_path"] == [

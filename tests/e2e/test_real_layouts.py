@@ -65,7 +65,12 @@ def test_whole_pipeline_on_a_real_layout(real_layout, data, family, tmp_path):
     # stage 2 scored every non-failed candidate (it stopped here before); stage 4 learned
     assert res["stages"]["score"]["status"] == "ran"
     tr = json.loads((run_dir / "train" / "train_summary.json").read_text())
-    assert tr["loss_last"] < tr["loss_first"] and tr["params_changed"] == tr["params_trainable"]
+    assert tr["loss_last"] < tr["loss_first"]
+    # Every trainable tensor moved, except (Qwen3-VL) the last deepstack merger's 6: on this
+    # 2-layer layout its features are added after the last decoder layer, at image positions
+    # only, so no loss reaches it (zero gradient, checked by hand; the real 4B adds them
+    # after decoder layers 0-2 of 36).
+    assert tr["params_trainable"] - tr["params_changed"] == (6 if family == "qwen3_vl" else 0)
     # students are saved in the source dtype (bf16), the same size as the source
     for model in (run_dir / "train" / "student", run_dir / "gate" / "policy"):
         assert json.loads((model / "config.json").read_text())["dtype"] == "bfloat16", model

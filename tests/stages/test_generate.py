@@ -34,15 +34,22 @@ def test_vllm_generation_k_rows_per_prompt_with_statuses(vllm_run):
     assert len(rows) == n_pairs * (2 + 2 + 4)
     for r in rows:
         if r["backend"] != "vllm":
+            assert r["prompt_tokens"] is None and r["raw_text"] is None  # the oracle
             continue
         sampling = json.loads(r["sampling"])
         assert sampling["n"] == 2 and r["prompt_version"] == "rationale-query-v1"
+        assert sampling["top_k"] == 0 and sampling["think_output"] == "answer"
         assert r["model"] == str(cfg.teachers[0].model)
+        assert 0 < r["prompt_tokens"] < cfg.teachers[0].max_model_len  # measured, submitted
+        if r["raw_text"] is not None:  # noise that wrote a </think>: the text after it
+            assert r["text"] == r["raw_text"].partition("</think>")[2].strip() or \
+                "</think>" not in r["raw_text"]
         if r["status"] == "truncated":
-            assert r["finish_reason"] == "length" and r["n_tokens"] == sampling["max_tokens"]
+            assert r["finish_reason"] == "length"
+            assert r["n_tokens"] == sampling["max_tokens"] or r["raw_text"] is not None
         elif r["status"] == "ok":
             assert r["finish_reason"] == "stop" and r["text"].strip()
-            assert r["n_tokens"] <= sampling["max_tokens"]
+            assert r["n_tokens"] <= sampling["max_tokens"] or r["raw_text"] is not None
         else:
             assert r["status"] == "empty" and r["finish_reason"] == "stop"
             assert not (r["text"] or "").strip()
@@ -151,3 +158,17 @@ def test_bad_pairs_file_is_a_clear_error(tmp_path):
         generate.run(GenerateConfig.from_dict({"pairs": str(bad), "out": str(tmp_path / "o"),
                                                "teachers": [{"id": "o",
                                                              "backend": "oracle"}]}))
+
+
+def test_prompts_over_the_budget_are_rows_not_generations(tiny_model, synth, tmp_path):
+    """max_model_len below every prompt: nothing is generated, every row is too_long with
+    its measured length, and the stage reports the share."""
+    cfg = _hf_config(synth, tmp_path / "tight", model=str(tiny_model), limit=4)
+    cfg["teachers"][0]["max_model_len"] = 64
+    res = generate.run(GenerateConfig.from_dict(cfg))
+    rows = io.read(res.outputs["rationales"].uri, RATIONALES).to_pylist()
+    assert len(rows) == 8 and {r["status"] for r in rows} == {"too_long"}
+    assert all(r["prompt_tokens"] >= 64 and r["text"] is None for r in rows)
+    assert all(r["error"].startswith(f"prompt of {r['prompt_tokens']:,} tokens ")
+               for r in rows)
+    assert res.metrics["share_too_long"] == 1.0 and res.metrics["share_ok"] == 0.0

@@ -25,8 +25,9 @@ def test_lora_zero3_checkpointing_frozen_vision(tiny_model, synth, selections, t
     logged = []
     res = stage.run(cfg, log=lambda s, m: logged.append(m))
     m = res.metrics
-    # trainable = LoRA A/B of 7 linear layers x 2 layers, nothing else
-    assert m["params_trainable"] == 28 and m["params_changed"] == 28
+    # trainable = LoRA A/B of 7 linear layers x 2 layers + the token rows of <think>,
+    # </think>, <emb> (lora.train_token_rows; one [3, H] parameter, the head is tied)
+    assert m["params_trainable"] == 29 and m["params_changed"] == 29
     assert all(x["loss/lm"] > 0 and x["lm_tokens"] > 0 for x in logged)  # rationale rows
     base, student = load_file(str(tiny_model / "model.safetensors")), \
         load_file(str(res.models["student"] / "model.safetensors"))
@@ -36,7 +37,12 @@ def test_lora_zero3_checkpointing_frozen_vision(tiny_model, synth, selections, t
                     and k.endswith("proj.weight")]
     assert len(lora_targets) == 14
     assert all(not torch.equal(base[k], student[k]) for k in lora_targets)
-    untouched = [k for k in base if k not in lora_targets]
+    emb_key = "model.embed_tokens.weight"
+    ids = Embedder.from_pretrained(tiny_model).tokenizer.convert_tokens_to_ids(
+        ["<think>", "</think>", "<emb>"])
+    rows = (base[emb_key] != student[emb_key]).any(dim=1).nonzero().flatten().tolist()
+    assert rows == sorted(ids)  # the method's token rows, no other
+    untouched = [k for k in base if k not in lora_targets and k != emb_key]
     assert all(torch.equal(base[k], student[k]) for k in untouched)  # vision, norms, biases
     adapter = tmp_path / "lora" / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4

@@ -199,7 +199,9 @@ def test_embed_still_refuses_duplicate_ids_within_a_task(tiny_model, tmp_path, c
 def test_docs_link_only_inside_the_repository():
     for f in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         text = f.read_text()
-        for target in re.findall(r"\]\(([^)#\s]+)", text) + re.findall(r"`(\.\./[^`]+)`", text):
+        # markdown links, and backticked relative file paths (how method.md named its source)
+        for target in re.findall(r"\]\(([^)#\s]+)", text) + \
+                re.findall(r"`(\.\./[^`\s]+\.md)`", text):
             if "://" in target:
                 continue
             p = (f.parent / target).resolve()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -201,12 +202,20 @@ def test_pipeline_writes_no_secret_anywhere(prefect_harness, tmp_path, monkeypat
     assert len(written) >= 3  # the parent's and the stage's records were spooled
     assert {str(p): _leaks(t) for p, t in written.items() if _leaks(t)} == {}
     assert "mlflow:***@127.0.0.1" in written[run / "_pipeline.json"]
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)  # logs are sent in batches, in the background
     with get_client(sync_client=True) as c:
         runs = c.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
             any_=[_flow_run_id(run)])))
         params = json.dumps(runs[0].parameters, default=str)
-        logs = "\n".join(lg.message for lg in c.read_logs(LogFilter(
-            flow_run_id={"any_": [runs[0].id]})))
+        deadline = time.time() + 30
+        while True:
+            logs = "\n".join(lg.message for lg in c.read_logs(LogFilter(
+                flow_run_id={"any_": [runs[0].id]})))
+            if "unreachable" in logs or time.time() > deadline:
+                break
+            time.sleep(0.5)
     assert "${HF_TOKEN}" in params and _leaks(params) == []
     assert "unreachable" in logs and _leaks(logs) == []
 
@@ -236,7 +245,7 @@ def test_trust_remote_code_only_as_a_top_level_option():
                    vllm_engine_kwargs={"trust_remote_code": True})
 
 
-def test_teacher_engine_gets_the_top_level_trust_remote_code(monkeypatch):
+def test_teacher_engine_gets_the_top_level_trust_remote_code(monkeypatch, tiny_model):
     import sys
     import types
 
@@ -252,8 +261,9 @@ def test_teacher_engine_gets_the_top_level_trust_remote_code(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=FakeLLM))
     monkeypatch.setattr(tv, "check_model", lambda *a, **k: None)
     monkeypatch.setattr(tv, "prepare_environment", lambda: None)
-    tv.start_engine(TeacherConfig(id="t", model="m"), seed=0, log=lambda *_: None)
+    m = str(tiny_model)
+    tv.start_engine(TeacherConfig(id="t", model=m), seed=0, log=lambda *_: None)
     assert seen["trust_remote_code"] is False
-    tv.start_engine(TeacherConfig(id="t", model="m", trust_remote_code=True), seed=0,
+    tv.start_engine(TeacherConfig(id="t", model=m, trust_remote_code=True), seed=0,
                     log=lambda *_: None)
     assert seen["trust_remote_code"] is True

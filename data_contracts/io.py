@@ -79,6 +79,11 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def total_digest(parts: list[dict]) -> str:
+    """An artifact's digest: sha256 over its parts' sha256s, in order."""
+    return hashlib.sha256("".join(p["sha256"] for p in parts).encode()).hexdigest()
+
+
 def _with_meta(table: pa.Table, contract: Contract) -> pa.Table:
     meta = dict(table.schema.metadata or {})
     meta[META_NAME] = contract.name.encode()
@@ -181,8 +186,9 @@ def write(table: pa.Table | list[dict], path: str | Path, contract: Contract, *,
             part = table.slice(i * shard_rows, shard_rows)
             name = f"part-{i:05d}.parquet"
             pq.write_table(part, tmp / name, compression="zstd")
-            parts.append({"file": name, "rows": part.num_rows, "sha256": sha256_file(tmp / name)})
-        digest = hashlib.sha256("".join(p["sha256"] for p in parts).encode()).hexdigest()
+            parts.append({"file": name, "rows": part.num_rows, "bytes": (tmp / name).stat().st_size,
+                          "sha256": sha256_file(tmp / name)})
+        digest = total_digest(parts)
         manifest = {"contract": contract.name, "schema_version": contract.version,
                     "rows": table.num_rows, "digest": digest, "parts": parts}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -233,10 +239,37 @@ def _manifest(path: Path) -> dict:
                             "interrupted) or this is not an artifact folder.",
                             fix="rerun the stage that produces it.")
     try:
-        return json.loads(mpath.read_text())
+        m = json.loads(mpath.read_text())
     except json.JSONDecodeError as e:
         raise ContractError(mpath, f"manifest is not valid JSON ({e}).",
                             fix="delete the folder and rerun the stage that produces it.") from e
+    _check_manifest(mpath, m)
+    return m
+
+
+def _check_manifest(mpath: Path, m: object) -> None:
+    """The manifest agrees with itself: its total digest is that of its parts' digests and
+    its row count their sum (a hand-edited or torn manifest is refused, not trusted)."""
+    fix = "delete the folder and rerun the stage that produces it."
+    try:
+        parts = m["parts"]  # type: ignore[index]
+        rows = [int(p["rows"]) for p in parts]
+        shas = [str(p["sha256"]) for p in parts]
+        names = [p["file"] for p in parts]
+        total, digest = int(m["rows"]), m["digest"]  # type: ignore[index]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ContractError(mpath, f"manifest lacks a field or has a wrong type ({e!r}).",
+                            fix=fix) from e
+    bad = [n for n in names if not isinstance(n, str) or Path(n).name != n
+           or n.startswith(".")]
+    if bad:
+        raise ContractError(mpath, f"manifest names part(s) {bad} outside its folder.", fix=fix)
+    if sum(rows) != total:
+        raise ContractError(mpath, f"manifest says {total} rows but its parts hold "
+                            f"{sum(rows)}.", fix=fix)
+    if total_digest([{"sha256": s} for s in shas]) != digest:
+        raise ContractError(mpath, "manifest's total digest is not that of its parts: the "
+                            "manifest was modified or corrupted.", fix=fix)
 
 
 def read(path: str | Path, contract: Contract, *, check_paths: bool = False,
@@ -262,12 +295,22 @@ def read(path: str | Path, contract: Contract, *, check_paths: bool = False,
             if not f.is_file():
                 raise ContractError(f, "listed in the manifest but missing.",
                                     fix="rerun the stage that produces it.")
-            if verify_digest and sha256_file(f) != p["sha256"]:
-                raise ContractError(f, "content digest differs from the manifest: the file "
-                                    "was modified or corrupted.", fix="rerun the stage.")
+            if verify_digest:
+                if sha256_file(f) != p["sha256"]:
+                    raise ContractError(f, "content digest differs from the manifest: the "
+                                        "file was modified or corrupted.", fix="rerun the stage.")
+            elif "bytes" in p and f.stat().st_size != int(p["bytes"]):
+                raise ContractError(f, f"is {f.stat().st_size} bytes, the manifest says "
+                                    f"{p['bytes']}: the file was truncated or replaced.",
+                                    fix="rerun the stage that produces it.")
     else:
         files = [path]
     tables = [_read_file(f, contract) for f in files]
+    if path.is_dir():
+        for p, f, t in zip(m["parts"], files, tables, strict=True):
+            if t.num_rows != int(p["rows"]):
+                raise ContractError(f, f"holds {t.num_rows} rows, the manifest says "
+                                    f"{p['rows']}.", fix="rerun the stage that produces it.")
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     validate(table, contract, str(path), check_paths=check_paths, image_root=image_root,
              allow_outside_root=allow_outside_root)

@@ -222,7 +222,7 @@ SELECTIONS = Contract(
 
 EMBEDDINGS = Contract(
     name="embeddings",
-    version=1,
+    version=2,  # 2: p_think
     schema=_s(
         pa.field("id", _str, nullable=False),
         pa.field("task", _str),
@@ -236,6 +236,7 @@ EMBEDDINGS = Contract(
         pa.field("latency_ms", pa.float32()),
         pa.field("status", _str, nullable=False),
         pa.field("error", _str),
+        pa.field("p_think", pa.float32()),  # the gate's p(<think>) (adaptive mode), else null
         name="embeddings",
     ),
     key=("task", "side", "id"),

@@ -129,7 +129,8 @@ def cmd_run(a: argparse.Namespace) -> int:
                   flush=True)
     with prefect_startup(*prefect_timeout(a.prefect_timeout,
                                           cfg.run.prefect_startup_timeout_s)):
-        out = pipeline(cfg, from_stage=a.from_stage, only=a.only, force=a.force or None)
+        out = pipeline(cfg, from_stage=a.from_stage, only=a.only, force=a.force or None,
+                       verify=a.verify)
     print("\n" + out["summary"])
     print(f"  wall time incl. Prefect start-up: {time.perf_counter() - t0:.0f}s", flush=True)
     if a.json:
@@ -141,7 +142,7 @@ def cmd_stage(a: argparse.Namespace) -> int:
     from flows.stage import run_stage_from_file
 
     out = run_stage_from_file(a.name, a.config, a.run_dir, a.force, a.set, a.parent_run_id,
-                              prefect_timeout=a.prefect_timeout)
+                              prefect_timeout=a.prefect_timeout, verify=a.verify)
     print(json.dumps({k: out.get(k) for k in ("stage", "status", "summary", "metrics",
                                               "outputs", "mlflow_run_id")}, indent=2,
                      default=str))
@@ -218,7 +219,7 @@ def embed_file(model: str, input_path: str, output: str, mode: str = "adaptive",
     rows = _read_inputs(Path(input_path))
     if not rows:
         raise ContractError(input_path, "has no rows.", fix="give at least one input.")
-    inputs, ids = [], []
+    inputs, ids, tasks = [], [], []
     for i, r in enumerate(rows):
         text = _pick(r, ("text", "qry_text", "qry"))
         inst = _pick(r, ("instruction", "qry_inst"))
@@ -228,9 +229,16 @@ def embed_file(model: str, input_path: str, output: str, mode: str = "adaptive",
                                 fix="give a 'text', 'instruction' or 'image' column.")
         inputs.append(EmbedInput.from_row(inst, text, img, image_root))
         ids.append(str(_pick(r, ("id", "pair_id", "row_id")) or i))
-    if len(set(ids)) != len(ids):
-        raise ContractError(input_path, "ids are not unique.", column="id",
-                            fix="make the id column unique or drop it (row numbers are used).")
+        tasks.append(str(r.get("task") or ""))
+    # an id is unique within its task (the eval artifact's key is task + row_id)
+    seen: dict[tuple[str, str], int] = {}
+    for i, key in enumerate(zip(tasks, ids, strict=True)):
+        if key in seen:
+            raise ContractError(input_path, f"id {key[1]!r} of task {key[0]!r} appears twice "
+                                f"(rows {seen[key]} and {i}).", row=i, column="id",
+                                fix="make (task, id) unique or drop the id column (row "
+                                "numbers are used).")
+        seen[key] = i
     emb = Embedder.from_pretrained(model)
     t0 = time.perf_counter()
     if mode == "direct":
@@ -238,7 +246,8 @@ def embed_file(model: str, input_path: str, output: str, mode: str = "adaptive",
         dt = (time.perf_counter() - t0) * 1000 / len(inputs)
         vecs = out.embeddings
         extra = [{"reasoned": False, "rationale": None, "n_gen_tokens": 0,
-                  "n_prompt_tokens": int(n), "latency_ms": dt} for n in out.n_tokens.tolist()]
+                  "n_prompt_tokens": int(n), "latency_ms": dt, "p_think": None}
+                 for n in out.n_tokens.tolist()]
     else:
         from mmemb.inference import AdaptiveEncoder
 
@@ -257,21 +266,47 @@ def embed_file(model: str, input_path: str, output: str, mode: str = "adaptive",
         extra = [{"reasoned": bool(res.reasoned[i]), "rationale": res.rationales[i],
                   "n_gen_tokens": int(res.n_gen_tokens[i]),
                   "n_prompt_tokens": int(res.n_prompt_tokens[i]),
-                  "latency_ms": float(res.latency_ms[i])} for i in range(len(inputs))]
+                  "latency_ms": float(res.latency_ms[i]),
+                  # the gate's own probability; in reason mode there is no decision pass
+                  "p_think": float(res.p_think[i]) if mode == "adaptive" else None}
+                 for i in range(len(inputs))]
     bad = (~torch.isfinite(vecs).all(dim=1)).nonzero().flatten().tolist()
     table = []
     for i, (rid, v, e) in enumerate(zip(ids, vecs.tolist(), extra, strict=True)):
-        table.append({"id": rid, "task": "", "side": "query", "mode": mode,
+        table.append({"id": rid, "task": tasks[i], "side": "query", "mode": mode,
                       "embedding": v if i not in bad else None, **e,
                       "status": "error" if i in bad else "ok",
                       "error": "non-finite embedding" if i in bad else None})
     return io.write(table, output, EMBEDDINGS)
 
 
+def embed_report(output: str) -> dict:
+    """How an ``embeddings`` artifact was produced: inputs, how many reasoned, p(think)."""
+    from data_contracts import io
+    from data_contracts.schemas import EMBEDDINGS
+
+    rows = io.read(output, EMBEDDINGS).drop_columns(["embedding"]).to_pylist()
+    ok = [r for r in rows if r["status"] == "ok"]
+    p = [r["p_think"] for r in ok if r["p_think"] is not None]
+    n_r = sum(bool(r["reasoned"]) for r in ok)
+    return {"inputs": len(rows), "ok": len(ok), "errors": len(rows) - len(ok),
+            "reasoned": n_r, "reasoned_share": n_r / len(ok) if ok else None,
+            "p_think_mean": sum(p) / len(p) if p else None,
+            "p_think_min": min(p) if p else None, "p_think_max": max(p) if p else None,
+            "gen_tokens_mean": (sum(r["n_gen_tokens"] or 0 for r in ok) / len(ok)
+                                if ok else None),
+            "per_row": "columns reasoned, p_think, n_gen_tokens, rationale of the artifact"}
+
+
 def cmd_embed(a: argparse.Namespace) -> int:
     ref = embed_file(a.model, a.input, a.output, a.mode, a.batch_size, a.image_root,
                      a.budget, a.threshold)
-    print(json.dumps(ref.to_dict(), indent=2))
+    rep = embed_report(ref.uri)
+    print(json.dumps({**ref.to_dict(), "report": rep}, indent=2))
+    share = "-" if rep["reasoned_share"] is None else f"{100 * rep['reasoned_share']:.0f}%"
+    pm = "-" if rep["p_think_mean"] is None else f"{rep['p_think_mean']:.3f}"
+    print(f"[embed] {rep['inputs']} inputs ({a.mode}): {rep['reasoned']} reasoned ({share}), "
+          f"mean p(think) {pm}, {rep['errors']} error(s); per row: {ref.uri}", file=sys.stderr)
     return 0
 
 
@@ -380,15 +415,14 @@ def cmd_ui(a: argparse.Namespace) -> int:
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    from tasks.cache import outputs_intact, read_state, result_from_state
+    from tasks.cache import run_status
 
-    for stage in STAGE_NAMES:
-        st = read_state(a.run_dir, stage)
+    for stage, (verdict, why, st) in run_status(a.run_dir, STAGE_NAMES, a.verify).items():
         if st is None:
-            print(f"{stage:<9} -")
+            print(f"{stage:<9} " + (f"INTERRUPTED: {why}" if verdict == "interrupted" else "-"))
             continue
-        ok, why = outputs_intact(result_from_state(st["result"]))
-        print(f"{stage:<9} {'ok' if ok else 'STALE: ' + why:<10} key {st['key'][:12]} "
+        text = "ok" if verdict == "ok" else f"STALE: {why}"
+        print(f"{stage:<9} {text:<10} key {st['key'][:12]} "
               f"{st.get('finished_at', '')} {st.get('duration_s', 0):7.1f}s  "
               f"{st['result'].get('summary', '')}")
     return 0
@@ -471,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     r.add_argument("--json", metavar="FILE", help="also write the result payload as JSON")
     _prefect_timeout_option(r)
+    r.add_argument("--verify", action="store_true", help="hash every output part and model "
+                   "file before reusing a cached stage (default: each part must exist with "
+                   "its recorded size)")
     r.add_argument("--skip-preflight", action="store_true", help="start without the "
                    "preflight (models load and have the method's tokens, input columns, "
                    "image roots, teacher prompt budgets, writable outputs; mmemb/preflight.py)")
@@ -489,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--parent-run-id", help="MLflow run to nest under (default: the run "
                    "dir's last pipeline run)")
     _prefect_timeout_option(s)
+    s.add_argument("--verify", action="store_true", help="hash every output part and model "
+                   "file before reusing the cached stage")
     s.set_defaults(fn=cmd_stage)
 
     e = sub.add_parser("eval", help="evaluate a model (the evaluate stage)",
@@ -538,8 +577,13 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default {DEFAULT_UI_TIMEOUT_S}; a busy machine can need minutes)")
     u.set_defaults(fn=cmd_ui)
 
-    t = sub.add_parser("status", help="show which stages are cached in a run directory")
+    t = sub.add_parser("status", help="show which stages are cached in a run directory",
+                       description="Per stage: ok, STALE (an output part is gone or changed, "
+                       "an input differs from the one it was built from, or its upstream "
+                       "stage is stale) or INTERRUPTED (a run did not finish).")
     t.add_argument("--run-dir", default="runs/demo", help="run directory")
+    t.add_argument("--verify", action="store_true", help="also hash every output part and "
+                   "model file")
     t.set_defaults(fn=cmd_status)
 
     c = sub.add_parser("config", help="print the resolved (wired, validated) config",

@@ -33,7 +33,15 @@ from tasks.stages import (
     stage_available,
     stage_task_for,
 )
-from tasks.tracking import ENV_PARENT, StageRecord, Tracker, redact_uri
+from tasks.tracking import (
+    ENV_PARENT,
+    StageRecord,
+    Tracker,
+    install_log_redaction,
+    redact_obj,
+    redact_text,
+    redact_uri,
+)
 
 PIPELINE_STATE = "_pipeline.json"
 
@@ -111,9 +119,9 @@ def open_parent(config: PipelineConfig, tracker: Tracker, kind: str = "pipeline"
                                   tags={**tags, "mmemb.placeholder_id": placeholder},
                                   params=params))
         run_id = placeholder
-    cache.atomic_write_json(config.run_dir / PIPELINE_STATE, {
+    cache.atomic_write_json(config.run_dir / PIPELINE_STATE, redact_obj({
         "parent_run_id": run_id, "tracking_uri": redact_uri(tracker.uri),
-        "experiment": tracker.experiment, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        "experiment": tracker.experiment, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}))
     return run_id
 
 
@@ -219,13 +227,15 @@ def format_summary(config: PipelineConfig, payloads: dict[str, dict], duration_s
 def pipeline(config: PipelineConfig | None = None, from_stage: StageName | None = None,
              only: StageName | None = None, force: list[StageName] | None = None,
              config_path: str | None = None, run_dir: str | None = None,
-             overrides: list[str] | None = None) -> dict:
+             overrides: list[str] | None = None, verify: bool = False) -> dict:
     """The whole method on one run directory; returns stage payloads and a summary.
 
     Give ``config`` (the form), or ``config_path`` (a pipeline YAML, as deployments do) with
-    optional ``run_dir`` and ``overrides`` (``["train.lr=1e-4"]``).
+    optional ``run_dir`` and ``overrides`` (``["train.lr=1e-4"]``). ``verify``: hash every
+    output part and model file before reusing a cached stage.
     """
     t0 = time.perf_counter()
+    install_log_redaction()
     if config is None:
         if not config_path:
             raise ConfigError("pipeline: give config (the form) or config_path (a YAML)")
@@ -266,15 +276,17 @@ def pipeline(config: PipelineConfig | None = None, from_stage: StageName | None 
             upstream = {s: {"key": p.get("key"), "outputs": p.get("outputs")}
                         for s, p in payloads.items() if p.get("key")}
             payloads[stage] = stage_task_for(config, stage)(
-                config, stage, force=forced, parent_run_id=parent, upstream=upstream)
+                config, stage, force=forced, parent_run_id=parent, upstream=upstream,
+                verify=verify)
     except BaseException as e:
         status = "FAILED" if not isinstance(e, KeyboardInterrupt) else "KILLED"
         failed = next((s for s, _ in steps if s not in payloads), "?")
         hint = disk_full_hint(e)
         hint = f"\n[pipeline] {hint}" if hint and hint not in str(e) else ""
-        print(f"[pipeline] stage {failed!r} failed: {type(e).__name__}: {e}{hint}\n"
-              f"[pipeline] finished stages are kept; resume with: mmemb run CONFIG "
-              f"--run-dir {run_dir} (cached stages are skipped) or --from {failed}", flush=True)
+        print(redact_text(f"[pipeline] stage {failed!r} failed: {type(e).__name__}: {e}{hint}\n"
+                          f"[pipeline] finished stages are kept; resume with: mmemb run "
+                          f"CONFIG --run-dir {run_dir} (cached stages are skipped) or --from "
+                          f"{failed}"), flush=True)
         if parent and not parent.startswith("pending-"):
             tracker.set_tags(parent, {"mmemb.failed_stage": failed,
                                       "mmemb.error": f"{type(e).__name__}: {e}"[:8000]})
@@ -295,7 +307,7 @@ def pipeline(config: PipelineConfig | None = None, from_stage: StageName | None 
                 # would stay RUNNING, without its totals, once the store is back).
                 tracker.spool(StageRecord(stage="pipeline-end", run_name=config.run.name,
                                           run_id=parent, metrics=m, status=status))
-    text = format_summary(config, payloads, duration, tracker, parent)
+    text = redact_text(format_summary(config, payloads, duration, tracker, parent))
     # The command line prints the summary itself (plain, on stdout); here it goes to the
     # run directory and to the Prefect UI (a markdown artifact), not twice to the console.
     print(f"[pipeline] finished in {duration:.0f}s: "

@@ -83,11 +83,12 @@ def make_stage_flow(stage: str):
     def stage_flow(config=None, config_path: str | None = None, run_dir: str | None = None,
                    run: RunSection | None = None, launch: LaunchConfig | None = None,
                    force: bool = False, parent_run_id: str | None = None,
-                   overrides: list[str] | None = None) -> dict:
+                   overrides: list[str] | None = None, verify: bool = False) -> dict:
         from flows.pipeline import link_flow_run, open_parent, parent_for_stage
         from tasks.stages import stage_task_for
-        from tasks.tracking import Tracker
+        from tasks.tracking import Tracker, install_log_redaction
 
+        install_log_redaction()
         config, run, launch = resolve_stage_inputs(stage, config, config_path, run_dir, run,
                                                    launch, overrides)
         pc = stage_pipeline_config(stage, config, run, launch)
@@ -98,7 +99,8 @@ def make_stage_flow(stage: str):
         if parent is None:
             parent = open_parent(pc, tracker, kind="stage-run", name=f"{pc.run.name}:{stage}")
             link_flow_run(tracker, parent)
-        out = stage_task_for(pc, stage)(pc, stage, force=force, parent_run_id=parent)
+        out = stage_task_for(pc, stage)(pc, stage, force=force, parent_run_id=parent,
+                                        verify=verify)
         print(f"[{stage}] {out['status']}: {out.get('summary') or out.get('reason', '')}",
               flush=True)
         return out
@@ -106,7 +108,8 @@ def make_stage_flow(stage: str):
     stage_flow.__annotations__ = {
         "config": cls | None, "config_path": str | None, "run_dir": str | None,
         "run": RunSection | None, "launch": LaunchConfig | None, "force": bool,
-        "parent_run_id": str | None, "overrides": list[str] | None, "return": dict}
+        "parent_run_id": str | None, "overrides": list[str] | None, "verify": bool,
+        "return": dict}
     stage_flow.__doc__ = (f"Stage {stage!r} alone: fill the config form, or give config_path "
                           "(a pipeline YAML or a stage YAML) and optionally run_dir.")
     stage_flow.__name__ = f"{stage}_flow"
@@ -117,20 +120,27 @@ def make_stage_flow(stage: str):
 def run_stage_from_file(stage: str, config_path: str, run_dir: str | None = None,
                         force: bool = False, overrides: list[str] | None = None,
                         parent_run_id: str | None = None, flow_obj=None,
-                        prefect_timeout: int | None = None) -> dict:
+                        prefect_timeout: int | None = None, verify: bool = False) -> dict:
     """Load the stage's config from a pipeline or stage YAML and run its flow.
 
     ``prefect_timeout``: seconds to wait for Prefect's temporary API server (default: the
-    run section's ``prefect_startup_timeout_s``, then the environment; flows/startup.py)."""
+    run section's ``prefect_startup_timeout_s``, then the environment; flows/startup.py).
+    ``verify``: hash every output part and model file before reusing the cached stage."""
     from flows.startup import prefect_startup
     from flows.startup import prefect_timeout as startup_wait
 
     config, run, launch = resolve_stage_inputs(stage, None, config_path, run_dir, None, None,
                                                overrides)
+    # secrets refused here, before the values become the flow's parameters
+    from mmemb.configs.pipeline import refuse_secrets
+
+    refuse_secrets({"run": run.model_dump(mode="json"), stage: config.model_dump(mode="json"),
+                    "launch": {stage: launch.model_dump(mode="json")} if launch else {}},
+                   config_path)
     flow_obj = flow_obj or make_stage_flow(stage)
     with prefect_startup(*startup_wait(prefect_timeout, run.prefect_startup_timeout_s)):
         return flow_obj(config=config, run=run, launch=launch, force=force,
-                        parent_run_id=parent_run_id)
+                        parent_run_id=parent_run_id, verify=verify)
 
 
 def main(stage: str, argv: list[str] | None = None) -> dict:

@@ -262,7 +262,7 @@ def model_digests(res: StageResult, memo: DigestMemo | None = None) -> dict[str,
 
 def write_state(run_dir: str | Path, stage: str, key: str, res: StageResult, *,
                 inputs: dict, code: str, config: dict, duration_s: float,
-                extra: dict | None = None) -> Path:
+                extra: dict | None = None, attempt: str | None = None) -> Path:
     """Record a finished stage. Its models' content digests go in too: a model folder is
     written in place (``save_pretrained``), so a later forced rerun killed while saving
     would leave a torn checkpoint behind a state file whose key still matches; the digests
@@ -275,11 +275,80 @@ def write_state(run_dir: str | Path, stage: str, key: str, res: StageResult, *,
                              "config": config, "duration_s": duration_s,
                              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                              "result": result_to_state(res), "model_digests": outs,
-                             **(extra or {})})
+                             "attempt": attempt, **(extra or {})})
+    mk = read_running(run_dir, stage)
+    if mk is not None and mk.get("attempt") == attempt:
+        running_path(run_dir, stage).unlink(missing_ok=True)
     return path
 
 
+# --------------------------------------------------------------------------- running marker
+#
+# The record and the outputs change together: before a stage computes, a marker says it
+# is running and its old record is removed, so a process killed after it replaced an
+# output but before it wrote the new record leaves no record that describes the old
+# outputs, only the marker ("interrupted"). The record of the finished attempt removes it.
+
+RUNNING_FILE = "_stage.running.json"
+
+
+def running_path(run_dir: str | Path, stage: str) -> Path:
+    return Path(run_dir) / stage / RUNNING_FILE
+
+
+def read_running(run_dir: str | Path, stage: str) -> dict | None:
+    path = running_path(run_dir, stage)
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return {"attempt": None, "started_at": "?"}  # torn: still an unfinished attempt
+
+
+def begin_run(run_dir: str | Path, stage: str, key: str) -> str:
+    """Mark ``stage`` as running (marker first, then the old record goes); returns the
+    attempt id that :func:`write_state` must be given to clear the marker."""
+    attempt = uuid.uuid4().hex
+    old = read_state(run_dir, stage)
+    atomic_write_json(running_path(run_dir, stage), {
+        "stage": stage, "key": key, "attempt": attempt, "pid": os.getpid(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "previous_key": (old or {}).get("key")})
+    state_path(run_dir, stage).unlink(missing_ok=True)
+    return attempt
+
+
+def fail_run(run_dir: str | Path, stage: str, attempt: str, error: str) -> None:
+    """Note on the marker why the attempt ended (the record stays absent)."""
+    mk = read_running(run_dir, stage)
+    if mk is not None and mk.get("attempt") == attempt:
+        mk.update(error=error[:2000], failed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        atomic_write_json(running_path(run_dir, stage), mk)
+
+
+def unfinished(run_dir: str | Path, stage: str) -> str | None:
+    """Why the stage has no valid record because an attempt did not finish, else None."""
+    mk = read_running(run_dir, stage)
+    if mk is None:
+        return None
+    st = _read_state_file(run_dir, stage)
+    if st is not None and mk.get("attempt") is not None and st.get("attempt") == mk["attempt"]:
+        return None
+    if mk.get("error"):
+        return f"the run started {mk.get('started_at')} failed ({mk['error'][:300]})"
+    return (f"the run started {mk.get('started_at')} did not finish (killed?); its outputs "
+            "may be partial")
+
+
 def read_state(run_dir: str | Path, stage: str) -> dict | None:
+    """The stage's record, or None (none, torn, or an attempt after it did not finish)."""
+    st = _read_state_file(run_dir, stage)
+    if st is not None and running_path(run_dir, stage).exists() and \
+            unfinished(run_dir, stage) is not None:
+        return None
+    return st
+
+
+def _read_state_file(run_dir: str | Path, stage: str) -> dict | None:
     path = state_path(run_dir, stage)
     if not path.is_file():
         return None
@@ -289,13 +358,37 @@ def read_state(run_dir: str | Path, stage: str) -> dict | None:
         return None  # a torn or foreign file is no cache hit; the stage reruns
 
 
+def artifact_intact(path: Path, verify: bool = False) -> str:
+    """'' when every part the manifest lists exists with its recorded size (and, with
+    ``verify``, its recorded sha256); else what is wrong. Cheap without ``verify``: one
+    ``stat`` per part, so a deleted or truncated part is never reused as cached."""
+    try:
+        m = io._manifest(path)
+    except ValueError as e:
+        return str(e)
+    for p in m["parts"]:
+        f = path / p["file"]
+        if not f.is_file():
+            return f"part {p['file']} is missing"
+        if "bytes" in p and f.stat().st_size != int(p["bytes"]):
+            return (f"part {p['file']} is {f.stat().st_size} bytes, the manifest says "
+                    f"{p['bytes']}")
+        if verify and sha256_file(f) != p["sha256"]:
+            return f"part {p['file']}: content digest differs from the manifest"
+    return ""
+
+
 def outputs_intact(res: StageResult, models: dict[str, str | None] | None = None,
-                   memo: DigestMemo | None = None) -> tuple[bool, str]:
+                   memo: DigestMemo | None = None, verify: bool = False) -> tuple[bool, str]:
     """Do the recorded outputs still exist with their recorded digests?
 
-    ``models``: the model digests the state file recorded (None: existence only, as for
-    state files written before digests were recorded).
+    Every part of every output artifact must exist with its recorded size; ``verify`` also
+    hashes each part and re-hashes model files instead of trusting the digest memo (size
+    and mtime). ``models``: the model digests the state file recorded (None: existence
+    only, as for state files written before digests were recorded).
     """
+    if verify:
+        memo = DigestMemo(None)
     for name, r in res.outputs.items():
         p = Path(r.uri)
         if not io.exists(p):
@@ -306,6 +399,8 @@ def outputs_intact(res: StageResult, models: dict[str, str | None] | None = None
                     return False, f"output {name!r} ({p}) changed since it was written"
             except ValueError as e:
                 return False, f"output {name!r}: {e}"
+            if why := artifact_intact(p, verify):
+                return False, f"output {name!r} ({p}): {why}"
     for name, p in {**res.models, **res.files}.items():
         if not Path(p).exists():
             return False, f"{name!r} ({p}) is missing"
@@ -316,11 +411,14 @@ def outputs_intact(res: StageResult, models: dict[str, str | None] | None = None
     return True, ""
 
 
-def lookup(run_dir: str | Path, stage: str, key: str) -> tuple[StageResult | None, str]:
-    """The cached result for ``key``, or None with the reason it cannot be reused."""
+def lookup(run_dir: str | Path, stage: str, key: str, verify: bool = False
+           ) -> tuple[StageResult | None, str]:
+    """The cached result for ``key``, or None with the reason it cannot be reused.
+
+    ``verify``: hash every output part and model file (see :func:`outputs_intact`)."""
     st = read_state(run_dir, stage)
     if st is None:
-        return None, "no previous result"
+        return None, unfinished(run_dir, stage) or "no previous result"
     if st.get("key") != key:
         return None, "inputs, config or code changed"
     try:
@@ -328,6 +426,81 @@ def lookup(run_dir: str | Path, stage: str, key: str) -> tuple[StageResult | Non
     except (KeyError, TypeError, ValueError) as e:
         return None, f"unreadable state file ({e})"
     memo = digest_memo(run_dir)
-    ok, why = outputs_intact(res, st.get("model_digests"), memo)
+    ok, why = outputs_intact(res, st.get("model_digests"), memo, verify)
     memo.save()
     return (res, "") if ok else (None, why)
+
+
+# --------------------------------------------------------------------------- status
+
+def _dotted(obj: Any, field: str) -> Any:
+    for part in field.split("."):
+        if isinstance(obj, dict):
+            obj = obj.get(part)
+        elif isinstance(obj, list) and part.isdigit() and int(part) < len(obj):
+            obj = obj[int(part)]
+        else:
+            return None
+    return obj
+
+
+def _resolved(p: str | Path) -> Path:
+    try:
+        return Path(p).resolve()
+    except (OSError, RuntimeError):
+        return Path(p)
+
+
+def run_status(run_dir: str | Path, stages: list[str] | tuple[str, ...], verify: bool = False
+               ) -> dict[str, tuple[str, str, dict | None]]:
+    """Per stage, in order: (verdict, why, record). Verdicts: ``-`` (never ran), ``ok``,
+    ``stale`` (an output is gone or changed, an input differs from the one it was built
+    from, or the stage that produced an input is itself stale) and ``interrupted``.
+
+    Inputs are re-digested from the paths the record's config holds (the digest memo
+    makes that a ``stat`` for unchanged checkpoints), so ``--only select`` with a new
+    margin shows train, gate and evaluate stale until they rerun."""
+    run_dir = Path(run_dir)
+    memo = digest_memo(run_dir)
+    out: dict[str, tuple[str, str, dict | None]] = {}
+    producers: dict[Path, str] = {}
+    for stage in stages:
+        producers.setdefault(_resolved(run_dir / stage), stage)
+        st = read_state(run_dir, stage)
+        if st is None:
+            why = unfinished(run_dir, stage)
+            out[stage] = ("interrupted", why, None) if why else ("-", "", None)
+            continue
+        try:
+            res = result_from_state(st["result"])
+        except (KeyError, TypeError, ValueError) as e:
+            out[stage] = ("stale", f"unreadable state file ({e})", st)
+            continue
+        for p in [*(r.uri for r in res.outputs.values()), *res.models.values()]:
+            producers[_resolved(p)] = stage
+        ok, why = outputs_intact(res, st.get("model_digests"), memo, verify)
+        if ok:
+            why = _inputs_changed(st, memo, producers, out, stage)
+        out[stage] = ("ok", "", st) if ok and not why else ("stale", why, st)
+    memo.save()
+    return out
+
+
+def _inputs_changed(st: dict, memo: DigestMemo, producers: dict[Path, str],
+                    done: dict[str, tuple[str, str, dict | None]], stage: str) -> str:
+    """An input whose content differs from the recorded one, else one whose producing
+    stage is stale or interrupted; '' when neither."""
+    paths = [(f, p, d) for f, d in (st.get("inputs") or {}).items()
+             if isinstance(p := _dotted(st.get("config") or {}, f), str) and p]
+    for field, path, recorded in paths:
+        now = path_digest(path, memo)
+        if now != recorded:
+            what = "is gone" if now is None else "changed since the stage ran"
+            return f"input {field!r} ({path}) {what}"
+    for field, path, _ in paths:
+        rp = _resolved(path)
+        up = next((s for p, s in producers.items() if s != stage
+                   and (rp == p or rp.is_relative_to(p))), None)
+        if up is not None and done.get(up, ("-",))[0] in ("stale", "interrupted"):
+            return f"input {field!r} comes from stage {up!r}, which is {done[up][0]}"
+    return ""

@@ -31,6 +31,7 @@ from pathlib import Path
 from data_contracts.io import ContractError
 from mmemb.configs.base import ConfigError, StageConfig
 from mmemb.configs.pipeline import LaunchConfig
+from mmemb.redact import redact_text
 from mmemb.stages.base import StageResult
 
 RESULT_FILE = "_launch_result.json"
@@ -118,13 +119,16 @@ def build_command(launch: LaunchConfig, stage: str, config_path: Path, result_pa
     if launch.launcher == "subprocess":
         cmd = [py, *w]
     elif launch.launcher == "torchrun":
-        cmd = [py, "-m", "torch.distributed.run", f"--nnodes={launch.nnodes}",
+        multi = launch.nnodes > 1 or bool(launch.rdzv_endpoint)
+        # one node: torchrun whose stores listen on 127.0.0.1 (mmemb.training.torchrun_local)
+        runner = "torch.distributed.run" if multi else "mmemb.training.torchrun_local"
+        cmd = [py, "-m", runner, f"--nnodes={launch.nnodes}",
                f"--nproc-per-node={launch.nproc_per_node}"]
-        if launch.nnodes > 1 or launch.rdzv_endpoint:
+        if multi:
             cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv_endpoint}",
                     f"--rdzv-id={launch.rdzv_id or 'mmemb-' + stage}"]
         else:
-            cmd += ["--standalone"]
+            cmd += ["--standalone", "--local-addr=127.0.0.1"]
         cmd += w
     elif launch.launcher == "deepspeed":
         cmd = [py, "-m", "deepspeed.launcher.runner"]
@@ -143,8 +147,22 @@ def build_command(launch: LaunchConfig, stage: str, config_path: Path, result_pa
     return [*launch.prefix, *cmd]
 
 
+def _expand_env(launch_cfg: LaunchConfig) -> dict[str, str]:
+    """``launch.<stage>.env`` with ``${NAME}`` references expanded from this environment: a
+    config names the variable that holds a secret, never its value (the config is the flow's
+    parameters, stored in Prefect's database)."""
+    out = {}
+    for k, v in launch_cfg.env.items():
+        val = os.path.expandvars(v)
+        if "${" in val:
+            raise ConfigError(f"launch env {k}={v!r} refers to an environment variable that is "
+                              "not set here; export it before the run")
+        out[k] = val
+    return out
+
+
 def _env(launch_cfg: LaunchConfig, env: dict[str, str] | None) -> dict[str, str]:
-    full = {**os.environ, **launch_cfg.env, **(env or {})}
+    full = {**os.environ, **_expand_env(launch_cfg), **(env or {})}
     root = str(Path(__file__).resolve().parent.parent)
     full["PYTHONPATH"] = os.pathsep.join(
         [root, *(p for p in full.get("PYTHONPATH", "").split(os.pathsep) if p)])
@@ -189,7 +207,7 @@ def launch(launch_cfg: LaunchConfig, stage: str, cfg: StageConfig, state_dir: Pa
     config_path, result_path = _prepare_paths(state_dir)
     cfg.to_yaml(config_path)
     cmd = build_command(launch_cfg, stage, config_path, result_path)
-    print(f"[{stage}] launching: {shlex.join(cmd)}", flush=True)
+    print(redact_text(f"[{stage}] launching: {shlex.join(cmd)}"), flush=True)
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=_env(launch_cfg, env), timeout=launch_cfg.timeout_s,

@@ -34,7 +34,14 @@ from mmemb.configs.pipeline import (
 from mmemb.stages.base import StageResult
 from tasks import cache
 from tasks.launch import StageFailed, is_transient, launch
-from tasks.tracking import ENV_RUN, StageRecord, Tracker, artifact_entries, dataset_entries
+from tasks.tracking import (
+    ENV_RUN,
+    StageRecord,
+    Tracker,
+    artifact_entries,
+    dataset_entries,
+    redact_text,
+)
 
 #: Stages whose models are registered in the MLflow model registry (with aliases).
 REGISTER_STAGES = {"train", "gate"}
@@ -205,8 +212,11 @@ def build_record(pcfg: PipelineConfig, stage: str, cfg: StageConfig, res: StageR
 
 def execute_stage(pcfg: PipelineConfig, stage: str, *, force: bool = False,
                   parent_run_id: str | None = None, tracker: Tracker | None = None,
-                  tags: dict[str, str] | None = None) -> dict:
-    """Run one stage (or reuse its cached result); returns the small JSON payload."""
+                  tags: dict[str, str] | None = None, verify: bool = False) -> dict:
+    """Run one stage (or reuse its cached result); returns the small JSON payload.
+
+    ``verify``: reuse a cached result only after hashing every output part and model file
+    (without it: every part must exist with its recorded size)."""
     ok, why = stage_available(stage)
     if not ok:
         print(f"[{stage}] skipped: {why}", flush=True)
@@ -226,7 +236,7 @@ def execute_stage(pcfg: PipelineConfig, stage: str, *, force: bool = False,
     tracker = tracker or Tracker.from_config(pcfg.run.tracking, run_dir)
     tags = dict(tags or {})
     if not force:
-        res, reason = cache.lookup(run_dir, stage, key)
+        res, reason = cache.lookup(run_dir, stage, key, verify=verify)
         if res is not None:
             st = cache.read_state(run_dir, stage) or {}
             print(f"[{stage}] cached: inputs, config and code unchanged (key {key[:12]}); "
@@ -244,6 +254,9 @@ def execute_stage(pcfg: PipelineConfig, stage: str, *, force: bool = False,
                 "mmemb.code_version": code[:12], **tags}
     run_id = tracker.start_run(stage, parent_run_id, rec_tags)
     launch_cfg = pcfg.launch_for(stage)
+    # From here until write_state the stage has no record: one that described the outputs
+    # it is about to replace would outlive them if the process died in between.
+    attempt = cache.begin_run(run_dir, stage, key)
     t0 = time.perf_counter()
     steps_live = 0
     try:
@@ -257,6 +270,7 @@ def execute_stage(pcfg: PipelineConfig, stage: str, *, force: bool = False,
                 env["MLFLOW_TRACKING_URI"] = tracker.uri
             res, steps_live = launch(launch_cfg, stage, cfg, state_dir, env)
     except BaseException as e:
+        cache.fail_run(run_dir, stage, attempt, redact_text(f"{type(e).__name__}: {e}"))
         tracker.set_tags(run_id, {"mmemb.error": f"{type(e).__name__}: {e}"[:8000],
                                   "mmemb.transient": str(is_transient(e))})
         tracker.end_run(run_id, "FAILED")
@@ -265,7 +279,7 @@ def execute_stage(pcfg: PipelineConfig, stage: str, *, force: bool = False,
     # Outputs first: the stage's result is on disk before anything talks to MLflow.
     cache.write_state(run_dir, stage, key, res, inputs=digests, code=code,
                       config=cfg.model_dump(mode="json"), duration_s=duration,
-                      extra={"mlflow_run_id": run_id})
+                      extra={"mlflow_run_id": run_id}, attempt=attempt)
     rec = build_record(pcfg, stage, cfg, res, digests, parent_run_id=parent_run_id,
                        tags=rec_tags)
     rec.run_id = run_id
@@ -326,12 +340,13 @@ def link_in_prefect(stage: str, tracker: Tracker, run_id: str | None) -> None:
 @task(name="stage", task_run_name="{stage}", cache_policy=NO_CACHE, persist_result=False,
       retry_condition_fn=retry_condition, log_prints=True)
 def stage_task(config: PipelineConfig, stage: str, force: bool = False,
-               parent_run_id: str | None = None, upstream: dict | None = None) -> dict:
+               parent_run_id: str | None = None, upstream: dict | None = None,
+               verify: bool = False) -> dict:
     """One stage as a Prefect task; ``upstream`` (payloads) draws the dependency edges."""
     del upstream
     tracker = Tracker.from_config(config.run.tracking, config.run_dir)
     out = execute_stage(config, stage, force=force, parent_run_id=parent_run_id,
-                        tracker=tracker, tags=_prefect_tags())
+                        tracker=tracker, tags=_prefect_tags(), verify=verify)
     link_in_prefect(stage, tracker, out.get("mlflow_run_id"))
     return out
 

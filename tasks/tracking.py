@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import time
@@ -38,6 +39,9 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mmemb.configs.base import ConfigError
+from mmemb.redact import REDACTED, redact, redact_obj, redact_text  # noqa: F401 - re-exported
 
 ENV_PARENT = "MMEMB_MLFLOW_PARENT_RUN_ID"
 ENV_RUN = "MMEMB_MLFLOW_RUN_ID"
@@ -64,34 +68,39 @@ def artifact_root(run_dir: str | Path) -> str:
     return (Path(run_dir).resolve() / "mlartifacts").as_uri()
 
 
+_TEMPLATE = re.compile(r"\{\{.*?\}\}")
+
+
 def resolve_uri(configured: str | None, run_dir: str | Path) -> str:
-    """Config value, else ``MLFLOW_TRACKING_URI``, else the run directory's SQLite store."""
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(run_dir)
+    """Config value (``${VAR}`` expanded), else ``MLFLOW_TRACKING_URI``, else the run
+    directory's SQLite store.
+
+    Refuses a template that was never filled (``{{ $MLFLOW_TRACKING_URI }}``: a Prefect
+    deployment made while the variable was unset) and a ``${VAR}`` whose variable is
+    unset, instead of creating a store named after the literal text."""
+    if configured:
+        uri, where = os.path.expandvars(configured), "run.tracking.uri"
+    else:
+        uri, where = os.environ.get("MLFLOW_TRACKING_URI", ""), "MLFLOW_TRACKING_URI"
+    if _TEMPLATE.search(uri):
+        raise ConfigError(f"{where} is the unfilled template {uri!r}: the deployment was made "
+                          "while MLFLOW_TRACKING_URI was unset. Export it (e.g. "
+                          "MLFLOW_TRACKING_URI=https://mlflow.example.org) and run `prefect "
+                          "deploy` again, or set the deployment's job variable env."
+                          "MLFLOW_TRACKING_URI.")
+    if "${" in uri:
+        raise ConfigError(f"{where} {uri!r} refers to an environment variable that is not "
+                          "set here; export it before the run.")
+    return uri or default_tracking_uri(run_dir)
 
 
 def is_rank0() -> bool:
     return all(os.environ.get(k, "0") in ("0", "") for k in ("RANK", "LOCAL_RANK"))
 
 
-_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential|auth)",
-                         re.IGNORECASE)
-_URL_CRED = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/:@\s]+):[^/@\s]+@")
-_TOKEN = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|"
-                    r"AKIA[0-9A-Z]{16}|xox[baprs]-[A-Za-z0-9-]{10,})\b")
-REDACTED = "***"
-
-
-def redact(key: str, value: str) -> str:
-    """Hide secrets: by key name, credentials inside URLs, and well-known token shapes."""
-    if _SECRET_KEY.search(key.rsplit(".", 1)[-1]) and value not in ("None", "", "null"):
-        return REDACTED
-    value = _URL_CRED.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", value)
-    return _TOKEN.sub(REDACTED, value)
-
-
 def _tag(value: Any) -> str:
     """A tag value: credentials and token-shaped strings hidden, MLflow's size limit kept."""
-    return redact("tag", str(value))[:8000]
+    return redact_text(str(value))[:8000]
 
 
 def redact_params(params: dict[str, Any]) -> dict[str, str]:
@@ -99,7 +108,35 @@ def redact_params(params: dict[str, Any]) -> dict[str, str]:
 
 
 def redact_uri(uri: str) -> str:
-    return _URL_CRED.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", uri)
+    return redact_text(uri)
+
+
+class RedactingFilter(logging.Filter):
+    """Redacts a log record's message in place (what Prefect's log capture sends to its
+    database and the console prints)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is logging's problem
+            return True
+        clean = redact_text(msg)
+        if clean != msg:
+            record.msg, record.args = clean, None
+        return True
+
+
+_FILTER = RedactingFilter()
+#: The loggers a flow's printed lines (``log_prints``) and Prefect's own messages go to.
+REDACTED_LOGGERS = ("prefect.flow_runs", "prefect.task_runs", "prefect", "mmemb")
+
+
+def install_log_redaction() -> None:
+    """Redact every record those loggers emit (idempotent)."""
+    for name in REDACTED_LOGGERS:
+        lg = logging.getLogger(name)
+        if _FILTER not in lg.filters:
+            lg.addFilter(_FILTER)
 
 
 def folder_mb(path: Path) -> float:
@@ -268,11 +305,12 @@ class Tracker:
 
     def _say(self, msg: str) -> None:
         if not self.quiet:
-            print(msg, flush=True)
+            print(redact_text(msg), flush=True)
 
     def _go_offline(self, what: str, err: BaseException) -> None:
         if self.offline_reason is None:
-            self.offline_reason = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            first = (str(err).splitlines() or [""])[0][:300]
+            self.offline_reason = redact_text(f"{type(err).__name__}: {first}")
             self._say(f"[mlflow] tracking store {redact_uri(self.uri)} is unreachable while "
                       f"{what} ({self.offline_reason}). The stage goes on and its outputs are "
                       f"kept in {self.run_dir}; what it would have logged is spooled to "
@@ -484,8 +522,11 @@ class Tracker:
         d = self.run_dir / SPOOL_DIR
         d.mkdir(parents=True, exist_ok=True)
         path = d / f"{time.time_ns()}-{rec.stage}-{uuid.uuid4().hex[:6]}.json"
-        body = {"uri": redact_uri(self.uri), "experiment": self.experiment,
-                "record": asdict(rec)}
+        # Redacted before it touches the disk: params by key and shape, tags, errors.
+        record = asdict(rec)
+        record["params"] = redact_params(record["params"])
+        body = redact_obj({"uri": redact_uri(self.uri), "experiment": self.experiment,
+                           "record": record})
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(body, indent=2, default=str))
         os.replace(tmp, path)

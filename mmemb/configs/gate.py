@@ -80,6 +80,10 @@ class GateConfig(ImageResolution):
 
     @model_validator(mode="after")
     def _check(self) -> GateConfig:
+        if "trust_remote_code" in self.vllm_engine_kwargs:
+            raise ValueError("vllm_engine_kwargs.trust_remote_code is refused: the rollout "
+                             "engine serves the project's own checkpoint, which needs no "
+                             "remote code")
         if self.zero_stage == 3:
             raise ValueError(
                 "zero_stage=3 partitions the weights that rollouts (transformers generate) "

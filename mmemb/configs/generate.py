@@ -80,11 +80,20 @@ class TeacherConfig(StageConfig):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     enforce_eager: bool | None = Field(None, description="None: eager on CPU (graph capture "
                                        "costs more than it saves there), graphs on GPU")
-    engine_kwargs: dict = Field(default_factory=dict, description="extra vllm.LLM(...) args")
+    engine_kwargs: dict = Field(default_factory=dict, description="extra vllm.LLM(...) args "
+                                "(not trust_remote_code: that is the option below)")
+    trust_remote_code: bool = Field(False, description="trust_remote_code: run Python code "
+                                    "shipped in the model folder or hub repo (vllm, hf). Off: "
+                                    "only turn it on for a checkpoint you trust; it is the "
+                                    "only way to switch it on")
     device: str | None = Field(None, description="hf only: cpu | cuda (default: cuda if any)")
 
     @model_validator(mode="after")
     def _check(self) -> TeacherConfig:
+        if "trust_remote_code" in self.engine_kwargs:
+            raise ValueError(f"teacher {self.id!r}: engine_kwargs.trust_remote_code is refused; "
+                             "set the teacher's top-level trust_remote_code option instead "
+                             "(documented: it runs code from the model folder)")
         if self.backend in ("vllm", "hf") and not self.model:
             raise ValueError(f"teacher {self.id!r}: backend {self.backend!r} needs 'model' (a "
                              "checkpoint folder or hub id); the demo uses '{base_model}'")

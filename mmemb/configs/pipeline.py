@@ -34,6 +34,7 @@ from pydantic import ConfigDict, Field, model_validator
 from mmemb.configs.base import ConfigError, StageConfig, read_yaml
 from mmemb.configs.prepare import PrepareConfig
 from mmemb.model.images import DEFAULT_MAX_DECODE_PIXELS
+from mmemb.redact import find_secrets
 
 #: Stage order. ``prepare`` is stage 0 (base model + data), then the method's five stages
 #: (generate, score, select, train, gate) and the evaluation.
@@ -314,6 +315,27 @@ class PipelineConfig(StageConfig):
     def _wire(cls, data: Any) -> Any:
         return wire(data) if isinstance(data, dict) else data
 
+    @model_validator(mode="after")
+    def _no_secrets(self) -> PipelineConfig:
+        """A config is the flow's parameters (stored in Prefect's database) and MLflow's
+        params: it may name the environment variable that holds a secret, never hold one.
+        (:meth:`from_dict` checks first, so its message never quotes the value.)"""
+        bad = find_secrets(self.model_dump(mode="json"))
+        if bad:
+            raise ValueError(_secrets_message(bad))
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "<config>") -> PipelineConfig:
+        refuse_secrets(data, where)
+        try:
+            return super().from_dict(data, where)
+        except ConfigError as e:
+            hint = _unwired_hint(str(e), data) if isinstance(data, dict) else ""
+            if not hint:
+                raise
+            raise ConfigError(f"{e}\n{hint}") from None
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: str | Path, run_dir: str | None = None,
@@ -343,6 +365,53 @@ class PipelineConfig(StageConfig):
 
     def launch_for(self, stage: str) -> LaunchConfig:
         return self.launch.get(stage) or LaunchConfig()
+
+
+_WIRED_FROM_PREPARE = re.compile(r"^\{(base_model|pairs|eval|image_root)\}$")
+
+
+def _unwired_hint(message: str, data: dict) -> str:
+    """When a stage misses a key that prepare would have wired (no eval set, say): what to
+    set, or which run.stages leave that stage out."""
+    missing: dict[str, list[str]] = {}
+    for stage in STAGES[1:]:
+        for field, template in WIRING[stage].items():
+            m = _WIRED_FROM_PREPARE.match(template)
+            if m and f"  - {stage}.{field}: required key is missing" in message:
+                missing.setdefault(stage, []).append(f"{field} (prepare's {m.group(1)})")
+    if not missing:
+        return ""
+    run = data.get("run") if isinstance(data.get("run"), dict) else {}
+    stages = [s for s in (run.get("stages") or STAGES) if s not in missing]
+    what = "; ".join(f"{s}.{', '.join(f)}" for s, f in missing.items())
+    prep = sorted({f.split("'s ")[1].rstrip(")") for fs in missing.values() for f in fs})
+    # a section that is present is validated even when run.stages leaves its stage out
+    drop = [s for s in missing if data.get(s) is not None]
+    yaml_drop = f" and no '{drop[0]}:' section" if len(drop) == 1 else (
+        f" and no {', '.join(drop)} sections" if drop else "")
+    cli_drop = "".join(f" --set {s}=null" for s in drop)
+    return (f"  hint: {what} comes from the prepare stage, and prepare.{'/'.join(prep)} is "
+            f"not set. Set prepare.{prep[0]} (or the key itself), or run without "
+            f"{', '.join(missing)}: run.stages=[{', '.join(stages)}]{yaml_drop} in the "
+            f"config, or on the command line --stages {','.join(stages)}{cli_drop} "
+            f"(mmemb run; mmemb config: --set 'run.stages=[{','.join(stages)}]'{cli_drop}).")
+
+
+def refuse_secrets(data: Any, where: str = "<config>") -> None:
+    """Raise :class:`ConfigError` naming the keys of ``data`` (a config mapping) that hold a
+    secret; the message never quotes the values."""
+    bad = find_secrets(data) if isinstance(data, dict) else []
+    if bad:
+        raise ConfigError(f"{where}: {_secrets_message(bad)}")
+
+
+def _secrets_message(keys: list[str]) -> str:
+    return (f"{', '.join(keys)}: holds a secret (a password or token in a URL, a connection "
+            "string, a *_KEY/*_TOKEN value or a token; the value is not repeated here). "
+            "Configs become Prefect flow parameters and MLflow params, so keep the value in "
+            "the environment: write ${NAME} for launch.<stage>.env values and "
+            "run.tracking.uri (expanded at run time), or leave run.tracking.uri unset and "
+            "export MLFLOW_TRACKING_URI (or MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD)")
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:

@@ -290,10 +290,15 @@ def encode_cached(encoder: Encoder, items: list[EmbedItem], folder: Path, mode: 
     ids = [it.id for it in items]
     final = folder / "embeddings"
     if io.exists(final):
-        table = io.read(final, EMBEDDINGS)
-        if table.column("id").to_pylist() == ids:
+        try:
+            table = io.read(final, EMBEDDINGS)
+        except ContractError as e:  # e.g. written by an older release (schema_version)
+            log(f"[evaluate] {task}/{side}/{mode}: cache unreadable ({e}); recomputing")
+            table = None
+        if table is not None and table.column("id").to_pylist() == ids:
             return _embedded(table, ids, computed=0)
-        log(f"[evaluate] {task}/{side}/{mode}: cache holds other ids; recomputing")
+        if table is not None:
+            log(f"[evaluate] {task}/{side}/{mode}: cache holds other ids; recomputing")
     chunks_dir = folder / "chunks"
     tables, computed = [], 0
     for c, s in enumerate(range(0, len(items), chunk_size)):

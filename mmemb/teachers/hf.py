@@ -50,9 +50,11 @@ def load_model(cfg, log=print) -> tuple:
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     log(f"[generate] loading transformers model {cfg.model} ({device}, {dtype})")
-    processor = load_processor(cfg.model)
+    trust = bool(getattr(cfg, "trust_remote_code", False))
+    processor = load_processor(cfg.model, trust_remote_code=trust)
     processor.tokenizer.padding_side = "left"
-    model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype)
+    model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype,
+                                                        trust_remote_code=trust)
     model.to(device).eval()
     return processor, model, device
 

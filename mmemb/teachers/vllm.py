@@ -300,6 +300,7 @@ def start_engine(cfg, seed: int, max_images: int = 1, log=print):
         kwargs.update(enable_chunked_prefill=False,
                       max_num_batched_tokens=max(cfg.max_model_len, 8192))
     kwargs.update(cfg.engine_kwargs)
+    kwargs["trust_remote_code"] = bool(getattr(cfg, "trust_remote_code", False))
     log(f"[generate] starting a vLLM engine ({cfg.model}, tp={cfg.tensor_parallel_size})")
     tail = _OutputTail()
     try:

@@ -19,6 +19,7 @@ Example (one process, no group: the identity)::
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import sys
@@ -70,6 +71,72 @@ def single_process_env() -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_port())
+
+
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def single_node() -> bool:
+    """All ranks on this machine, meeting at a loopback MASTER_ADDR (a plain run, or a
+    launcher started for one node): then nothing needs to reach the process group's store
+    from outside."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
+    return world == local and os.environ.get("MASTER_ADDR", "127.0.0.1") in LOOPBACK
+
+
+def init_process_group(backend: str | None = None, timeout_s: float = 1800.0) -> bool:
+    """Initialise torch.distributed with its TCPStore listening on 127.0.0.1 only.
+
+    ``init_process_group("env://")`` (what ``deepspeed.init_distributed`` does) starts the
+    store on rank 0 listening on *every* interface, whatever MASTER_ADDR says; on a shared
+    machine anyone on the network could then write into it. In a single-node run rank 0
+    binds a loopback socket itself and hands it to the store (``master_listen_fd``); other
+    ranks connect to it. Multi-node runs, and torchrun's agent store
+    (``TORCHELASTIC_USE_AGENT_STORE``), keep torch's own path. Returns True when it
+    initialised the group (a later ``deepspeed.init_distributed()`` reuses it).
+    """
+    import datetime
+
+    if is_dist() or not single_node() or \
+            os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        return False
+    single_process_env()
+    rank_, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    port = int(os.environ["MASTER_PORT"])
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if rank_ == 0:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as e:
+            sock.close()
+            if e.errno != errno.EADDRINUSE:
+                raise
+            # An earlier group of this process (stage 4 before stage 5) may still hold its
+            # store server on this port: torch reuses it (multi-tenant), as env:// would.
+            store = dist.TCPStore("127.0.0.1", port, world, True, timeout,
+                                  wait_for_workers=False, multi_tenant=True)
+        else:
+            sock.listen(max(128, world))
+            fd = sock.detach()  # the store owns the listening socket from here
+            try:
+                store = dist.TCPStore("127.0.0.1", port, world, True, timeout,
+                                      wait_for_workers=False, multi_tenant=True,
+                                      master_listen_fd=fd)
+            except BaseException:
+                os.close(fd)
+                raise
+    else:
+        store = dist.TCPStore("127.0.0.1", port, world, False, timeout)
+    if backend is None:
+        from deepspeed.accelerator import get_accelerator
+
+        backend = get_accelerator().communication_backend_name()
+    dist.init_process_group(backend, store=store, rank=rank_, world_size=world,
+                            timeout=timeout)
+    return True
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -364,7 +431,8 @@ def init_deepspeed(say: Callable[[str], None] = _print) -> float:
         "...")
     import deepspeed
 
-    deepspeed.init_distributed()
+    init_process_group()  # single node: the store listens on 127.0.0.1 only
+    deepspeed.init_distributed()  # reuses that group
     dt = time.perf_counter() - t0
     say(f"DeepSpeed initialised in {dt:.1f}s")
     return dt

@@ -113,6 +113,10 @@ def prepare_base(source: str | Path, out: str | Path, init: str = "mean"
     from mmemb.model.embedder import Embedder
     from mmemb.model.loading import load_processor, missing_tokens, source_dtype
 
+    if not Path(source).is_dir():  # a hub id: its snapshot folder in the local cache
+        from huggingface_hub import snapshot_download
+
+        source = snapshot_download(str(source), local_files_only=True)
     source, out = Path(source), Path(out)
     stamp = {"source": str(source.resolve()), "source_stamp": _source_stamp(source),
              "new_token_init": init}
@@ -201,9 +205,6 @@ def run(cfg: PrepareConfig, log: StepLogger = null_logger) -> StageResult:
             raise ContractError(cfg.model, "checkpoint folder does not exist.",
                                 fix="set prepare.model to a local checkpoint or a hub id "
                                 "(org/name) that is in the local cache.")
-        if cfg.prepare_base:
-            model, info = prepare_base(cfg.model, cfg.model_out, init=cfg.new_token_init)
-            metrics.update(info)
         outputs["pairs"] = reference(cfg.pairs, PAIRS)
         if cfg.eval:
             ev = Path(cfg.eval)
@@ -217,6 +218,9 @@ def run(cfg: PrepareConfig, log: StepLogger = null_logger) -> StageResult:
             raise ContractError(cfg.image_root, "image_root is not a folder.",
                                 fix="set prepare.image_root to the folder image paths are "
                                 "relative to.")
+        if cfg.prepare_base:  # after the cheap checks: a bad path fails in a second
+            model, info = prepare_base(cfg.model, cfg.model_out, init=cfg.new_token_init)
+            metrics.update(info)
     for name, r in outputs.items():
         metrics[f"{name}_rows"] = float(r.rows)
     if Path(model).is_dir():

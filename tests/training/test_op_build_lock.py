@@ -175,10 +175,14 @@ def test_ops_are_built_with_the_environments_own_ninja(monkeypatch):
     assert os.environ["PATH"].split(os.pathsep) == parts
 
 
-def test_training_start_up_says_what_it_is_doing(tiny_model, synth, tmp_path, capsys):
+def test_training_start_up_says_what_it_is_doing(tiny_model, synth, tmp_path, capsys,
+                                                monkeypatch):
     """The 77-136 s that were silent: import, op build (or not), process group, each timed."""
     from mmemb.configs.train import TrainConfig
     from mmemb.stages import train
+
+    monkeypatch.setenv("PATH", os.environ.get("PATH", ""))
+    D.use_venv_ninja()  # the ninja the start-up builds with decides whether it builds
 
     cfg = TrainConfig(model=str(tiny_model), pairs=str(synth["pairs"]),
                       image_root=str(synth["image_root"]), out=str(tmp_path), batch_size=128)

@@ -33,6 +33,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data_contracts.files import sha256_file  # noqa: F401 - re-exported
 from data_contracts.schemas import META_NAME, META_VERSION, RESERVED_MARKUP, Contract
 
 MANIFEST = "_manifest.json"
@@ -68,15 +69,6 @@ class ArtifactRef:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def sha256_file(path: str | Path) -> str:
-    """Streaming sha256 of a file (1 MiB chunks: checkpoints can be many GB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def total_digest(parts: list[dict]) -> str:

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from data_contracts import io
-from data_contracts.io import ArtifactRef, sha256_file
+from data_contracts.files import atomic_write_json, sha256_file
+from data_contracts.io import ArtifactRef
 from mmemb.configs.base import StageConfig
 from mmemb.configs.pipeline import OUTPUT_FIELDS, WIRING
 from mmemb.stages.base import StageResult
@@ -35,9 +36,6 @@ from mmemb.stages.base import StageResult
 STATE_FILE = "_stage.json"
 #: Project packages whose source counts as the code of a stage.
 PROJECT_PACKAGES = ("mmemb", "data_contracts")
-#: Settings that do not change what a stage computes: excluded from the key. Output paths
-#: stay in it: a result cached for another ``out`` lives elsewhere.
-KEY_EXCLUDE = frozenset({"show_progress"})
 
 
 # --------------------------------------------------------------------------- code version
@@ -207,27 +205,13 @@ def input_digests(stage: str, cfg: StageConfig, memo: DigestMemo | None = None
 
 
 def cache_key(stage: str, cfg: StageConfig, inputs: dict[str, str | None], code: str) -> str:
-    conf = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in KEY_EXCLUDE}
+    conf = cfg.digest_view("cache")
     blob = json.dumps({"stage": stage, "config": conf, "inputs": inputs, "code": code},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- state file
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
 
 def result_to_state(res: StageResult) -> dict:
     d = res.to_dict()

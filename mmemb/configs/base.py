@@ -8,7 +8,7 @@ the key path and what to write instead.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -16,6 +16,35 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mmemb.model.images import DEFAULT_MAX_DECODE_PIXELS
 
 T = TypeVar("T", bound="StageConfig")
+
+#: What a field changes, declared on the field (``json_schema_extra={"effect": ...}``) and
+#: read by every digest (the stage cache key, each stage's resume fingerprint):
+#:   ``result`` (the default): what the stage computes;
+#:   ``report``: only what it reports or where it writes (the eval set, the output folder,
+#:     checkpoint cadence): part of the cache key, not of a resume fingerprint, so a run
+#:     may continue across a change;
+#:   ``none``: how it runs (threads, device, progress bars, batch size of a pure inference
+#:     pass, the resume switch itself): in no digest.
+Effect = Literal["result", "report", "none"]
+EFFECT_KEY = "effect"
+
+
+def runtime_field(default: Any = ..., **kw: Any) -> Any:
+    """A ``Field`` that changes how a stage runs, never what it computes (effect ``none``):
+    changing it neither recomputes the stage nor blocks resuming it."""
+    return Field(default, json_schema_extra={EFFECT_KEY: "none"}, **kw)
+
+
+def report_field(default: Any = ..., **kw: Any) -> Any:
+    """A ``Field`` that changes what a stage reports or where it writes, not the state it
+    computes (effect ``report``): the stage reruns, but may resume its partial work."""
+    return Field(default, json_schema_extra={EFFECT_KEY: "report"}, **kw)
+
+
+def field_effect(cls: type[BaseModel], name: str) -> Effect:
+    """The declared effect of field ``name`` of config class ``cls``."""
+    extra = cls.model_fields[name].json_schema_extra
+    return (extra or {}).get(EFFECT_KEY, "result") if isinstance(extra, dict) else "result"
 
 
 class ConfigError(ValueError):
@@ -95,6 +124,27 @@ class StageConfig(BaseModel):
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+
+    def digest_view(self, purpose: Literal["cache", "resume"] = "cache") -> dict[str, Any]:
+        """This config as JSON, keeping only the fields a digest for ``purpose`` covers.
+
+        ``cache`` (the stage cache key) drops effect-``none`` fields; ``resume`` (may a
+        partial output be continued?) keeps only effect-``result`` fields. Nested configs
+        are filtered by their own declarations.
+        """
+        keep = {"cache": {"result", "report"}, "resume": {"result"}}[purpose]
+
+        def view(obj: Any, dumped: Any) -> Any:  # dumped: obj.model_dump(mode="json")
+            if isinstance(obj, BaseModel):
+                return {k: view(getattr(obj, k), dumped[k]) for k in type(obj).model_fields
+                        if field_effect(type(obj), k) in keep}
+            if isinstance(obj, (list, tuple)):
+                return [view(o, d) for o, d in zip(obj, dumped, strict=True)]
+            if isinstance(obj, dict):
+                return {k: view(obj[k], dumped[k]) for k in obj}
+            return dumped
+
+        return view(self, self.model_dump(mode="json"))
 
     def flat_params(self, prefix: str = "") -> dict[str, str]:
         """Flattened ``a.b.c -> value`` for experiment trackers (values stringified)."""

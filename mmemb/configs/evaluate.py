@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from mmemb.configs.base import ImageResolution
+from mmemb.configs.base import ImageResolution, report_field, runtime_field
 
 ModeName = Literal["direct", "reason", "adaptive"]
 
@@ -24,7 +24,8 @@ class EvaluateConfig(ImageResolution):
                                "default: 'eval_corpus' beside the rows, or the MMEB loader's")
     image_root: str | None = Field(None, description="folder image/frame paths are relative "
                                    "to; default for an MMEB root: the root itself")
-    out: str = "runs/evaluate"
+    out: str = report_field("runs/evaluate", description="stage folder: results, report, "
+                            "embedding cache")
 
     modes: list[ModeName] = Field(default_factory=lambda: ["direct", "reason", "adaptive"],
                                   description="inference modes to score, side by side")
@@ -57,11 +58,11 @@ class EvaluateConfig(ImageResolution):
         "hf", description="who writes the rationales: transformers generate, or a vLLM "
         "engine on the same checkpoint (the gate and the embedding pass stay in transformers)")
     top_p: float = Field(1.0, gt=0, le=1)
-    chunk_size: int = Field(256, ge=1, description="inputs per cache chunk (resume unit)")
+    chunk_size: int = runtime_field(256, ge=1, description="inputs per cache chunk (resume unit)")
     cache_dir: str | None = Field(None, description="embedding cache; default <out>/cache")
     image_cache: str | None = Field(None, description="where visdoc page images are written; "
                                     "default <MMEB root>/visdoc-tasks/_images")
-    device: str | None = Field(None, description="default: cuda when available, else cpu")
+    device: str | None = runtime_field(None, description="default: cuda when available, else cpu")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     seed: int = 0
 

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from mmemb.configs.base import ImageResolution, StageConfig
+from mmemb.configs.base import ImageResolution, StageConfig, report_field
 
 
 class RewardConfig(StageConfig):
@@ -34,8 +34,10 @@ class GateConfig(ImageResolution):
     model: str = Field(..., description="stage-4 checkpoint (the policy's start)")
     data: str = Field(..., description="selections or pairs artifact (queries + positives)")
     image_root: str | None = None
-    eval: str | None = Field(None, description="eval rows, for the per-family gate report")
-    out: str = "runs/gate"
+    eval: str | None = report_field(None, description="eval rows, for the per-family gate "
+                                   "report")
+    out: str = report_field("runs/gate", description="stage folder: the policy, the gate "
+                            "report")
 
     steps: int = Field(60, ge=1)
     queries_per_step: int = Field(16, ge=1)

@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from mmemb.configs.base import StageConfig
+from mmemb.configs.base import StageConfig, report_field, runtime_field
 from mmemb.teachers.base import DEFAULT_PROMPT_VERSION, PROMPT_TEMPLATES
 
 
@@ -127,7 +127,7 @@ class GenerateConfig(StageConfig):
     image_root: str | None = Field(None, description="folder image paths are relative to")
     allow_images_outside_root: bool = Field(False, description="read image paths resolving "
                                             "outside image_root (see run.images)")
-    out: str = Field("runs/generate", description="stage folder; rationales go to "
+    out: str = report_field("runs/generate", description="stage folder; rationales go to "
                      "<out>/rationales")
     teachers: list[TeacherConfig] = Field(..., min_length=1)
     sides: list[Literal["query", "target"]] = Field(
@@ -136,13 +136,14 @@ class GenerateConfig(StageConfig):
                             "and the most prompts one engine call gets")
     limit: int | None = Field(None, ge=1, description="only the first N pairs (smoke runs)")
     seed: int = 0
-    torch_threads: int | None = Field(None, ge=1, description="torch threads in this process "
-                                      "(None: torch's default); 1 suits tiny models on "
-                                      "shared CPU cores")
-    resume: bool = Field(True, description="skip shards finished by an earlier run")
-    replica: int = Field(0, ge=0, description="this process's index among data-parallel "
+    torch_threads: int | None = runtime_field(
+        None, ge=1, description="torch threads in this process (None: torch's default); 1 "
+        "suits tiny models on shared CPU cores")
+    resume: bool = runtime_field(True, description="skip shards finished by an earlier run")
+    replica: int = runtime_field(0, ge=0, description="this process's index among data-parallel "
                          "replicas (one engine per GPU)")
-    replicas: int = Field(1, ge=1)
+    replicas: int = runtime_field(1, ge=1, description="number of data-parallel replicas "
+                                  "(launch.generate.launcher: replicas sets it)")
 
     @model_validator(mode="after")
     def _check(self) -> GenerateConfig:

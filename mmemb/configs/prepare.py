@@ -21,7 +21,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from mmemb.configs.base import StageConfig
+from mmemb.configs.base import StageConfig, report_field
 
 
 class PrepareConfig(StageConfig):
@@ -33,8 +33,9 @@ class PrepareConfig(StageConfig):
     arch: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"] = "qwen2_vl"
     size: Literal["smoke", "demo"] = Field("demo", description="synthetic dataset size")
     seed: int = 0
-    out: str = Field("runs/demo/data", description="tiny: folder for pairs, eval rows, images")
-    model_out: str = Field("runs/demo/base_model", description="tiny: folder of the model; "
+    out: str = report_field("runs/demo/data",
+                            description="tiny: folder for pairs, eval rows, images")
+    model_out: str = report_field("runs/demo/base_model", description="tiny: folder of the model; "
                            "existing with prepare_base: folder of the prepared student base")
     pretrain_steps: int | None = Field(None, ge=0, description="tiny: steps of the simulated "
                                        "pretraining (mmemb.model.pretrain); None: its "

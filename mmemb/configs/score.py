@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from mmemb.configs.base import ImageResolution
+from mmemb.configs.base import ImageResolution, report_field, runtime_field
 
 
 class ScoreConfig(ImageResolution):
@@ -20,25 +20,26 @@ class ScoreConfig(ImageResolution):
     model: str = Field(..., description="reference embedder checkpoint; the pipeline wires "
                        "the student's base model (prepare's model)")
     image_root: str | None = None
-    out: str = Field("runs/score", description="stage folder; scores go to <out>/scores")
+    out: str = report_field("runs/score", description="stage folder; scores go to <out>/scores")
 
     pool_size: int = Field(8, ge=2, description="positive + negatives per pair")
     hard_negatives: bool = Field(True, description="put the pair's mined hard negatives "
                                  "(neg_text) into its pool first")
     tau: float = Field(0.05, gt=0, description="softmax temperature of s(x)")
     seed: int = Field(0, description="which in-batch negatives each pool gets")
-    batch_size: int = Field(32, ge=1, description="inputs per embedding forward pass")
+    batch_size: int = runtime_field(32, ge=1, description="inputs per embedding forward pass")
     shard_size: int = Field(256, ge=1, description="pairs per shard (a unit of resumption)")
     side: Literal["query"] = Field("query", description="rationales of this side are scored "
                                    "(the query side: METHOD.md stage 2)")
-    device: str | None = Field(None, description="cpu | cuda (default: cuda if available)")
+    device: str | None = runtime_field(None, description="cpu | cuda (default: cuda if available)")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="default: bfloat16 on cuda, float32 on cpu")
-    resume: bool = True
-    torch_threads: int | None = Field(None, ge=1, description="torch threads in this process "
-                                      "(None: torch's default); 1 suits tiny models on "
-                                      "shared CPU cores")
-    progress: bool = True
+    resume: bool = runtime_field(True, description="continue from the finished shards of an "
+                                 "earlier run with the same inputs and settings")
+    torch_threads: int | None = runtime_field(
+        None, ge=1, description="torch threads in this process (None: torch's default); 1 "
+        "suits tiny models on shared CPU cores")
+    progress: bool = runtime_field(True, description="progress lines on long embedding passes")
 
     @model_validator(mode="after")
     def _check(self) -> ScoreConfig:

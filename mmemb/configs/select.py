@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from mmemb.configs.base import StageConfig
+from mmemb.configs.base import StageConfig, report_field
 
 
 class SelectConfig(StageConfig):
@@ -16,7 +16,7 @@ class SelectConfig(StageConfig):
     pairs: str = Field(..., description="training pairs artifact (contract 'pairs')")
     rationales: str = Field(..., description="stage-1 output (contract 'rationales')")
     scores: str = Field(..., description="stage-2 output (contract 'scores')")
-    out: str = Field("runs/select", description="stage folder: <out>/selections, "
+    out: str = report_field("runs/select", description="stage folder: <out>/selections, "
                      "<out>/summary.json and the plots")
     margin: float = Field(0.1, description="delta: a rationale is kept only if its utility "
                           "exceeds this (log-probability units of s); larger = fewer pairs "

@@ -33,7 +33,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from mmemb.configs.base import ImageResolution, StageConfig
+from mmemb.configs.base import ImageResolution, StageConfig, report_field, runtime_field
 
 LM_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -71,9 +71,10 @@ class TrainConfig(ImageResolution):
     pairs: str | None = Field(None, description="plain training pairs, used when 'data' is "
                               "not given: a direct-only baseline (no rationales)")
     image_root: str | None = Field(None, description="folder image paths are relative to")
-    eval: str | None = Field(None, description="eval rows (synthetic suite) for the "
+    eval: str | None = report_field(None, description="eval rows (synthetic suite) for the "
                              "before/after hit@1 report; None skips it")
-    out: str = "runs/train"
+    out: str = report_field("runs/train", description="stage folder: checkpoints, the "
+                            "student, metrics")
 
     # --- schedule
     steps: int = Field(300, ge=1, description="optimizer steps (ignored when epochs is set)")
@@ -123,13 +124,14 @@ class TrainConfig(ImageResolution):
     lora: LoraSettings | None = None
 
     # --- checkpoints / logging / eval
-    save_every: int = Field(100, ge=1, description="checkpoint every N optimizer steps")
-    keep_checkpoints: int = Field(2, ge=1)
-    resume: bool = Field(True, description="continue from the newest checkpoint in out/")
-    log_every: int = Field(10, ge=1, description="console line every N steps (the step "
+    save_every: int = report_field(100, ge=1, description="checkpoint every N optimizer steps")
+    keep_checkpoints: int = report_field(2, ge=1, description="newest checkpoints kept")
+    resume: bool = runtime_field(True, description="continue from the newest checkpoint in out/")
+    log_every: int = runtime_field(10, ge=1, description="console line every N steps (the step "
                            "logger gets every step)")
-    eval_before: bool = Field(True, description="also evaluate the untrained model")
-    eval_batch_size: int = Field(64, ge=1)
+    eval_before: bool = report_field(True, description="also evaluate the untrained model")
+    eval_batch_size: int = report_field(64, ge=1, description="inputs per forward pass "
+                                        "of the evaluation")
     max_text_tokens: int = Field(2048, ge=8)
 
     @model_validator(mode="after")

@@ -118,8 +118,7 @@ def _run(cfg: GenerateConfig) -> StageResult:
     if cfg.limit:
         pairs = pairs[: cfg.limit]
     out = Path(cfg.out) / "rationales"
-    fp = fingerprint("generate-v2", input_digest(cfg.pairs), cfg.model_dump(
-        mode="json", exclude={"out", "resume", "replica", "replicas", "torch_threads"}))
+    fp = fingerprint("generate-v2", input_digest(cfg.pairs), cfg.digest_view("resume"))
     blocks = split(pairs, cfg.shard_size)
     shards = []
     for t_i, t in enumerate(cfg.teachers):

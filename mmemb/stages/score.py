@@ -237,9 +237,7 @@ def _run(cfg: ScoreConfig) -> StageResult:
     out = Path(cfg.out) / "scores"
     fp = fingerprint("score-v1", input_digest(cfg.pairs), input_digest(cfg.rationales),
                      _model_stamp(cfg.model),
-                     cfg.model_dump(mode="json", exclude={"out", "resume", "progress",
-                                                          "device", "batch_size",
-                                                          "torch_threads"}))
+                     cfg.digest_view("resume"))
     state: dict = {}
 
     def targets() -> tuple[object, dict[TargetKey, torch.Tensor]]:

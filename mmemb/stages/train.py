@@ -278,14 +278,9 @@ def _fingerprint(t: torch.Tensor) -> tuple[float, float]:
     return float(t.sum()), float((t * t).sum())
 
 
-#: Fields that do not change what a run computes (where it writes, how often it logs or
-#: saves, what it evaluates): a checkpoint may be resumed across a change of these only.
-_RESUME_NEUTRAL = {"out", "resume", "log_every", "save_every", "keep_checkpoints", "eval",
-                   "eval_before", "eval_batch_size"}
-
-
 def _config_digest(cfg: TrainConfig) -> str:
-    d = cfg.model_dump(mode="json", exclude=_RESUME_NEUTRAL)
+    """Resume fingerprint: the fields declared to change what training computes."""
+    d = cfg.digest_view("resume")
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

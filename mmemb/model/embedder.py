@@ -161,46 +161,27 @@ class Embedder(torch.nn.Module):
         unless ``add_special_tokens=True`` says the caller expects it; ``False`` refuses.
         ``dtype``: the compute dtype (default float32); saving keeps the source dtype.
         """
-        import warnings
-
         from transformers import AutoModelForImageTextToText
 
         from mmemb.model import loading
 
         path = loading.resolve_model(path)  # a missing folder is named as such
         saved = EmbeddingConfig.load(path) if isinstance(path, Path) else None
-        if expect is not None and saved is not None and saved != expect:
-            diff = {k: (v, getattr(expect, k)) for k, v in saved.model_dump().items()
-                    if getattr(expect, k) != v}
-            raise EmbeddingConfigMismatch(
-                f"{path}/{EMBEDDING_CONFIG_FILE}: saved embedding config differs from the "
-                f"requested one in {diff} (saved, requested); evaluate with the config the "
-                "checkpoint was trained with")
+        _refuse_other_config(path, saved, expect)
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        src = loading.loadable_dir(path)
-        processor = loading.load_processor(path, trust_remote_code=trust_remote_code)
+        src = loading.loadable_dir(path)  # warns once about old processor names
+        processor = loading.load_processor(src, trust_remote_code=trust_remote_code)
         model = AutoModelForImageTextToText.from_pretrained(
             src, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation)
         cfg = saved or expect or loading.default_embedding_config(processor)
-        missing = loading.missing_tokens(processor.tokenizer, cfg)
-        if missing:
-            if add_special_tokens is False:
-                raise ValueError(f"{path}: tokenizer lacks special tokens {missing}; run the "
-                                 "prepare stage on it (prepare.source: existing) or load with "
-                                 "add_special_tokens=True")
-            if add_special_tokens is None:
-                warnings.warn(f"{path}: tokenizer lacks {missing}; added in memory "
-                              f"(init {new_token_init!r}) the way the prepare stage adds them. "
-                              "Prepare the base once (prepare.source: existing) to keep the "
-                              "rows stable across stages", stacklevel=2)
-            loading.add_method_tokens(model, processor.tokenizer, cfg, init=new_token_init,
-                                      round_to=loading.source_dtype(src)
-                                      if isinstance(src, Path) else None)
+        save_dtype = loading.source_dtype(src) if isinstance(src, Path) else None
+        _add_missing_tokens(path, model, processor, cfg, add_special_tokens, new_token_init,
+                            round_to=save_dtype)
         emb = cls(model, processor, cfg, max_pixels=max_pixels, max_text_tokens=max_text_tokens,
                   min_pixels=min_pixels, max_decode_pixels=max_decode_pixels)
-        emb.save_dtype = loading.source_dtype(src) if isinstance(src, Path) else None
+        emb.save_dtype = save_dtype
         if device is not None:
             emb.to(device)
         return emb
@@ -217,11 +198,10 @@ class Embedder(torch.nn.Module):
         if hasattr(model, "merge_and_unload"):  # a peft LoRA model: save merged weights
             model = model.merge_and_unload()
         dtype = dtype or self.save_dtype
+        state = None
         if dtype is not None and next(model.parameters()).dtype != dtype:
-            import copy
-
-            model = copy.deepcopy(model).to(dtype)  # the caller's model keeps its dtype
-        model.save_pretrained(out, safe_serialization=True)
+            state = cast_state_dict(model.state_dict(), dtype)  # the model keeps its dtype
+        model.save_pretrained(out, state_dict=state, safe_serialization=True)
         self.processor.save_pretrained(out)
         if hasattr(self.processor, "image_processor"):  # preprocessor_config.json: vLLM's
             self.processor.image_processor.save_pretrained(out)  # loader reads it
@@ -373,3 +353,61 @@ def describe(path: str | Path) -> dict:
     emb = EmbeddingConfig.load(path)
     return {"architectures": cfg.get("architectures"), "model_type": cfg.get("model_type"),
             "embedding_config": emb.model_dump() if emb else None}
+
+
+def _refuse_other_config(path: Path | str, saved: EmbeddingConfig | None,
+                         expect: EmbeddingConfig | None) -> None:
+    """A checkpoint trained with other markup or pooling would embed differently from what
+    the caller scores against: refuse it, naming the differing keys."""
+    if expect is None or saved is None or saved == expect:
+        return
+    diff = {k: (v, getattr(expect, k)) for k, v in saved.model_dump().items()
+            if getattr(expect, k) != v}
+    raise EmbeddingConfigMismatch(
+        f"{path}/{EMBEDDING_CONFIG_FILE}: saved embedding config differs from the requested "
+        f"one in {diff} (saved, requested); evaluate with the config the checkpoint was "
+        "trained with")
+
+
+def _add_missing_tokens(path, model, processor, cfg: EmbeddingConfig,
+                        add_special_tokens: bool | None, init: str, round_to) -> None:
+    """Give a base without the method's tokens (a hub folder) the rows prepare would give
+    it on disk; ``add_special_tokens``: None warns, False refuses, True is silent."""
+    import warnings
+
+    from mmemb.model import loading
+
+    missing = loading.missing_tokens(processor.tokenizer, cfg)
+    if not missing:
+        return
+    if add_special_tokens is False:
+        raise ValueError(f"{path}: tokenizer lacks special tokens {missing}; run the prepare "
+                         "stage on it (prepare.source: existing) or load with "
+                         "add_special_tokens=True")
+    if add_special_tokens is None:
+        warnings.warn(f"{path}: tokenizer lacks {missing}; added in memory (init {init!r}) "
+                      "the way the prepare stage adds them. Prepare the base once "
+                      "(prepare.source: existing) to keep the rows stable across stages",
+                      stacklevel=3)
+    loading.add_method_tokens(model, processor.tokenizer, cfg, init=init, round_to=round_to)
+
+
+def cast_state_dict(state: dict[str, torch.Tensor], dtype: torch.dtype
+                    ) -> dict[str, torch.Tensor]:
+    """``state`` with floating tensors cast to ``dtype``, for saving in another dtype.
+
+    Costs one copy of the weights in the target dtype (a deep copy of the model would cost
+    a full extra model first). Tensors that share storage (tied input/output embeddings)
+    stay shared, so ``save_pretrained`` still recognises and drops the tied copy.
+    """
+    cast: dict[tuple[int, torch.dtype, tuple], torch.Tensor] = {}
+    out = {}
+    for name, t in state.items():
+        if not t.is_floating_point() or t.dtype == dtype:
+            out[name] = t
+            continue
+        key = (t.data_ptr(), t.dtype, tuple(t.shape))
+        if key not in cast:
+            cast[key] = t.detach().to(dtype)
+        out[name] = cast[key]
+    return out

@@ -92,3 +92,28 @@ def test_embedding_through_a_peft_lora_wrapper(tiny_model):
             if "lora_B" in n:
                 p.fill_(0.05)
     assert not torch.allclose(emb.embed(xs).embeddings, plain, atol=1e-4)
+
+
+def test_save_in_another_dtype_keeps_the_model_and_the_tie(tiny_model, tmp_path):
+    """Saving bf16 from an fp32 model casts a copy of the weights, never the model, and
+    the tied input/output embedding is still saved once and loads tied."""
+    from safetensors import safe_open
+
+    emb = Embedder.from_pretrained(tiny_model)
+    before = {k: v.clone() for k, v in emb.model.state_dict().items()}
+    out = emb.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    assert next(emb.model.parameters()).dtype == torch.float32  # the caller's model
+    for k, v in emb.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert {f.get_slice(k).get_dtype() for k in keys} == {"BF16"}
+        w = f.get_tensor(next(k for k in keys if k.endswith("embed_tokens.weight")))
+    assert not any(k.endswith("lm_head.weight") for k in keys)  # tied: stored once
+    torch.testing.assert_close(w, before[next(k for k in before
+                                               if k.endswith("embed_tokens.weight"))]
+                               .to(torch.bfloat16), atol=0, rtol=0)
+    back = Embedder.from_pretrained(out)
+    m = back.model
+    assert m.get_output_embeddings().weight.data_ptr() == \
+        m.get_input_embeddings().weight.data_ptr()

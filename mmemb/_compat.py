@@ -38,6 +38,8 @@ def patch_torchvision_for_cpu_torch() -> bool:
 
 
 def _patch() -> bool:
+    """Apply the CPU-build shim once; False where it does not apply (no torch, a CUDA
+    build), so importing mmemb never fails because of it."""
     global _APPLIED
     try:
         import torch

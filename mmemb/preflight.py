@@ -188,6 +188,8 @@ class _Preflight:
         self.loaded: dict[Path | str, _Model] = {}
 
     def run(self) -> list[Problem]:
+        """Every check, cheapest first, collecting problems instead of stopping at the
+        first: a user fixes a config in one round, not one error per run."""
         self.outputs_writable()
         for stage in self.stages:
             if stage == "prepare":
@@ -256,6 +258,8 @@ class _Preflight:
         return f"set {use.fix_key} to an existing {what}"
 
     def outputs_writable(self) -> None:
+        """Each output folder the selected stages will write can be created and written,
+        found before hours of upstream work rather than at the end."""
         outs: list[tuple[str, str, str]] = [("run", "run.run_dir", self.cfg.run.run_dir)]
         for s in self.stages:
             if s == "prepare":

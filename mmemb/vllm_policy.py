@@ -55,6 +55,8 @@ class VLLMPolicy:
     def __init__(self, model_dir: str | Path, *, budget: int, seed: int = 0,
                  max_model_len: int = 1024, engine_kwargs: dict | None = None,
                  log=print):
+        """Start the engine on ``model_dir`` (checked first, so a bad checkpoint fails
+        with the teacher's explained message, not inside vLLM)."""
         from mmemb.teachers.vllm import _on_gpu, check_model, explain, prepare_environment
 
         check_model("policy", str(model_dir))

@@ -123,6 +123,8 @@ def _iter_records(files: list[Path], task: str, required: Iterable[str],
 
 
 def _iter_json(f: Path, task: str, required: list[str]) -> Iterator[tuple[Path, int, dict]]:
+    """Records of one JSON (array) or JSON Lines file with their row numbers, so a bad
+    record is reported by file, row and missing column."""
     try:
         text = f.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -231,6 +233,7 @@ def _image_sources() -> dict[str, Source]:
 
 
 def _video_sources() -> dict[str, Source]:
+    """Where each MMEB-V2 video task's annotations and frames live in the download."""
     vc, vr, vm, vq = ("video-tasks/frames/video_cls", "video-tasks/frames/video_ret",
                       "video-tasks/frames/video_mret", "video-tasks/frames/video_qa")
 
@@ -277,6 +280,8 @@ def _video_sources() -> dict[str, Source]:
 
 
 def _visdoc_sources() -> dict[str, Source]:
+    """Where each MMEB-V2 visual-document task (ViDoRe, VisRAG, ...) lives in the
+    download: their corpus, queries and qrels are separate files (BEIR layout)."""
     out = {}
     vid = ("arxivqa_test_subsampled_beir docvqa_test_subsampled_beir infovqa_test_subsampled_beir "
            "tabfquad_test_subsampled_beir tatdqa_test_beir shiftproject_test_beir "
@@ -443,6 +448,8 @@ def _safe_name(cid: str) -> str:
 
 
 def _cache_image(ctx: _Ctx, cid: str, value, f: Path, i: int) -> str:
+    """A corpus page image as a file path: embedded bytes are written once to the image
+    cache under a name derived from the corpus id; a path is checked, not copied."""
     data, src_path = _image_bytes(value, ctx.task, f, i)
     if data is None:
         if not src_path:
@@ -473,6 +480,8 @@ def _cache_image(ctx: _Ctx, cid: str, value, f: Path, i: int) -> str:
 
 
 def _load_visdoc(ctx: _Ctx) -> tuple[list[dict], list[dict]]:
+    """A BEIR-layout task as (query rows, corpus rows): graded qrels per query, the
+    corpus shared by every query (a global task)."""
     qrels: dict[str, dict[str, float]] = {}
     for f, i, r in _iter_records(ctx.files("qrels"), ctx.task,
                                  ["query-id", "corpus-id", "score"]):
@@ -590,6 +599,8 @@ def _qa_template(question: str, cands: list[str]) -> tuple[str, list[str]]:
 
 
 def _load_video_qa(ctx: _Ctx) -> tuple[list[dict], list[dict]]:
+    """Video QA tasks: each query's candidates are its own answer options; the parsers
+    differ per source dataset (option lists, answer letters)."""
     p, rows = ctx.src.parser, []
     if p == "videomme":
         for f, i, r in ctx.records(["question", "videoID", "options", "answer"]):

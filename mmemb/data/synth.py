@@ -87,74 +87,99 @@ def _render(objects: list[tuple[str, str, int]], path: Path) -> None:
 
 
 def _make(task: str, rng: random.Random) -> Example:
+    """One example of ``task``, drawn from ``rng`` (each task's maker below)."""
     family, _ = TASKS[task]
-    if task == "syn_cls_shape":
-        c, s = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-        target = f"{c} {s}"
-        pool = [f"{cc} {ss}" for cc in COLOURS for ss in SHAPES if (cc, ss) != (c, s)]
-        return Example(task, family, f"{IMAGE_TOKEN} Represent the given image for "
-                       "classification.", f"the picture shows one {c} {s}", target,
-                       rng.sample(pool, 7), f"the picture shows a {c} {s}, so: {target}",
-                       [(c, s, rng.randrange(4))])
-    if task == "syn_ret_caption":
-        cells = rng.sample(range(4), 2)
-        objs = [(rng.choice(list(COLOURS)), rng.choice(SHAPES), cell) for cell in cells]
-        caption = " and ".join(f"a {c} {s}" for c, s, _ in objs)
-        target = " and ".join(f"a {c} {s}" for c, s, _ in reversed(objs))
-        pool = set()
-        while len(pool) < 7:
-            o = [(rng.choice(list(COLOURS)), rng.choice(SHAPES)) for _ in range(2)]
-            cand = " and ".join(f"a {c} {s}" for c, s in o)
-            if cand != target and cand != caption:
-                pool.add(cand)
-        return Example(task, family, f"{IMAGE_TOKEN} Find a caption for the image.",
-                       f"it contains {caption}", target, sorted(pool),
-                       f"the image contains {caption}, so: {target}", objs)
-    if task == "syn_qa_count":
-        c1, c2 = rng.sample(list(COLOURS), 2)
-        s1, s2 = rng.sample(SHAPES, 2)
-        n1, n2 = rng.randint(1, 4), rng.randint(1, 4)
-        total = n1 + n2
-        objs = [(c1, s1, i) for i in range(min(n1, 2))] + [(c2, s2, 2 + i)
-                                                            for i in range(min(n2, 2))]
-        target = f"{NUMBER_WORDS[total]} shapes"
-        wrong = [f"{NUMBER_WORDS[k]} shapes" for k in range(2, 9) if k != total]
-        steps = (f"{n1} plus {n2} is {total}, so there are {NUMBER_WORDS[total]} shapes in "
-                 f"total: {target}")
-        return Example(task, family, f"{IMAGE_TOKEN} Answer the question about the image.",
-                       f"there are {_obj_phrase(n1, c1, s1)} and {_obj_phrase(n2, c2, s2)}. "
-                       "how many shapes are there in total?", target, rng.sample(wrong, 6),
-                       steps, objs)
-    if task == "syn_qa_absent":
-        absent = rng.choice(list(COLOURS))
-        present = [c for c in COLOURS if c != absent]
-        rng.shuffle(present)
-        objs = [(c, rng.choice(SHAPES), i) for i, c in enumerate(present)]
-        target = f"the {absent} colour"
-        wrong = [f"the {c} colour" for c in present]
-        steps = (f"the scene has {', '.join(present)}; of the four colours the missing one "
-                 f"is {absent}: {target}")
-        return Example(task, family, f"{IMAGE_TOKEN} Answer the question about the image.",
-                       f"the shapes are {', '.join(f'{c} {s}' for c, s, _ in objs)}. which of "
-                       "red, green, blue and yellow is absent?", target, wrong, steps, objs)
-    if task == "syn_gd_spatial":
-        (ca, sa), (cb, sb) = [(rng.choice(list(COLOURS)), s) for s in rng.sample(SHAPES, 2)]
-        left_first = rng.random() < 0.5
-        a_cell, b_cell = (0, 1) if left_first else (1, 0)
-        objs = [(ca, sa, a_cell), (cb, sb, b_cell)]
-        side = "right" if left_first else "left"
-        other = "left" if left_first else "right"
-        target = f"the {cb} {sb} on the {side}"
-        hard = [f"the {ca} {sa} on the {side}", f"the {cb} {sb} on the {other}"]
-        rest = sorted({f"the {c} {s} on the {sd}" for c in COLOURS for s in SHAPES
-                       for sd in ("left", "right")} - set(hard) - {target})
-        wrong = list(dict.fromkeys(hard)) + rng.sample(rest, 5)
-        steps = (f"the {ca} {sa} is on the {other}, the other shape is on the {side}, so: "
-                 f"{target}")
-        return Example(task, family, f"{IMAGE_TOKEN} Select the region the text refers to.",
-                       f"the {ca} {sa} is on the {other}. what is on the opposite side?",
-                       target, wrong[:7], steps, objs)
-    raise ValueError(f"unknown synthetic task {task!r}; known: {sorted(TASKS)}")
+    make = _MAKERS.get(task)
+    if make is None:
+        raise ValueError(f"unknown synthetic task {task!r}; known: {sorted(TASKS)}")
+    return make(task, family, rng)
+
+
+def _syn_cls_shape(task: str, family: str, rng: random.Random) -> Example:
+    """One shape: the target names its colour and shape (direct suffices)."""
+    c, s = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+    target = f"{c} {s}"
+    pool = [f"{cc} {ss}" for cc in COLOURS for ss in SHAPES if (cc, ss) != (c, s)]
+    return Example(task, family, f"{IMAGE_TOKEN} Represent the given image for "
+                   "classification.", f"the picture shows one {c} {s}", target,
+                   rng.sample(pool, 7), f"the picture shows a {c} {s}, so: {target}",
+                   [(c, s, rng.randrange(4))])
+
+
+def _syn_ret_caption(task: str, family: str, rng: random.Random) -> Example:
+    """Two shapes, the target caption lists them in the other order."""
+    cells = rng.sample(range(4), 2)
+    objs = [(rng.choice(list(COLOURS)), rng.choice(SHAPES), cell) for cell in cells]
+    caption = " and ".join(f"a {c} {s}" for c, s, _ in objs)
+    target = " and ".join(f"a {c} {s}" for c, s, _ in reversed(objs))
+    pool = set()
+    while len(pool) < 7:
+        o = [(rng.choice(list(COLOURS)), rng.choice(SHAPES)) for _ in range(2)]
+        cand = " and ".join(f"a {c} {s}" for c, s in o)
+        if cand != target and cand != caption:
+            pool.add(cand)
+    return Example(task, family, f"{IMAGE_TOKEN} Find a caption for the image.",
+                   f"it contains {caption}", target, sorted(pool),
+                   f"the image contains {caption}, so: {target}", objs)
+
+
+def _syn_qa_count(task: str, family: str, rng: random.Random) -> Example:
+    """Two groups of shapes: the target is their total (needs the sum)."""
+    c1, c2 = rng.sample(list(COLOURS), 2)
+    s1, s2 = rng.sample(SHAPES, 2)
+    n1, n2 = rng.randint(1, 4), rng.randint(1, 4)
+    total = n1 + n2
+    objs = [(c1, s1, i) for i in range(min(n1, 2))] + [(c2, s2, 2 + i)
+                                                        for i in range(min(n2, 2))]
+    target = f"{NUMBER_WORDS[total]} shapes"
+    wrong = [f"{NUMBER_WORDS[k]} shapes" for k in range(2, 9) if k != total]
+    steps = (f"{n1} plus {n2} is {total}, so there are {NUMBER_WORDS[total]} shapes in "
+             f"total: {target}")
+    return Example(task, family, f"{IMAGE_TOKEN} Answer the question about the image.",
+                   f"there are {_obj_phrase(n1, c1, s1)} and {_obj_phrase(n2, c2, s2)}. "
+                   "how many shapes are there in total?", target, rng.sample(wrong, 6),
+                   steps, objs)
+
+
+def _syn_qa_absent(task: str, family: str, rng: random.Random) -> Example:
+    """Three of four colours shown: the target is the missing one (needs elimination)."""
+    absent = rng.choice(list(COLOURS))
+    present = [c for c in COLOURS if c != absent]
+    rng.shuffle(present)
+    objs = [(c, rng.choice(SHAPES), i) for i, c in enumerate(present)]
+    target = f"the {absent} colour"
+    wrong = [f"the {c} colour" for c in present]
+    steps = (f"the scene has {', '.join(present)}; of the four colours the missing one "
+             f"is {absent}: {target}")
+    return Example(task, family, f"{IMAGE_TOKEN} Answer the question about the image.",
+                   f"the shapes are {', '.join(f'{c} {s}' for c, s, _ in objs)}. which of "
+                   "red, green, blue and yellow is absent?", target, wrong, steps, objs)
+
+
+def _syn_gd_spatial(task: str, family: str, rng: random.Random) -> Example:
+    """Two shapes side by side: the target is the one opposite the named one."""
+    (ca, sa), (cb, sb) = [(rng.choice(list(COLOURS)), s) for s in rng.sample(SHAPES, 2)]
+    left_first = rng.random() < 0.5
+    a_cell, b_cell = (0, 1) if left_first else (1, 0)
+    objs = [(ca, sa, a_cell), (cb, sb, b_cell)]
+    side = "right" if left_first else "left"
+    other = "left" if left_first else "right"
+    target = f"the {cb} {sb} on the {side}"
+    hard = [f"the {ca} {sa} on the {side}", f"the {cb} {sb} on the {other}"]
+    rest = sorted({f"the {c} {s} on the {sd}" for c in COLOURS for s in SHAPES
+                   for sd in ("left", "right")} - set(hard) - {target})
+    wrong = list(dict.fromkeys(hard)) + rng.sample(rest, 5)
+    steps = (f"the {ca} {sa} is on the {other}, the other shape is on the {side}, so: "
+             f"{target}")
+    return Example(task, family, f"{IMAGE_TOKEN} Select the region the text refers to.",
+                   f"the {ca} {sa} is on the {other}. what is on the opposite side?",
+                   target, wrong[:7], steps, objs)
+
+
+#: task -> its example maker (the task's family and rng are passed in).
+_MAKERS = {"syn_cls_shape": _syn_cls_shape, "syn_ret_caption": _syn_ret_caption,
+           "syn_qa_count": _syn_qa_count, "syn_qa_absent": _syn_qa_absent,
+           "syn_gd_spatial": _syn_gd_spatial}
 
 
 def _meta(ex: Example) -> str:

@@ -119,6 +119,8 @@ class Embedder(torch.nn.Module):
                  max_pixels: int = 1024 * 1024, max_text_tokens: int = 2048,
                  min_pixels: int | None = None,
                  max_decode_pixels: int | None = DEFAULT_MAX_DECODE_PIXELS):
+        """Wrap a loaded model and processor; the method's token ids and the image grid
+        are resolved once here, not on every batch."""
         super().__init__()
         self.min_pixels = min_pixels
         self.max_decode_pixels = max_decode_pixels

@@ -129,6 +129,8 @@ def pretrain_tiny(model_dir: str | Path, steps: int = DEFAULT_STEPS, seed: int =
 
 def _pretrain(model_dir, steps, seed, batch_size, lr, tau, weight_decay, warmup, log_every,
               out, check) -> dict:
+    """The warm-up loop (module docstring: why): generated word-overlap triplets, the
+    InfoNCE loss through :meth:`Embedder.embed`, a linear warm-up, optional checks."""
     from mmemb.model.embedder import Embedder
     from mmemb.model.prompts import EmbedInput
 

@@ -99,6 +99,8 @@ class HFTeacher:
 
     @torch.no_grad()
     def _batch(self, reqs: list[GenRequest], measured: list[Measured]) -> list[list[Candidate]]:
+        """One ``generate`` call for a batch of requests (k samples each), seeded from the
+        first request so a rerun of the same shard writes the same rationales."""
         k, s = self.info.k, self.cfg.sampling
         images = [im for r in reqs for im in self.budget.images(r)]
         kw = dict(text=[m.prompt for m in measured], padding=True, return_tensors="pt")

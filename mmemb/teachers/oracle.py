@@ -85,6 +85,9 @@ class OracleTeacher:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _one(self, req: GenRequest) -> list[Candidate]:
+        """k rationales for one request, written from the synthetic world's own answer and
+        steps in fixed shares of correct, wrong and irrelevant ones, so stages 2-3 have a
+        known mix to separate without a real teacher."""
         k = self.info.k
         meta = req.meta or {}
         if not meta.get("answer") or not meta.get("steps"):

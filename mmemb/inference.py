@@ -25,30 +25,17 @@ Example::
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from mmemb.eval.encoding import EncodeResult
 from mmemb.model.embedder import Embedder
 from mmemb.model.prompts import EmbedInput, prompt_prefix
 
 Mode = Literal["direct", "reason", "adaptive"]
 MODES = ("direct", "reason", "adaptive")
-
-
-@dataclass
-class EncodeResult:
-    """Embeddings plus how each was produced; what the evaluation harness reports on."""
-
-    embeddings: torch.Tensor  # [N, H]
-    reasoned: list[bool] = field(default_factory=list)
-    rationales: list[str | None] = field(default_factory=list)
-    n_gen_tokens: list[int] = field(default_factory=list)
-    n_prompt_tokens: list[int] = field(default_factory=list)
-    latency_ms: list[float] = field(default_factory=list)
-    p_think: list[float] = field(default_factory=list)
-    malformed: list[bool] = field(default_factory=list)  # budget hit before </think>
 
 
 @dataclass

@@ -39,9 +39,9 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -53,6 +53,7 @@ from data_contracts.schemas import EMBEDDINGS, EVAL_CORPUS, EVAL_RESULTS, EVAL_R
 from mmemb.data.mmeb import NUM_FRAMES, media_files
 from mmemb.eval import metrics, report
 from mmemb.eval import synthetic as _synthetic  # noqa: F401  (registers the 'synthetic' suite)
+from mmemb.eval.encoding import Encoder, EncodeResult
 from mmemb.eval.tasks import TaskSpec, get_task, select_tasks
 from mmemb.model.prompts import EmbedInput
 
@@ -61,25 +62,6 @@ Log = Callable[[str], None]
 
 
 # --------------------------------------------------------------------------- protocol
-
-@dataclass
-class EncodeResult:
-    """Embeddings plus how each was produced, one entry per input."""
-
-    embeddings: Any  # [N, H] torch.Tensor or np.ndarray
-    reasoned: list[bool] = field(default_factory=list)
-    rationales: list[str | None] = field(default_factory=list)
-    n_gen_tokens: list[int] = field(default_factory=list)
-    latency_ms: list[float] = field(default_factory=list)
-    n_prompt_tokens: list[int] = field(default_factory=list)
-
-
-@runtime_checkable
-class Encoder(Protocol):
-    """What the harness needs from a model: embed inputs in a mode, report how."""
-
-    def encode(self, inputs: list[EmbedInput], mode: str) -> EncodeResult: ...
-
 
 class EmbedderEncoder:
     """An :class:`~mmemb.model.embedder.Embedder` as an :class:`Encoder`.
@@ -425,7 +407,7 @@ def score_task(encoder: Encoder, td: TaskData, modes: Sequence[str],
     queries = _make_items([r["row_id"] for r in td.rows], [r["qry_inst"] for r in td.rows],
                           [r["qry_text"] for r in td.rows], [r["qry_img_path"] for r in td.rows],
                           image_root, num_frames)
-    kind, _k = metrics._parse_metric(spec.metric)
+    kind, _k = metrics.parse_metric(spec.metric)
     out = []
     cand_cache: dict[str, Embedded] = {}
     for mode in modes:

@@ -611,59 +611,6 @@ def _per_input(scores: list[TaskScore]) -> list[dict]:
     return out
 
 
-# --------------------------------------------------------------------------- baseline
-
-def load_baseline_scores(path: str | Path, mode: str | None = None) -> dict[str, float]:
-    """{task: score (fraction)} from a JSON/CSV score file (a published model's per-task
-    numbers, percent or fraction) or from an ``EVAL_RESULTS`` artifact of an earlier run
-    (``mode``: which of its modes; default 'direct' when present, else its first)."""
-    path = Path(path)
-    if not path.exists():
-        raise ContractError(path, "baseline file does not exist.",
-                            fix="point evaluate.baseline at a .json/.csv of per-task scores or "
-                            "an earlier run's results folder")
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            data = None  # report.load_baseline names the line of the error
-        if isinstance(data, dict) and isinstance(data.get("metrics"), dict):
-            return _benchmark_report_scores(data["metrics"], path)
-    if path.suffix.lower() in (".json", ".csv"):
-        return report.load_baseline(path)
-    table = io.read(path, EVAL_RESULTS)
-    rows = [r for r in table.to_pylist() if r["score"] is not None]
-    modes_ = list(dict.fromkeys(r["mode"] for r in rows))
-    pick = mode or ("direct" if "direct" in modes_ else (modes_[0] if modes_ else None))
-    if pick not in modes_:
-        raise ContractError(path, f"no results for mode {pick!r}; it has {modes_}.")
-    return {r["task"]: float(r["score"]) for r in rows if r["mode"] == pick}
-
-
-def _benchmark_report_scores(metrics_: dict, path: Path) -> dict[str, float]:
-    """The benchmark's own score report (VLM2Vec ``all_scores/*.json``: ``{"metrics":
-    {modality: {task: {"hit@1": .., "ndcg_linear@5": .., ...}}}}``): per task, the number
-    under the task's registered metric (ndcg@k is the linear-gain NDCG)."""
-    out: dict[str, float] = {}
-    for modality, tasks in metrics_.items():
-        if not isinstance(tasks, dict):
-            raise ContractError(path, f"metrics.{modality} is not an object of tasks.")
-        for task, vals in tasks.items():
-            try:
-                metric = get_task(task).metric
-            except ValueError:
-                metric = "ndcg@5" if modality == "visdoc" else "hit@1"
-            key = metric.replace("ndcg@", "ndcg_linear@")
-            if not isinstance(vals, dict) or key not in vals:
-                raise ContractError(path, f"metrics.{modality}.{task} has no {key!r} value.",
-                                    fix="use the benchmark's score report or a {task: score} "
-                                    "file")
-            out[task] = float(vals[key])
-    if not out:
-        raise ContractError(path, "no task scores under 'metrics'.")
-    return out
-
-
 # --------------------------------------------------------------------------- report
 
 def _fmt(score: float | None, metric: str) -> str:

@@ -7,8 +7,6 @@ Scores are held as fractions and shown x100, as published tables do.
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -33,75 +31,6 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def load_baseline(path: str | Path, scale: str = "auto") -> dict[str, float]:
-    """Read {task: score} from JSON (an object) or CSV (header with `task` and `score`).
-
-    Returned scores are fractions. `scale="auto"` treats the file as percentages when any value
-    exceeds 1, which is how papers publish; pass "percent" or "fraction" if that is ambiguous.
-    Errors name the file and line so a hand-edited baseline is quick to fix.
-    """
-    path = Path(path)
-    if scale not in ("auto", "percent", "fraction"):
-        raise ValueError(f"scale must be auto, percent or fraction, got {scale!r}")
-    text = path.read_text(encoding="utf-8")
-    entries: list[tuple[str, Any, int]] = []  # (task, raw value, line)
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}:1: expected a JSON object {{task: score}}")
-        for task, value in data.items():
-            pos = text.find(json.dumps(task))
-            entries.append((task, value, text.count("\n", 0, max(pos, 0)) + 1))
-    elif path.suffix.lower() == ".csv":
-        reader = csv.reader(text.splitlines())
-        cols: dict[str, int] | None = None
-        for row in reader:
-            if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
-                continue
-            if cols is None:
-                cols = {c.strip().lower(): i for i, c in enumerate(row)}
-                if "task" not in cols or "score" not in cols:
-                    raise ValueError(
-                        f"{path}:{reader.line_num}: header needs 'task' and "
-                        f"'score' columns, got {row}"
-                    )
-                continue
-            if len(row) <= max(cols["task"], cols["score"]):
-                raise ValueError(f"{path}:{reader.line_num}: too few columns in {row}")
-            entries.append((row[cols["task"]].strip(), row[cols["score"]], reader.line_num))
-    else:
-        raise ValueError(f"{path}: baseline must be .json or .csv")
-
-    out: dict[str, float] = {}
-    lines: dict[str, int] = {}
-    for task, value, line in entries:
-        try:
-            if isinstance(value, bool) or value is None:
-                raise ValueError
-            score = float(value.strip() if isinstance(value, str) else value)
-        except (TypeError, ValueError):
-            msg = f"{path}:{line}: task {task!r}: score {value!r} is not a number"
-            raise ValueError(msg) from None
-        if not task or not math.isfinite(score) or score < 0:
-            raise ValueError(f"{path}:{line}: bad entry task={task!r} score={value!r}")
-        if task in out:
-            raise ValueError(
-                f"{path}:{line}: duplicate task {task!r} (first on line {lines[task]})"
-            )
-        out[task], lines[task] = score, line
-    if not out:
-        raise ValueError(f"{path}: no baseline scores found")
-    percent = scale == "percent" or (scale == "auto" and max(out.values()) > 1.0)
-    limit = 100.0 if percent else 1.0
-    for task, score in out.items():
-        if score > limit:
-            raise ValueError(f"{path}:{lines[task]}: task {task!r}: score {score} > {limit:g}")
-    return {t: s / 100.0 for t, s in out.items()} if percent else out
 
 
 def _baseline_mean(tasks: list[str], baseline: Mapping[str, float]) -> tuple[float | None, str]:

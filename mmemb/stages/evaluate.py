@@ -31,6 +31,7 @@ from data_contracts.io import ContractError
 from data_contracts.schemas import EVAL_CORPUS, EVAL_ROWS
 from mmemb.configs.evaluate import EvaluateConfig
 from mmemb.eval import harness, report
+from mmemb.eval.baseline import load_baseline
 from mmemb.model.images import DEFAULT_MAX_DECODE_PIXELS
 from mmemb.stages.base import StageResult, StepLogger, null_logger
 
@@ -115,7 +116,7 @@ def run(cfg: EvaluateConfig, log: StepLogger = null_logger) -> StageResult:
     out = Path(cfg.out)
     rows, corpus, image_root, missing = load_data(cfg)
     from_mmeb = not _is_artifact(Path(cfg.eval))
-    baseline = (harness.load_baseline_scores(cfg.baseline, cfg.baseline_mode)
+    baseline = (load_baseline(cfg.baseline, cfg.baseline_mode)
                 if cfg.baseline else None)
     encoder, dtype = build_encoder(cfg)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"

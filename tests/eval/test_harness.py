@@ -25,13 +25,13 @@ import pytest
 from data_contracts import io
 from data_contracts.io import ContractError
 from data_contracts.schemas import EMBEDDINGS, EVAL_CORPUS, EVAL_RESULTS, EVAL_ROWS
+from mmemb.eval.baseline import load_baseline
 from mmemb.eval.harness import (
     EmbedItem,
     Encoder,
     EncodeResult,
     encode_cached,
     evaluate,
-    load_baseline_scores,
 )
 from mmemb.eval.tasks import TaskSpec, register_suite
 from mmemb.model.prompts import EmbedInput
@@ -263,7 +263,7 @@ def test_report_plot_and_baseline(tmp_path):
     base_file = tmp_path / "published.json"
     base_file.write_text('{"loc": 40.0, "glob": 90.0}')
     run = evaluate(FakeEncoder(), rows, corpus, tmp_path / "out", modes=["direct", "reason"],
-                   model_id="m1", baseline=load_baseline_scores(base_file),
+                   model_id="m1", baseline=load_baseline(base_file),
                    baseline_name="Published", log=lambda s: None)
     md = run.files["report"].read_text()
     assert "| direct | 2 | 66.7 (hit@1/ndcg@5) | 0.0% | 0.0 | 1.0 | 1.0 | 1.0 |" in md
@@ -275,7 +275,7 @@ def test_report_plot_and_baseline(tmp_path):
     assert run.files["plot"].stat().st_size > 1000
     assert "reasoning ratio" in run.files["reasoning"].read_text()
     # An earlier run's results folder is a baseline too.
-    assert load_baseline_scores(run.files["results"], "reason") == {
+    assert load_baseline(run.files["results"], "reason") == {
         "loc": pytest.approx(0.75), "glob": pytest.approx((NDCG_G0 + 1) / 2)}
 
 
@@ -317,7 +317,7 @@ def test_benchmark_score_report_is_a_baseline(tmp_path):
         "image": {"CIRR": {"hit@1": 0.47, "hit@5": 0.8, "ndcg_linear@5": 0.6}},
         "visdoc": {"ViDoRe_arxivqa": {"hit@1": 0.5, "ndcg_linear@5": 0.802,
                                       "ndcg_exponential@5": 0.7}}}}))
-    assert load_baseline_scores(f) == {"CIRR": 0.47, "ViDoRe_arxivqa": 0.802}
+    assert load_baseline(f) == {"CIRR": 0.47, "ViDoRe_arxivqa": 0.802}
     f.write_text(json.dumps({"metrics": {"image": {"CIRR": {"hit@5": 0.8}}}}))
     with pytest.raises(ContractError, match=r"metrics.image.CIRR has no 'hit@1'"):
-        load_baseline_scores(f)
+        load_baseline(f)

@@ -6,10 +6,10 @@ import pytest
 from mmemb.eval.metrics import (
     aggregate,
     hit_at_k,
+    mean_metric,
     ndcg_at_k,
     query_scores,
     rank_candidates,
-    mean_metric,
 )
 from mmemb.eval.tasks import select_tasks
 

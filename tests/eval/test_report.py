@@ -2,9 +2,9 @@ import json
 
 import pytest
 
+from mmemb.eval.baseline import load_baseline
 from mmemb.eval.metrics import aggregate
 from mmemb.eval.report import (
-    load_baseline,
     markdown_report,
     mode_summary,
     plot_accuracy_latency,

@@ -238,3 +238,25 @@ class AdaptiveEncoder:
             res.latency_ms += [1000 * (t_dec / n + ((gen_share + t_emb / len(idx))
                                                     if think[i] else 0.0)) for i in range(n)]
         return embs.cpu()
+
+
+class GateProbe:
+    """Only the gate of an :class:`AdaptiveEncoder`, as an evaluator's encoder: per input
+    p(``<think>``) and the decision p > threshold, without generating or embedding (the
+    embeddings are empty, [N, 0]). The gate stage reports the share of queries sent to
+    reasoning before and after training with it; one prefix pass per input is all it costs.
+    """
+
+    def __init__(self, encoder: AdaptiveEncoder, batch_size: int = 32):
+        self.encoder = encoder
+        self.batch_size = batch_size
+
+    def encode(self, inputs: list[EmbedInput], mode: str = "adaptive") -> EncodeResult:
+        if mode != "adaptive":
+            raise ValueError(f"mode={mode!r}: the gate probe only decides (adaptive)")
+        bs = self.batch_size
+        p = (torch.cat([self.encoder.p_think(inputs[s:s + bs]) for s in range(0, len(inputs), bs)])
+             if inputs else torch.zeros(0))  # [N]
+        return EncodeResult(torch.zeros(len(inputs), 0), reasoned=(p > self.encoder.threshold
+                                                                   ).tolist(), p_think=p.tolist())
+

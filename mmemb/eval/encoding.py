@@ -37,3 +37,25 @@ class Encoder(Protocol):
     """What the evaluator needs from a model: embed inputs in a mode, report how."""
 
     def encode(self, inputs: list[EmbedInput], mode: str) -> EncodeResult: ...
+
+
+class EngineEncoder:
+    """The model inside a (DeepSpeed) training engine as an :class:`Encoder`, direct mode:
+    how the train stage scores its eval set with the one evaluator between phases.
+
+    Every rank must call it with the same inputs (ZeRO-3 gathers weights per forward), so
+    the evaluator runs it with ``strict=True`` (no per-input retries that would desynchronise
+    the ranks)."""
+
+    def __init__(self, engine, embedder, batch_size: int):
+        self.engine = engine
+        self.embedder = embedder
+        self.batch_size = batch_size
+
+    def encode(self, inputs: list[EmbedInput], mode: str = "direct") -> EncodeResult:
+        from mmemb.training import module
+
+        if mode != "direct":
+            raise ValueError(f"mode={mode!r}: the training engine is evaluated in direct mode")
+        return EncodeResult(module.embed_inputs(self.engine, self.embedder, inputs,
+                                                self.batch_size))  # [N, H]

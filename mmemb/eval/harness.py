@@ -54,7 +54,7 @@ from mmemb.data.mmeb import NUM_FRAMES, media_files
 from mmemb.eval import metrics, report
 from mmemb.eval import synthetic as _synthetic  # noqa: F401  (registers the 'synthetic' suite)
 from mmemb.eval.encoding import Encoder, EncodeResult
-from mmemb.eval.tasks import TaskSpec, get_task, select_tasks
+from mmemb.eval.tasks import MODALITIES, TaskSpec, get_task, select_tasks
 from mmemb.model.prompts import EmbedInput
 
 MODES = ("direct", "reason", "adaptive")
@@ -191,8 +191,9 @@ def _make_items(ids: Sequence[str], insts: Sequence[str | None], texts: Sequence
     return out
 
 
-def _result_lists(res: Any, n: int, wall_ms: float) -> dict[str, list]:
-    """Per-input fields of an encoder's result, defaulted where an encoder omits one."""
+def _result_lists(res: Any, n: int, wall_ms: float, mode: str) -> dict[str, list]:
+    """Per-input fields of an encoder's result, defaulted where an encoder omits one; the
+    gate's p(<think>) only in adaptive mode (the other modes make no decision)."""
     def get(name, default):
         v = list(getattr(res, name, None) or [])
         if v and len(v) != n:
@@ -200,21 +201,29 @@ def _result_lists(res: Any, n: int, wall_ms: float) -> dict[str, list]:
         return v or [default] * n
 
     lat = get("latency_ms", wall_ms / max(n, 1))
+    p = get("p_think", None) if mode == "adaptive" else [None] * n
     return {"reasoned": [bool(x) for x in get("reasoned", False)],
             "rationale": get("rationales", None),
             "n_gen_tokens": [int(x) for x in get("n_gen_tokens", 0)],
             "n_prompt_tokens": [int(x) for x in get("n_prompt_tokens", 0)] or [0] * n,
-            "latency_ms": [float(x) for x in lat]}
+            "latency_ms": [float(x) for x in lat],
+            "p_think": [None if x is None else float(x) for x in p]}
 
 
-def _encode_chunk(encoder: Encoder, items: list[EmbedItem], mode: str, task: str, side: str
-                  ) -> tuple[np.ndarray | None, list[dict]]:
-    """Encode the items that have inputs; on an exception retry one by one so a single bad
-    input fails alone. Returns ([n, H] or None when nothing succeeded, EMBEDDINGS rows)."""
+def encode_rows(encoder: Encoder, items: list[EmbedItem], mode: str, task: str, side: str,
+                strict: bool = False) -> tuple[np.ndarray | None, list[dict]]:
+    """Encode the items that have inputs into ``EMBEDDINGS`` rows, one per item.
+
+    The one place an encoder's result becomes rows: an input that could not be read, a
+    non-finite embedding or an encoder exception gives a row with ``status='error'`` and the
+    message. On an exception the batch is retried one by one so a single bad input fails
+    alone; ``strict`` raises instead (training: every rank must run the same forward passes).
+    Returns ([n, H] or None when nothing succeeded, rows).
+    """
     rows = [{"id": it.id, "task": task, "side": side, "mode": mode, "embedding": None,
              "reasoned": False, "rationale": None, "n_prompt_tokens": None,
-             "n_gen_tokens": 0, "latency_ms": None, "status": "error", "error": it.error}
-            for it in items]
+             "n_gen_tokens": 0, "latency_ms": None, "status": "error", "error": it.error,
+             "p_think": None} for it in items]
     live = [k for k, it in enumerate(items) if it.inp is not None]
     vecs: dict[int, np.ndarray] = {}
 
@@ -226,22 +235,23 @@ def _encode_chunk(encoder: Encoder, items: list[EmbedItem], mode: str, task: str
         if e.ndim != 2 or e.shape[0] != len(idx):
             raise ValueError(f"encoder returned embeddings of shape {e.shape} for {len(idx)} "
                              "inputs")
-        fields = _result_lists(res, len(idx), wall)
+        fields = _result_lists(res, len(idx), wall, mode)
         for j, k in enumerate(idx):
             if not np.isfinite(e[j]).all():
                 rows[k].update(status="error", error="non-finite embedding")
                 continue
             vecs[k] = e[j]
-            rows[k].update(status="ok", error=None, reasoned=fields["reasoned"][j],
-                           rationale=fields["rationale"][j],
-                           n_gen_tokens=fields["n_gen_tokens"][j],
-                           n_prompt_tokens=fields["n_prompt_tokens"][j] or None,
-                           latency_ms=fields["latency_ms"][j])
+            rows[k].update(status="ok", error=None,
+                           **{f: fields[f][j] for f in ("reasoned", "rationale", "n_gen_tokens",
+                                                        "latency_ms", "p_think")},
+                           n_prompt_tokens=fields["n_prompt_tokens"][j] or None)
 
     if live:
         try:
             run(live)
         except Exception as e:  # noqa: BLE001 - isolate the failing input(s)
+            if strict:
+                raise
             if len(live) == 1:
                 rows[live[0]]["error"] = f"{type(e).__name__}: {e}"
             else:
@@ -250,15 +260,33 @@ def _encode_chunk(encoder: Encoder, items: list[EmbedItem], mode: str, task: str
                         run([k])
                     except Exception as e1:  # noqa: BLE001
                         rows[k]["error"] = f"{type(e1).__name__}: {e1}"
+    return _with_vectors(rows, vecs)
+
+
+def _with_vectors(rows: list[dict], vecs: dict[int, np.ndarray]
+                  ) -> tuple[np.ndarray | None, list[dict]]:
+    """[n, H] of the ok rows (zeros elsewhere) and the rows with their ``embedding``."""
     if not vecs:
         return None, rows
     dim = next(iter(vecs.values())).shape[0]
-    out = np.zeros((len(items), dim), dtype=np.float32)  # [n, H]
+    out = np.zeros((len(rows), dim), dtype=np.float32)  # [n, H]
     for k, v in vecs.items():
         out[k] = v
     for k, r in enumerate(rows):
         r["embedding"] = out[k].tolist() if r["status"] == "ok" else []
     return out, rows
+
+
+def embed_side(encoder: Encoder, items: list[EmbedItem], mode: str, task: str, side: str,
+               folder: Path | None = None, chunk_size: int = 256, strict: bool = False,
+               log: Log = print) -> Embedded:
+    """Embed one side of a task: through the Parquet cache under ``folder`` (the evaluate
+    stage), or in memory when ``folder`` is None (the train and gate stages' evaluation)."""
+    if folder is not None:
+        return encode_cached(encoder, items, folder, mode, task, side, chunk_size, log)
+    _, rows = encode_rows(encoder, items, mode, task, side, strict=strict)
+    return _embedded(io.conform(rows, EMBEDDINGS), [it.id for it in items],
+                     computed=len(items))
 
 
 def encode_cached(encoder: Encoder, items: list[EmbedItem], folder: Path, mode: str, task: str,
@@ -294,7 +322,7 @@ def encode_cached(encoder: Encoder, items: list[EmbedItem], folder: Path, mode: 
                     continue
             except (ContractError, pa.ArrowException, OSError):
                 pass  # a stale or foreign chunk: recompute it
-        _, rows = _encode_chunk(encoder, part, mode, task, side)
+        _, rows = encode_rows(encoder, part, mode, task, side)
         computed += len(part)
         t = io.conform(rows, EMBEDDINGS, str(path))
         io.atomic_write_parquet(t, path)
@@ -315,7 +343,7 @@ def _embedded(table: pa.Table, ids: list[str], computed: int) -> Embedded:
     dim = max((len(v) for v in vecs if v), default=1)
     emb = np.zeros((len(ids), dim), dtype=np.float32)  # [N, H]
     for k, v in enumerate(vecs):
-        if ok[k]:
+        if ok[k] and v:  # a deciding-only encoder (GateProbe) gives empty vectors
             emb[k] = v
     return Embedded(ids, _normalise(emb), ok, rows, computed)
 
@@ -333,12 +361,15 @@ class TaskData:
 
 @dataclass
 class TaskScore:
+    """One task scored in one mode: per-query metric values and the query-side rows."""
+
     spec: TaskSpec
     mode: str
     per_query: np.ndarray  # [Nq] metric per query
     query_rows: list[dict]  # EMBEDDINGS rows of the queries (reasoned, tokens, latency)
     failures: list[str]
     computed: int  # inputs encoded in this run (0 = all cached)
+    family: str | None = None  # the task's family (its first row's), for family means
 
     @property
     def score(self) -> float:
@@ -394,65 +425,169 @@ def _candidates(td: TaskData, image_root, num_frames
 
 
 def score_task(encoder: Encoder, td: TaskData, modes: Sequence[str],
-               cache: Callable[[str, str], Path], *, image_root: str | Path | None = None,
-               num_frames: int = NUM_FRAMES, reason_on_candidates: bool = False,
-               chunk_size: int = 256, log: Log = print) -> list[TaskScore]:
-    """Embed (through the cache), rank and score one task in each mode.
+               cache: Callable[[str, str], Path] | None = None, *,
+               image_root: str | Path | None = None, num_frames: int = NUM_FRAMES,
+               reason_on_candidates: bool = False, chunk_size: int = 256,
+               strict: bool = False, log: Log = print) -> list[TaskScore]:
+    """Embed, rank and score one task in each mode: the one evaluator.
 
     ``cache(side, mode)`` is the cache folder of one side ('query' | 'candidate') embedded in
-    ``mode``; direct-mode candidates are therefore shared by every query mode.
+    ``mode``, so direct-mode candidates are shared by every query mode; without ``cache``
+    everything is embedded in memory (the train stage's evaluation between its phases).
     """
     spec = td.spec
     items, lists, gains = _candidates(td, image_root, num_frames)
     queries = _make_items([r["row_id"] for r in td.rows], [r["qry_inst"] for r in td.rows],
                           [r["qry_text"] for r in td.rows], [r["qry_img_path"] for r in td.rows],
                           image_root, num_frames)
-    kind, _k = metrics.parse_metric(spec.metric)
+
+    def embed(its: list[EmbedItem], side: str, mode: str) -> Embedded:
+        return embed_side(encoder, its, mode, spec.name, side,
+                          cache(side, mode) if cache else None, chunk_size, strict, log)
+
     out = []
     cand_cache: dict[str, Embedded] = {}
     for mode in modes:
         cmode = mode if reason_on_candidates else "direct"
         if cmode not in cand_cache:
-            cand_cache[cmode] = encode_cached(encoder, items, cache("candidate", cmode), cmode,
-                                              spec.name, "candidate", chunk_size, log)
+            cand_cache[cmode] = embed(items, "candidate", cmode)
         cand = cand_cache[cmode]
-        qry = encode_cached(encoder, queries, cache("query", mode), mode, spec.name, "query",
-                            chunk_size, log)
-        if cand.emb.shape[1] != qry.emb.shape[1] and cand.ok.any() and qry.ok.any():
-            raise ValueError(f"task {spec.name}: query dim {qry.emb.shape[1]} != candidate dim "
-                             f"{cand.emb.shape[1]}")
-        dim = max(cand.emb.shape[1], qry.emb.shape[1])
-        c_emb = np.pad(cand.emb, ((0, 0), (0, dim - cand.emb.shape[1])))  # [Nc, H]
-        q_emb = np.pad(qry.emb, ((0, 0), (0, dim - qry.emb.shape[1])))  # [Nq, H]
-        rows_scores, rels = [], []
-        if spec.ranking == "global":
-            sim = q_emb @ c_emb.T  # [Nq, Nc]
-            sim[:, ~cand.ok] = -np.inf
-            rows_scores = list(sim)
-        else:
-            for q, idx in enumerate(lists):
-                s = c_emb[idx] @ q_emb[q]  # [n_cand]
-                s[~cand.ok[idx]] = -np.inf
-                rows_scores.append(s)
-        for g in gains:
-            if isinstance(g, dict):
-                rels.append([i for i, v in g.items() if v > 0] if kind == "hit" else g)
-            else:
-                rels.append(g > 0 if kind == "hit" else g)
-        try:
-            per_query = metrics.query_scores(rows_scores, rels, spec.metric)
-        except ValueError as e:
-            raise ValueError(f"task {spec.name}: {e}") from None
-        per_query[~qry.ok] = 0.0  # a query that could not be embedded is a miss
-        failures = []
-        for side, emb in (("query", qry), ("candidate", cand)):
-            bad = [r for r in emb.rows if r["status"] != "ok"]
-            if bad:
-                failures.append(f"{len(bad)} of {len(emb.rows)} {side} inputs failed "
-                                f"(first: {bad[0]['id']}: {bad[0]['error']})")
+        qry = embed(queries, "query", mode)
+        per_query = _rank_and_score(spec, lists, gains, qry, cand)
         computed = qry.computed + cand.computed
         cand.computed = 0  # count a shared candidate encoding once
-        out.append(TaskScore(spec, mode, per_query, qry.rows, failures, computed))
+        out.append(TaskScore(spec, mode, per_query, qry.rows, _failures(qry, cand), computed,
+                             family=td.rows[0].get("family") if td.rows else None))
+    return out
+
+
+def _rank_and_score(spec: TaskSpec, lists: list[list[int]], gains: list, qry: Embedded,
+                    cand: Embedded) -> np.ndarray:
+    """[Nq] metric per query: each query ranks its own candidates (local) or the corpus
+    (global) by cosine; a candidate that failed can never rank first, a query that failed
+    is a miss."""
+    if cand.emb.shape[1] != qry.emb.shape[1] and cand.ok.any() and qry.ok.any():
+        raise ValueError(f"task {spec.name}: query dim {qry.emb.shape[1]} != candidate dim "
+                         f"{cand.emb.shape[1]}")
+    kind, _k = metrics.parse_metric(spec.metric)
+    dim = max(cand.emb.shape[1], qry.emb.shape[1])
+    c_emb = np.pad(cand.emb, ((0, 0), (0, dim - cand.emb.shape[1])))  # [Nc, H]
+    q_emb = np.pad(qry.emb, ((0, 0), (0, dim - qry.emb.shape[1])))  # [Nq, H]
+    if spec.ranking == "global":
+        sim = q_emb @ c_emb.T  # [Nq, Nc]
+        sim[:, ~cand.ok] = -np.inf
+        rows_scores = list(sim)
+    else:
+        rows_scores = []
+        for q, idx in enumerate(lists):
+            s = c_emb[idx] @ q_emb[q]  # [n_cand]
+            s[~cand.ok[idx]] = -np.inf
+            rows_scores.append(s)
+    rels = []
+    for g in gains:
+        if isinstance(g, dict):
+            rels.append([i for i, v in g.items() if v > 0] if kind == "hit" else g)
+        else:
+            rels.append(g > 0 if kind == "hit" else g)
+    try:
+        per_query = metrics.query_scores(rows_scores, rels, spec.metric)
+    except ValueError as e:
+        raise ValueError(f"task {spec.name}: {e}") from None
+    per_query[~qry.ok] = 0.0  # a query that could not be embedded is a miss
+    return per_query
+
+
+def _failures(qry: Embedded, cand: Embedded) -> list[str]:
+    out = []
+    for side, emb in (("query", qry), ("candidate", cand)):
+        bad = [r for r in emb.rows if r["status"] != "ok"]
+        if bad:
+            out.append(f"{len(bad)} of {len(emb.rows)} {side} inputs failed "
+                       f"(first: {bad[0]['id']}: {bad[0]['error']})")
+    return out
+
+
+# --------------------------------------------------------------------------- plain rows
+
+ROWS_SUITE = "eval-rows"  # the spec of a task read from its rows, in no registered suite
+
+
+def rows_to_tasks(rows: Sequence[Mapping[str, Any]]) -> list[TaskData]:
+    """Plain eval-row dicts (the train and gate stages' eval sets) as tasks sorted by name,
+    each with a spec read from its first row, since those sets may hold a user's own tasks
+    that no registered suite knows. A local row without ``tgt_rel`` has its first candidate
+    as the positive (the EVAL_ROWS convention); one without images has none."""
+    by_task: dict[str, list[dict]] = {}
+    for r in rows:
+        r = dict(r)
+        texts = r.get("tgt_text")
+        if texts:
+            r["tgt_img_path"] = r.get("tgt_img_path") or [None] * len(texts)
+            r["tgt_rel"] = r.get("tgt_rel") or [1.0] + [0.0] * (len(texts) - 1)
+        by_task.setdefault(r["task"], []).append(r)
+    out = []
+    for name in sorted(by_task):
+        first = by_task[name][0]
+        modality = first.get("modality") if first.get("modality") in MODALITIES else "image"
+        spec = TaskSpec(name, modality, first.get("category") or "none",
+                        first.get("metric") or "hit@1",
+                        "local" if first.get("tgt_text") else "global", suite=ROWS_SUITE)
+        out.append(TaskData(spec, by_task[name], []))
+    return out
+
+
+def evaluate_rows(encoder: Encoder, rows: Sequence[Mapping[str, Any]], *,
+                  modes: Sequence[str] = ("direct",), image_root: str | Path | None = None,
+                  num_frames: int = NUM_FRAMES, strict: bool = False) -> list[TaskScore]:
+    """Score plain eval rows in memory (no cache, no report), one :class:`TaskScore` per
+    (task, mode): what the train stage reports before and after training. Only tasks that
+    rank their own candidate list are scored (a global task needs its corpus)."""
+    tds = [td for td in rows_to_tasks(rows) if td.spec.ranking == "local"]
+    return [s for td in tds for s in score_task(encoder, td, modes, None, image_root=image_root,
+                                                num_frames=num_frames, strict=strict,
+                                                log=lambda _m: None)]
+
+
+def task_means(scores: Sequence[TaskScore]) -> dict[str, float]:
+    """``{metric/task: score, "mean": mean over tasks, "family/<f>": mean over the family's
+    tasks}`` of one mode's scores (a task's family is its first row's; 'none' if unset)."""
+    out: dict[str, float] = {f"{s.spec.metric}/{s.spec.name}": s.score for s in scores}
+    if not scores:
+        return out
+    out["mean"] = sum(out.values()) / len(scores)
+    fam: dict[str, list[float]] = {}
+    for s in scores:
+        fam.setdefault(s.family or "none", []).append(s.score)
+    for f, vs in sorted(fam.items()):
+        out[f"family/{f}"] = sum(vs) / len(vs)
+    return out
+
+
+def gate_decisions(encoder: Encoder, rows: Sequence[Mapping[str, Any]], *,
+                   image_root: str | Path | None = None, num_frames: int = NUM_FRAMES
+                   ) -> dict[str, float]:
+    """Share of queries the gate sends to reasoning and mean p(<think>), per family and task
+    and overall: what the gate stage reports before and after training. The queries go
+    through the evaluator's row handling in adaptive mode (``encoder`` may be one that only
+    decides, :class:`mmemb.inference.GateProbe`); candidates are not embedded."""
+    groups: dict[str, list[int]] = {}
+    reasoned: list[bool] = []
+    p: list[float] = []
+    for td in rows_to_tasks(rows):
+        items = _make_items([r["row_id"] for r in td.rows], [r["qry_inst"] for r in td.rows],
+                            [r["qry_text"] for r in td.rows],
+                            [r["qry_img_path"] for r in td.rows], image_root, num_frames)
+        got = embed_side(encoder, items, "adaptive", td.spec.name, "query", strict=True)
+        for r, e in zip(td.rows, got.rows, strict=True):
+            groups.setdefault(f"family/{r.get('family') or 'none'}", []).append(len(p))
+            groups.setdefault(f"task/{td.spec.name}", []).append(len(p))
+            reasoned.append(bool(e["reasoned"]))
+            p.append(float(e["p_think"]) if e["p_think"] is not None else 0.0)
+    out: dict[str, float] = {}
+    for k, ids in sorted(groups.items()):
+        out[f"reason_ratio/{k}"] = float(np.mean([reasoned[i] for i in ids]))
+        out[f"p_think/{k}"] = float(np.mean([p[i] for i in ids], dtype=np.float32))
+    out["reason_ratio/all"] = float(np.mean(reasoned)) if reasoned else 0.0
     return out
 
 

@@ -190,6 +190,9 @@ class AdaptiveEncoder:
 
     def _encode_batch(self, xs: list[EmbedInput], mode: Mode, res: EncodeResult
                       ) -> torch.Tensor:
+        """Embed one batch in ``mode`` ([n, H]), appending its per-input fields to ``res``:
+        the decision pass (adaptive), generation for the inputs that reason, then the
+        embedding pass (adaptive: only for those inputs, the rest keep the direct one)."""
         n = len(xs)
         t0 = time.perf_counter()
         direct = None

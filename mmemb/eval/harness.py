@@ -80,6 +80,7 @@ class EmbedderEncoder:
         self.batch_size = batch_size
 
     def encode(self, inputs: list[EmbedInput], mode: str = "direct") -> EncodeResult:
+        """Embed in batches of ``batch_size``; each input's latency is its batch's share."""
         import torch
 
         if mode not in self.modes:
@@ -595,6 +596,9 @@ def gate_decisions(encoder: Encoder, rows: Sequence[Mapping[str, Any]], *,
 
 def _group_tasks(rows: pa.Table, corpus: pa.Table | None, names: Iterable[str] | None,
                  categories, modalities, max_queries: int | None) -> tuple[str, list[TaskData]]:
+    """(suite, tasks) of EVAL_ROWS: one suite, every task registered and its rows agreeing
+    with the registry (modality, category, metric), the selection naming only present tasks;
+    each task with its corpus rows and at most ``max_queries`` queries."""
     suites_ = sorted(set(rows.column("suite").to_pylist()))
     if len(suites_) != 1:
         raise ContractError("eval rows", f"rows mix suites {suites_}; evaluate one suite at a "
@@ -707,6 +711,8 @@ def evaluate(encoder: Encoder, rows: pa.Table, corpus: pa.Table | None, out: str
 
 
 def _results_table(suite: str, scores: list[TaskScore]) -> pa.Table:
+    """One EVAL_RESULTS row per (task, mode): score, query-side reasoning and latency over
+    the queries that were embedded, and ``status='error'`` with the failures if any."""
     out = []
     for s in scores:
         lat = np.array([r["latency_ms"] for r in s.query_rows if r["status"] == "ok"
@@ -760,7 +766,7 @@ def write_report(out: Path, results: pa.Table, aggs: dict[str, dict], per_input:
                  baseline: Mapping[str, float] | None, baseline_name: str = "baseline",
                  model_id: str = "") -> dict[str, Path]:
     """``report.md`` (modes side by side, per-mode tables with the baseline, reasoning and
-    latency), ``reasoning.md`` and ``accuracy_latency.png`` under ``out``."""
+    latency), ``reasoning.md``, ``accuracy_latency.png`` and ``aggregate.json`` under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     modes = list(aggs)
     suite = next(iter(aggs.values()))["suite"]
@@ -769,36 +775,8 @@ def write_report(out: Path, results: pa.Table, aggs: dict[str, dict], per_input:
     if model_id:
         lines += [f"Model key `{model_id[:16]}`. Scores x100 with the metric beside each "
                   "number; overall = mean over tasks.", ""]
-    head = ["mode", "tasks", "overall", "reasoning ratio", "mean tokens", "latency mean (ms)",
-            "p50 (ms)", "p95 (ms)"]
-    body = []
-    for m in modes:
-        g, s = aggs[m]["overall"], summary.get(m)
-        body.append([m, g["n_tasks"], _fmt(g["score"], g["metric"]),
-                     f"{100 * s['reasoning_ratio']:.1f}%" if s else "—",
-                     f"{s['mean_tokens']:.1f}" if s else "—",
-                     f"{s['latency_mean_ms']:.1f}" if s else "—",
-                     f"{s['latency_p50_ms']:.1f}" if s else "—",
-                     f"{s['latency_p95_ms']:.1f}" if s else "—"])
-    lines += ["## Modes", "", report._table(head, body), ""]
-    res = results.to_pylist()
-    by = {(r["task"], r["mode"]): r for r in res}
-    task_names = list(dict.fromkeys(r["task"] for r in res))
-    cols = ["task", "metric", *modes] + ([baseline_name] if baseline is not None else [])
-    trows = []
-    for t in task_names:
-        first = next(by[(t, m)] for m in modes if (t, m) in by)
-        row = [t, first["metric"]] + [
-            (f"{100 * by[(t, m)]['score']:.1f}" + (" ⚠" if by[(t, m)]["status"] != "ok" else ""))
-            if (t, m) in by else "—" for m in modes]
-        if baseline is not None:
-            row.append(f"{100 * baseline[t]:.1f}" if t in baseline else "—")
-        trows.append(row)
-    lines += ["## Per task, modes side by side", "", report._table(cols, trows), ""]
-    errs = [r for r in res if r["status"] != "ok"]
-    if errs:
-        lines += ["## Failed inputs (⚠)", ""] + [f"- {r['task']} / {r['mode']}: {r['error']}"
-                                                 for r in errs] + [""]
+    lines += ["## Modes", "", _modes_table(aggs, summary), ""]
+    lines += _task_lines(results.to_pylist(), modes, baseline, baseline_name)
     for m in modes:
         md = report.markdown_report(aggs[m], baseline)
         md = md.replace(f"# Evaluation report: {suite}", f"# Mode: {m}", 1)
@@ -809,12 +787,9 @@ def write_report(out: Path, results: pa.Table, aggs: dict[str, dict], per_input:
         (out / "reasoning.md").write_text(rr + "\n")
         files["reasoning"] = out / "reasoning.md"
         lines += [rr, ""]
-        plot_rows = [{"mode": m, "score": aggs[m]["overall"]["score"],
-                      "metric": aggs[m]["overall"]["metric"],
-                      "latency_mean_ms": summary[m]["latency_mean_ms"]}
-                     for m in modes if m in summary]
-        if plot_rows:
-            files["plot"] = report.plot_accuracy_latency(plot_rows, out / "accuracy_latency.png")
+        points = accuracy_latency_points(aggs, summary)
+        if points:
+            files["plot"] = report.plot_accuracy_latency(points, out / "accuracy_latency.png")
             lines += ["![accuracy vs latency](accuracy_latency.png)", ""]
     (out / "report.md").write_text("\n".join(lines).rstrip() + "\n")
     files["report"] = out / "report.md"
@@ -824,6 +799,52 @@ def write_report(out: Path, results: pa.Table, aggs: dict[str, dict], per_input:
          for m, a in aggs.items()}, indent=2, default=_json_default))
     files["aggregate"] = out / "aggregate.json"
     return files
+
+
+def accuracy_latency_points(aggs: Mapping[str, Mapping], summary: Mapping[str, Mapping]
+                            ) -> list[dict]:
+    """The accuracy-vs-latency plot's points: per mode with per-input rows, its overall score
+    and mean latency (``summary``: :func:`report.mode_summary` by mode)."""
+    return [{"mode": m, "score": aggs[m]["overall"]["score"],
+             "metric": aggs[m]["overall"]["metric"],
+             "latency_mean_ms": summary[m]["latency_mean_ms"]} for m in aggs if m in summary]
+
+
+def _modes_table(aggs: Mapping[str, Mapping], summary: Mapping[str, Mapping]) -> str:
+    head = ["mode", "tasks", "overall", "reasoning ratio", "mean tokens", "latency mean (ms)",
+            "p50 (ms)", "p95 (ms)"]
+    body = []
+    for m in aggs:
+        g, s = aggs[m]["overall"], summary.get(m)
+        body.append([m, g["n_tasks"], _fmt(g["score"], g["metric"]),
+                     f"{100 * s['reasoning_ratio']:.1f}%" if s else "—",
+                     f"{s['mean_tokens']:.1f}" if s else "—",
+                     f"{s['latency_mean_ms']:.1f}" if s else "—",
+                     f"{s['latency_p50_ms']:.1f}" if s else "—",
+                     f"{s['latency_p95_ms']:.1f}" if s else "—"])
+    return report.markdown_table(head, body)
+
+
+def _task_lines(res: list[dict], modes: list[str], baseline: Mapping[str, float] | None,
+                baseline_name: str) -> list[str]:
+    """Per task, the modes side by side (⚠ where inputs failed) and the failed inputs."""
+    by = {(r["task"], r["mode"]): r for r in res}
+    cols = ["task", "metric", *modes] + ([baseline_name] if baseline is not None else [])
+    trows = []
+    for t in dict.fromkeys(r["task"] for r in res):
+        first = next(by[(t, m)] for m in modes if (t, m) in by)
+        row = [t, first["metric"]] + [
+            (f"{100 * by[(t, m)]['score']:.1f}" + (" ⚠" if by[(t, m)]["status"] != "ok" else ""))
+            if (t, m) in by else "—" for m in modes]
+        if baseline is not None:
+            row.append(f"{100 * baseline[t]:.1f}" if t in baseline else "—")
+        trows.append(row)
+    lines = ["## Per task, modes side by side", "", report.markdown_table(cols, trows), ""]
+    errs = [r for r in res if r["status"] != "ok"]
+    if errs:
+        lines += ["## Failed inputs (⚠)", ""] + [f"- {r['task']} / {r['mode']}: {r['error']}"
+                                                 for r in errs] + [""]
+    return lines
 
 
 def _json_default(o):

@@ -27,7 +27,7 @@ def _fmt(score: float | None, metric: str) -> str:
     return DASH if score is None else f"{_num(score)} ({metric})"
 
 
-def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -89,7 +89,7 @@ def markdown_report(
         out += [
             f"## {title}",
             "",
-            _table([*keys, "tasks", "ours", *cmp_cols], _group_rows(groups, baseline)),
+            markdown_table([*keys, "tasks", "ours", *cmp_cols], _group_rows(groups, baseline)),
             "",
         ]
     rows = []
@@ -105,7 +105,7 @@ def markdown_report(
     out += [
         "## Per task",
         "",
-        _table(["task", "modality", "category", "ours", *cmp_cols], rows),
+        markdown_table(["task", "modality", "category", "ours", *cmp_cols], rows),
         "",
     ]
     if baseline is not None:
@@ -190,7 +190,7 @@ def reasoning_report(
     out = [
         "## Reasoning and latency",
         "",
-        _table(["mode", *_STAT_HEAD], [[s["mode"], *_stat_cells(s)] for s in summary]),
+        markdown_table(["mode", *_STAT_HEAD], [[s["mode"], *_stat_cells(s)] for s in summary]),
         "",
     ]
     for s in summary:
@@ -203,12 +203,13 @@ def reasoning_report(
         out += [
             f"### Mode: {s['mode']}",
             "",
-            _table(
+            markdown_table(
                 ["modality", "category", *_STAT_HEAD],
                 [[*k, *_stat_cells(_stats(v))] for k, v in cats.items()],
             ),
             "",
-            _table(["task", *_STAT_HEAD], [[t, *_stat_cells(_stats(v))] for t, v in tasks.items()]),
+            markdown_table(["task", *_STAT_HEAD],
+                           [[t, *_stat_cells(_stats(v))] for t, v in tasks.items()]),
             "",
         ]
     return "\n".join(out).rstrip()

@@ -244,3 +244,20 @@ def plot_accuracy_latency(mode_rows: Sequence[Mapping[str, Any]], path: str | Pa
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def mode_table(metrics: Mapping[str, float], results: Sequence[Mapping[str, Any]]
+               ) -> list[dict[str, Any]]:
+    """Per mode the pipeline's summary line: tasks scored cleanly, overall score, metric,
+    reasoning ratio and latency. The numbers are the evaluate stage's own metrics, i.e.
+    :func:`mode_summary` over the per-input rows (exact percentiles) and each mode's
+    aggregate; ``results`` (EVAL_RESULTS rows) only count the tasks and name the metric."""
+    modes = [k[: -len(".overall")] for k in metrics if k.endswith(".overall")]
+    ok = [r for r in results if r["status"] == "ok"]
+    metric = "/".join(sorted({r["metric"] for r in ok if r["metric"]}))
+    return [{"mode": md, "tasks": sum(r["mode"] == md for r in ok),
+             "score": metrics.get(f"{md}.overall"), "metric": metric,
+             "reasoning_ratio": metrics.get(f"{md}.reasoning_ratio"),
+             "latency_mean_ms": metrics.get(f"{md}.latency_mean_ms"),
+             "latency_p95_ms": metrics.get(f"{md}.latency_p95_ms")} for md in modes]
+

@@ -21,7 +21,7 @@ from data_contracts import io
 from data_contracts.io import ArtifactRef, ContractError
 from data_contracts.schemas import EMBEDDINGS
 from mmemb.data.mmeb import NUM_FRAMES
-from mmemb.eval.harness import EmbedItem, _make_items, encode_rows
+from mmemb.eval.harness import EmbedItem, encode_rows, make_items
 
 TEXT = ("text", "qry_text", "qry")
 INSTRUCTION = ("instruction", "qry_inst")
@@ -82,7 +82,7 @@ def input_items(rows: list[dict], source: str, image_root: str | None,
                                 fix="make (task, id) unique or drop the id column (row "
                                 "numbers are used).")
         seen[key] = i
-    return _make_items(ids, insts, texts, imgs, image_root, num_frames), tasks
+    return make_items(ids, insts, texts, imgs, image_root, num_frames), tasks
 
 
 def build_encoder(model: str, mode: str, batch_size: int, budget: int | None = None,

@@ -1,4 +1,11 @@
-"""The evaluation harness: one code path scores MMEB-V2 and the synthetic benchmark.
+"""The one evaluator: one code path scores MMEB-V2, the synthetic benchmark and the stages.
+
+:func:`score_task` (embed, rank and score one task in each mode) is used by the evaluate
+stage through :func:`evaluate` (cached, with the report), by the train stage's eval between
+its phases through :func:`evaluate_rows` / :func:`task_means` (in memory, direct mode, on
+the training engine) and by the gate stage's report through :func:`gate_decisions` (the
+gate's decisions on the queries); :func:`encode_rows` is the one place an encoder's result
+becomes ``EMBEDDINGS`` rows with a status, which ``mmemb embed`` uses too.
 
 Any object with ``encode(inputs: list[EmbedInput], mode: str) -> EncodeResult`` is an
 :class:`Encoder`: the plain :class:`EmbedderEncoder` below (direct mode, and reasoning mode
@@ -178,9 +185,11 @@ class Embedded:
     computed: int = 0  # inputs encoded in this call (0 = fully cached)
 
 
-def _make_items(ids: Sequence[str], insts: Sequence[str | None], texts: Sequence[str | None],
-                imgs: Sequence[str | None], image_root: str | Path | None,
-                num_frames: int) -> list[EmbedItem]:
+def make_items(ids: Sequence[str], insts: Sequence[str | None], texts: Sequence[str | None],
+               imgs: Sequence[str | None], image_root: str | Path | None,
+               num_frames: int) -> list[EmbedItem]:
+    """One :class:`EmbedItem` per input; a path whose media cannot be listed (an empty
+    frame folder) gives an item with its error instead of an input."""
     out = []
     for i, inst, text, img in zip(ids, insts, texts, imgs, strict=True):
         try:
@@ -388,7 +397,7 @@ def _candidates(td: TaskData, image_root, num_frames
                                 "(EVAL_CORPUS rows) and none was given.",
                                 fix="pass the eval_corpus artifact (evaluate.corpus)")
         index = {c["cand_id"]: k for k, c in enumerate(td.corpus)}
-        items = _make_items([c["cand_id"] for c in td.corpus],
+        items = make_items([c["cand_id"] for c in td.corpus],
                             [c["cand_inst"] for c in td.corpus],
                             [c["cand_text"] for c in td.corpus],
                             [c["cand_img_path"] for c in td.corpus], image_root, num_frames)
@@ -420,7 +429,7 @@ def _candidates(td: TaskData, image_root, num_frames
         lists.append(idx)
         gains.append(np.asarray(r["tgt_rel"] or [], dtype=np.float64))
     ids = [hashlib.sha1(json.dumps(k).encode()).hexdigest()[:16] for k in keys]
-    items = _make_items(ids, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys],
+    items = make_items(ids, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys],
                         image_root, num_frames)
     return items, lists, gains
 
@@ -438,7 +447,7 @@ def score_task(encoder: Encoder, td: TaskData, modes: Sequence[str],
     """
     spec = td.spec
     items, lists, gains = _candidates(td, image_root, num_frames)
-    queries = _make_items([r["row_id"] for r in td.rows], [r["qry_inst"] for r in td.rows],
+    queries = make_items([r["row_id"] for r in td.rows], [r["qry_inst"] for r in td.rows],
                           [r["qry_text"] for r in td.rows], [r["qry_img_path"] for r in td.rows],
                           image_root, num_frames)
 
@@ -575,7 +584,7 @@ def gate_decisions(encoder: Encoder, rows: Sequence[Mapping[str, Any]], *,
     reasoned: list[bool] = []
     p: list[float] = []
     for td in rows_to_tasks(rows):
-        items = _make_items([r["row_id"] for r in td.rows], [r["qry_inst"] for r in td.rows],
+        items = make_items([r["row_id"] for r in td.rows], [r["qry_inst"] for r in td.rows],
                             [r["qry_text"] for r in td.rows],
                             [r["qry_img_path"] for r in td.rows], image_root, num_frames)
         got = embed_side(encoder, items, "adaptive", td.spec.name, "query", strict=True)

@@ -8,7 +8,8 @@ its own; candidates are embedded once, in direct mode, and shared by the three m
         --image-root runs/demo/data [--limit N] [--vllm]
 
 ``--limit N`` takes every k-th row (all tasks stay represented); budget and threshold
-default to the ones the gate stage saved beside the policy (``mmemb_gate.json``).
+default to the ones the gate stage saved beside the policy (``mmemb_gate.json``, read by
+``mmemb.model.gate_settings``; else 64 and 0.5).
 ``--vllm`` generates the rationales with a vLLM engine on the same weights.
 
 Without ``--model`` it builds the untrained tiny model (numbers then only show the
@@ -18,7 +19,6 @@ mechanics, not the method).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -34,6 +34,7 @@ from data_contracts import io  # noqa: E402
 from data_contracts.schemas import EVAL_ROWS  # noqa: E402
 from mmemb.inference import MODES, AdaptiveEncoder  # noqa: E402
 from mmemb.model.embedder import Embedder  # noqa: E402
+from mmemb.model.gate_settings import GateSettings  # noqa: E402
 from mmemb.model.prompts import EmbedInput  # noqa: E402
 
 
@@ -62,10 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
             d = generate(Path(tmp.name) / "data", "smoke", 0)
             a.eval, a.image_root = str(d["eval"]), str(d["image_root"])
     torch.manual_seed(0)
-    saved = Path(a.model, "mmemb_gate.json")
-    gate = json.loads(saved.read_text()) if saved.is_file() else {}
-    budget = a.budget or gate.get("budget", 48)
-    threshold = a.threshold if a.threshold is not None else gate.get("threshold", 0.5)
+    gate = GateSettings.load(a.model).override(a.budget, a.threshold)
+    budget, threshold = gate.budget, gate.threshold
     emb = Embedder.from_pretrained(a.model)
     vpol = None
     if a.vllm:

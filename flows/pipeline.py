@@ -143,42 +143,18 @@ def parent_for_stage(config: PipelineConfig, explicit: str | None) -> str | None
 # --------------------------------------------------------------------------- summary
 
 def mode_table(payloads: dict[str, dict]) -> list[dict[str, Any]]:
-    """Per mode, from the evaluate stage's results Parquet: overall score (mean over tasks),
-    reasoning ratio and latency (query-weighted means of the per-task numbers)."""
+    """Per mode, the evaluate stage's overall score, reasoning ratio and latency
+    (:func:`mmemb.eval.report.mode_table` over its metrics and results Parquet)."""
     ev = payloads.get("evaluate") or {}
-    m = ev.get("metrics") or {}
-    modes = [k.split(".")[0] for k in m if k.endswith(".overall")]
     ref = next((r for r in (ev.get("outputs") or {}).values()
                 if r.get("contract") == "eval_results"), None)
     if ref is None:
         return []
     from data_contracts import io
     from data_contracts.schemas import EVAL_RESULTS
+    from mmemb.eval.report import mode_table as table
 
-    rows = [r for r in io.read(ref["uri"], EVAL_RESULTS).to_pylist() if r["status"] == "ok"]
-    metric = "/".join(sorted({r["metric"] for r in rows if r["metric"]}))
-    if modes:  # the stage's own per-input latency percentiles are exact; prefer them
-        return [{"mode": md, "tasks": sum(r["mode"] == md for r in rows),
-                 "score": m.get(f"{md}.overall"), "metric": metric,
-                 "reasoning_ratio": m.get(f"{md}.reasoning_ratio"),
-                 "latency_mean_ms": m.get(f"{md}.latency_mean_ms"),
-                 "latency_p95_ms": m.get(f"{md}.latency_p95_ms")} for md in modes]
-    out = []
-    for mode in dict.fromkeys(r["mode"] for r in rows):
-        rs = [r for r in rows if r["mode"] == mode]
-        n = [max(1, r["n_queries"] or 0) for r in rs]
-
-        def wmean(k, rs=rs, n=n):
-            vals = [(r[k], w) for r, w in zip(rs, n, strict=True) if r[k] is not None]
-            return sum(v * w for v, w in vals) / sum(w for _, w in vals) if vals else None
-
-        out.append({"mode": mode, "tasks": len(rs),
-                    "score": sum(r["score"] for r in rs) / len(rs) if rs else None,
-                    "metric": ",".join(sorted({r["metric"] or "?" for r in rs})),
-                    "reasoning_ratio": wmean("reasoning_ratio"),
-                    "latency_mean_ms": wmean("latency_mean_ms"),
-                    "latency_p95_ms": wmean("latency_p95_ms")})
-    return out
+    return table(ev.get("metrics") or {}, io.read(ref["uri"], EVAL_RESULTS).to_pylist())
 
 
 def _f(v, fmt=".3f") -> str:

@@ -25,30 +25,17 @@ Example::
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from mmemb.eval.encoding import EncodeResult
 from mmemb.model.embedder import Embedder
 from mmemb.model.prompts import EmbedInput, prompt_prefix
 
 Mode = Literal["direct", "reason", "adaptive"]
 MODES = ("direct", "reason", "adaptive")
-
-
-@dataclass
-class EncodeResult:
-    """Embeddings plus how each was produced; what the evaluation harness reports on."""
-
-    embeddings: torch.Tensor  # [N, H]
-    reasoned: list[bool] = field(default_factory=list)
-    rationales: list[str | None] = field(default_factory=list)
-    n_gen_tokens: list[int] = field(default_factory=list)
-    n_prompt_tokens: list[int] = field(default_factory=list)
-    latency_ms: list[float] = field(default_factory=list)
-    p_think: list[float] = field(default_factory=list)
-    malformed: list[bool] = field(default_factory=list)  # budget hit before </think>
 
 
 @dataclass
@@ -203,6 +190,9 @@ class AdaptiveEncoder:
 
     def _encode_batch(self, xs: list[EmbedInput], mode: Mode, res: EncodeResult
                       ) -> torch.Tensor:
+        """Embed one batch in ``mode`` ([n, H]), appending its per-input fields to ``res``:
+        the decision pass (adaptive), generation for the inputs that reason, then the
+        embedding pass (adaptive: only for those inputs, the rest keep the direct one)."""
         n = len(xs)
         t0 = time.perf_counter()
         direct = None
@@ -251,3 +241,25 @@ class AdaptiveEncoder:
             res.latency_ms += [1000 * (t_dec / n + ((gen_share + t_emb / len(idx))
                                                     if think[i] else 0.0)) for i in range(n)]
         return embs.cpu()
+
+
+class GateProbe:
+    """Only the gate of an :class:`AdaptiveEncoder`, as an evaluator's encoder: per input
+    p(``<think>``) and the decision p > threshold, without generating or embedding (the
+    embeddings are empty, [N, 0]). The gate stage reports the share of queries sent to
+    reasoning before and after training with it; one prefix pass per input is all it costs.
+    """
+
+    def __init__(self, encoder: AdaptiveEncoder, batch_size: int = 32):
+        self.encoder = encoder
+        self.batch_size = batch_size
+
+    def encode(self, inputs: list[EmbedInput], mode: str = "adaptive") -> EncodeResult:
+        if mode != "adaptive":
+            raise ValueError(f"mode={mode!r}: the gate probe only decides (adaptive)")
+        bs = self.batch_size
+        p = (torch.cat([self.encoder.p_think(inputs[s:s + bs]) for s in range(0, len(inputs), bs)])
+             if inputs else torch.zeros(0))  # [N]
+        return EncodeResult(torch.zeros(len(inputs), 0), reasoned=(p > self.encoder.threshold
+                                                                   ).tolist(), p_think=p.tolist())
+

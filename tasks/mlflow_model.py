@@ -12,6 +12,10 @@ Load and embed::
 
 Input columns: ``text`` (required), ``instruction``, ``image`` (a path, may be empty);
 ``params={"mode": "direct" | "reason" | "adaptive"}``. Output: one list of floats per row.
+Reason and adaptive modes run at the gate's budget and threshold, saved in the checkpoint
+folder beside the policy (``mmemb_gate.json``, read by :mod:`mmemb.model.gate_settings`),
+so the registered model decides as the gate was trained to; optional ``params`` ``budget``
+and ``threshold`` override them.
 """
 
 from __future__ import annotations
@@ -22,16 +26,22 @@ from mlflow.pyfunc import PythonModel
 
 
 class MMEmbPyfunc(PythonModel):
+    """An mmemb checkpoint as an MLflow model: embeds a DataFrame of inputs in a mode."""
+
     def load_context(self, context):
         from mmemb.model.embedder import Embedder
+        from mmemb.model.gate_settings import GateSettings
 
         self.embedder = Embedder.from_pretrained(context.artifacts["checkpoint"])
+        self.gate = GateSettings.load(context.artifacts["checkpoint"])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None
                 ) -> list:
+        """One embedding (list of floats) per row, in ``params['mode']`` (default direct)."""
         from mmemb.model.prompts import EmbedInput
 
-        mode = (params or {}).get("mode", "direct")
+        params = params or {}
+        mode = params.get("mode", "direct")
         rows = model_input.to_dict("records")
         inputs = [EmbedInput(text=str(r.get("text") or ""),
                              instruction=str(r.get("instruction") or ""),
@@ -41,7 +51,9 @@ class MMEmbPyfunc(PythonModel):
         else:
             from mmemb.inference import AdaptiveEncoder
 
-            out = AdaptiveEncoder(self.embedder).encode(inputs, mode=mode).embeddings
+            gate = self.gate.override(params.get("budget"), params.get("threshold"))
+            out = AdaptiveEncoder(self.embedder, budget=gate.budget, threshold=gate.threshold
+                                  ).encode(inputs, mode=mode).embeddings
         return out.tolist()
 
 

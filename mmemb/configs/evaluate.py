@@ -50,9 +50,14 @@ class EvaluateConfig(ImageResolution):
         "is a query-side decision, so the default indexes targets once, in direct mode")
     batch_size: int = Field(16, ge=1, description="inputs per forward pass (1 = true "
                             "per-query latency)")
-    budget: int = Field(64, ge=1, description="max reasoning tokens per query")
-    threshold: float = Field(0.5, ge=0, le=1, description="adaptive: reason if p(<think>) > "
-                             "threshold")
+    # None = the gate's: the budget and threshold the gate stage trained the model at travel
+    # with it (mmemb_gate.json beside the policy), so adaptive numbers are measured at them;
+    # a value set here wins and the report says so. No gate file: 64 and 0.5.
+    budget: int | None = Field(None, ge=1, description="max reasoning tokens per query "
+                               "(default: the gate's, from mmemb_gate.json beside the model, "
+                               "else 64)")
+    threshold: float | None = Field(None, ge=0, le=1, description="adaptive: reason if "
+                                    "p(<think>) > threshold (default: the gate's, else 0.5)")
     temperature: float = Field(0.0, ge=0, description="rationale sampling; 0 = greedy")
     generation: Literal["hf", "vllm"] = Field(
         "hf", description="who writes the rationales: transformers generate, or a vLLM "

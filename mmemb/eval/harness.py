@@ -1,4 +1,11 @@
-"""The evaluation harness: one code path scores MMEB-V2 and the synthetic benchmark.
+"""The one evaluator: one code path scores MMEB-V2, the synthetic benchmark and the stages.
+
+:func:`score_task` (embed, rank and score one task in each mode) is used by the evaluate
+stage through :func:`evaluate` (cached, with the report), by the train stage's eval between
+its phases through :func:`evaluate_rows` / :func:`task_means` (in memory, direct mode, on
+the training engine) and by the gate stage's report through :func:`gate_decisions` (the
+gate's decisions on the queries); :func:`encode_rows` is the one place an encoder's result
+becomes ``EMBEDDINGS`` rows with a status, which ``mmemb embed`` uses too.
 
 Any object with ``encode(inputs: list[EmbedInput], mode: str) -> EncodeResult`` is an
 :class:`Encoder`: the plain :class:`EmbedderEncoder` below (direct mode, and reasoning mode
@@ -39,9 +46,9 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -53,7 +60,8 @@ from data_contracts.schemas import EMBEDDINGS, EVAL_CORPUS, EVAL_RESULTS, EVAL_R
 from mmemb.data.mmeb import NUM_FRAMES, media_files
 from mmemb.eval import metrics, report
 from mmemb.eval import synthetic as _synthetic  # noqa: F401  (registers the 'synthetic' suite)
-from mmemb.eval.tasks import TaskSpec, get_task, select_tasks
+from mmemb.eval.encoding import Encoder, EncodeResult
+from mmemb.eval.tasks import MODALITIES, TaskSpec, get_task, select_tasks
 from mmemb.model.prompts import EmbedInput
 
 MODES = ("direct", "reason", "adaptive")
@@ -61,25 +69,6 @@ Log = Callable[[str], None]
 
 
 # --------------------------------------------------------------------------- protocol
-
-@dataclass
-class EncodeResult:
-    """Embeddings plus how each was produced, one entry per input."""
-
-    embeddings: Any  # [N, H] torch.Tensor or np.ndarray
-    reasoned: list[bool] = field(default_factory=list)
-    rationales: list[str | None] = field(default_factory=list)
-    n_gen_tokens: list[int] = field(default_factory=list)
-    latency_ms: list[float] = field(default_factory=list)
-    n_prompt_tokens: list[int] = field(default_factory=list)
-
-
-@runtime_checkable
-class Encoder(Protocol):
-    """What the harness needs from a model: embed inputs in a mode, report how."""
-
-    def encode(self, inputs: list[EmbedInput], mode: str) -> EncodeResult: ...
-
 
 class EmbedderEncoder:
     """An :class:`~mmemb.model.embedder.Embedder` as an :class:`Encoder`.
@@ -98,6 +87,7 @@ class EmbedderEncoder:
         self.batch_size = batch_size
 
     def encode(self, inputs: list[EmbedInput], mode: str = "direct") -> EncodeResult:
+        """Embed in batches of ``batch_size``; each input's latency is its batch's share."""
         import torch
 
         if mode not in self.modes:
@@ -195,9 +185,11 @@ class Embedded:
     computed: int = 0  # inputs encoded in this call (0 = fully cached)
 
 
-def _make_items(ids: Sequence[str], insts: Sequence[str | None], texts: Sequence[str | None],
-                imgs: Sequence[str | None], image_root: str | Path | None,
-                num_frames: int) -> list[EmbedItem]:
+def make_items(ids: Sequence[str], insts: Sequence[str | None], texts: Sequence[str | None],
+               imgs: Sequence[str | None], image_root: str | Path | None,
+               num_frames: int) -> list[EmbedItem]:
+    """One :class:`EmbedItem` per input; a path whose media cannot be listed (an empty
+    frame folder) gives an item with its error instead of an input."""
     out = []
     for i, inst, text, img in zip(ids, insts, texts, imgs, strict=True):
         try:
@@ -209,8 +201,9 @@ def _make_items(ids: Sequence[str], insts: Sequence[str | None], texts: Sequence
     return out
 
 
-def _result_lists(res: Any, n: int, wall_ms: float) -> dict[str, list]:
-    """Per-input fields of an encoder's result, defaulted where an encoder omits one."""
+def _result_lists(res: Any, n: int, wall_ms: float, mode: str) -> dict[str, list]:
+    """Per-input fields of an encoder's result, defaulted where an encoder omits one; the
+    gate's p(<think>) only in adaptive mode (the other modes make no decision)."""
     def get(name, default):
         v = list(getattr(res, name, None) or [])
         if v and len(v) != n:
@@ -218,21 +211,29 @@ def _result_lists(res: Any, n: int, wall_ms: float) -> dict[str, list]:
         return v or [default] * n
 
     lat = get("latency_ms", wall_ms / max(n, 1))
+    p = get("p_think", None) if mode == "adaptive" else [None] * n
     return {"reasoned": [bool(x) for x in get("reasoned", False)],
             "rationale": get("rationales", None),
             "n_gen_tokens": [int(x) for x in get("n_gen_tokens", 0)],
             "n_prompt_tokens": [int(x) for x in get("n_prompt_tokens", 0)] or [0] * n,
-            "latency_ms": [float(x) for x in lat]}
+            "latency_ms": [float(x) for x in lat],
+            "p_think": [None if x is None else float(x) for x in p]}
 
 
-def _encode_chunk(encoder: Encoder, items: list[EmbedItem], mode: str, task: str, side: str
-                  ) -> tuple[np.ndarray | None, list[dict]]:
-    """Encode the items that have inputs; on an exception retry one by one so a single bad
-    input fails alone. Returns ([n, H] or None when nothing succeeded, EMBEDDINGS rows)."""
+def encode_rows(encoder: Encoder, items: list[EmbedItem], mode: str, task: str, side: str,
+                strict: bool = False) -> tuple[np.ndarray | None, list[dict]]:
+    """Encode the items that have inputs into ``EMBEDDINGS`` rows, one per item.
+
+    The one place an encoder's result becomes rows: an input that could not be read, a
+    non-finite embedding or an encoder exception gives a row with ``status='error'`` and the
+    message. On an exception the batch is retried one by one so a single bad input fails
+    alone; ``strict`` raises instead (training: every rank must run the same forward passes).
+    Returns ([n, H] or None when nothing succeeded, rows).
+    """
     rows = [{"id": it.id, "task": task, "side": side, "mode": mode, "embedding": None,
              "reasoned": False, "rationale": None, "n_prompt_tokens": None,
-             "n_gen_tokens": 0, "latency_ms": None, "status": "error", "error": it.error}
-            for it in items]
+             "n_gen_tokens": 0, "latency_ms": None, "status": "error", "error": it.error,
+             "p_think": None} for it in items]
     live = [k for k, it in enumerate(items) if it.inp is not None]
     vecs: dict[int, np.ndarray] = {}
 
@@ -244,22 +245,23 @@ def _encode_chunk(encoder: Encoder, items: list[EmbedItem], mode: str, task: str
         if e.ndim != 2 or e.shape[0] != len(idx):
             raise ValueError(f"encoder returned embeddings of shape {e.shape} for {len(idx)} "
                              "inputs")
-        fields = _result_lists(res, len(idx), wall)
+        fields = _result_lists(res, len(idx), wall, mode)
         for j, k in enumerate(idx):
             if not np.isfinite(e[j]).all():
                 rows[k].update(status="error", error="non-finite embedding")
                 continue
             vecs[k] = e[j]
-            rows[k].update(status="ok", error=None, reasoned=fields["reasoned"][j],
-                           rationale=fields["rationale"][j],
-                           n_gen_tokens=fields["n_gen_tokens"][j],
-                           n_prompt_tokens=fields["n_prompt_tokens"][j] or None,
-                           latency_ms=fields["latency_ms"][j])
+            rows[k].update(status="ok", error=None,
+                           **{f: fields[f][j] for f in ("reasoned", "rationale", "n_gen_tokens",
+                                                        "latency_ms", "p_think")},
+                           n_prompt_tokens=fields["n_prompt_tokens"][j] or None)
 
     if live:
         try:
             run(live)
         except Exception as e:  # noqa: BLE001 - isolate the failing input(s)
+            if strict:
+                raise
             if len(live) == 1:
                 rows[live[0]]["error"] = f"{type(e).__name__}: {e}"
             else:
@@ -268,15 +270,33 @@ def _encode_chunk(encoder: Encoder, items: list[EmbedItem], mode: str, task: str
                         run([k])
                     except Exception as e1:  # noqa: BLE001
                         rows[k]["error"] = f"{type(e1).__name__}: {e1}"
+    return _with_vectors(rows, vecs)
+
+
+def _with_vectors(rows: list[dict], vecs: dict[int, np.ndarray]
+                  ) -> tuple[np.ndarray | None, list[dict]]:
+    """[n, H] of the ok rows (zeros elsewhere) and the rows with their ``embedding``."""
     if not vecs:
         return None, rows
     dim = next(iter(vecs.values())).shape[0]
-    out = np.zeros((len(items), dim), dtype=np.float32)  # [n, H]
+    out = np.zeros((len(rows), dim), dtype=np.float32)  # [n, H]
     for k, v in vecs.items():
         out[k] = v
     for k, r in enumerate(rows):
         r["embedding"] = out[k].tolist() if r["status"] == "ok" else []
     return out, rows
+
+
+def embed_side(encoder: Encoder, items: list[EmbedItem], mode: str, task: str, side: str,
+               folder: Path | None = None, chunk_size: int = 256, strict: bool = False,
+               log: Log = print) -> Embedded:
+    """Embed one side of a task: through the Parquet cache under ``folder`` (the evaluate
+    stage), or in memory when ``folder`` is None (the train and gate stages' evaluation)."""
+    if folder is not None:
+        return encode_cached(encoder, items, folder, mode, task, side, chunk_size, log)
+    _, rows = encode_rows(encoder, items, mode, task, side, strict=strict)
+    return _embedded(io.conform(rows, EMBEDDINGS), [it.id for it in items],
+                     computed=len(items))
 
 
 def encode_cached(encoder: Encoder, items: list[EmbedItem], folder: Path, mode: str, task: str,
@@ -312,7 +332,7 @@ def encode_cached(encoder: Encoder, items: list[EmbedItem], folder: Path, mode: 
                     continue
             except (ContractError, pa.ArrowException, OSError):
                 pass  # a stale or foreign chunk: recompute it
-        _, rows = _encode_chunk(encoder, part, mode, task, side)
+        _, rows = encode_rows(encoder, part, mode, task, side)
         computed += len(part)
         t = io.conform(rows, EMBEDDINGS, str(path))
         io.atomic_write_parquet(t, path)
@@ -333,7 +353,7 @@ def _embedded(table: pa.Table, ids: list[str], computed: int) -> Embedded:
     dim = max((len(v) for v in vecs if v), default=1)
     emb = np.zeros((len(ids), dim), dtype=np.float32)  # [N, H]
     for k, v in enumerate(vecs):
-        if ok[k]:
+        if ok[k] and v:  # a deciding-only encoder (GateProbe) gives empty vectors
             emb[k] = v
     return Embedded(ids, _normalise(emb), ok, rows, computed)
 
@@ -351,12 +371,15 @@ class TaskData:
 
 @dataclass
 class TaskScore:
+    """One task scored in one mode: per-query metric values and the query-side rows."""
+
     spec: TaskSpec
     mode: str
     per_query: np.ndarray  # [Nq] metric per query
     query_rows: list[dict]  # EMBEDDINGS rows of the queries (reasoned, tokens, latency)
     failures: list[str]
     computed: int  # inputs encoded in this run (0 = all cached)
+    family: str | None = None  # the task's family (its first row's), for family means
 
     @property
     def score(self) -> float:
@@ -374,7 +397,7 @@ def _candidates(td: TaskData, image_root, num_frames
                                 "(EVAL_CORPUS rows) and none was given.",
                                 fix="pass the eval_corpus artifact (evaluate.corpus)")
         index = {c["cand_id"]: k for k, c in enumerate(td.corpus)}
-        items = _make_items([c["cand_id"] for c in td.corpus],
+        items = make_items([c["cand_id"] for c in td.corpus],
                             [c["cand_inst"] for c in td.corpus],
                             [c["cand_text"] for c in td.corpus],
                             [c["cand_img_path"] for c in td.corpus], image_root, num_frames)
@@ -406,71 +429,175 @@ def _candidates(td: TaskData, image_root, num_frames
         lists.append(idx)
         gains.append(np.asarray(r["tgt_rel"] or [], dtype=np.float64))
     ids = [hashlib.sha1(json.dumps(k).encode()).hexdigest()[:16] for k in keys]
-    items = _make_items(ids, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys],
+    items = make_items(ids, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys],
                         image_root, num_frames)
     return items, lists, gains
 
 
 def score_task(encoder: Encoder, td: TaskData, modes: Sequence[str],
-               cache: Callable[[str, str], Path], *, image_root: str | Path | None = None,
-               num_frames: int = NUM_FRAMES, reason_on_candidates: bool = False,
-               chunk_size: int = 256, log: Log = print) -> list[TaskScore]:
-    """Embed (through the cache), rank and score one task in each mode.
+               cache: Callable[[str, str], Path] | None = None, *,
+               image_root: str | Path | None = None, num_frames: int = NUM_FRAMES,
+               reason_on_candidates: bool = False, chunk_size: int = 256,
+               strict: bool = False, log: Log = print) -> list[TaskScore]:
+    """Embed, rank and score one task in each mode: the one evaluator.
 
     ``cache(side, mode)`` is the cache folder of one side ('query' | 'candidate') embedded in
-    ``mode``; direct-mode candidates are therefore shared by every query mode.
+    ``mode``, so direct-mode candidates are shared by every query mode; without ``cache``
+    everything is embedded in memory (the train stage's evaluation between its phases).
     """
     spec = td.spec
     items, lists, gains = _candidates(td, image_root, num_frames)
-    queries = _make_items([r["row_id"] for r in td.rows], [r["qry_inst"] for r in td.rows],
+    queries = make_items([r["row_id"] for r in td.rows], [r["qry_inst"] for r in td.rows],
                           [r["qry_text"] for r in td.rows], [r["qry_img_path"] for r in td.rows],
                           image_root, num_frames)
-    kind, _k = metrics._parse_metric(spec.metric)
+
+    def embed(its: list[EmbedItem], side: str, mode: str) -> Embedded:
+        return embed_side(encoder, its, mode, spec.name, side,
+                          cache(side, mode) if cache else None, chunk_size, strict, log)
+
     out = []
     cand_cache: dict[str, Embedded] = {}
     for mode in modes:
         cmode = mode if reason_on_candidates else "direct"
         if cmode not in cand_cache:
-            cand_cache[cmode] = encode_cached(encoder, items, cache("candidate", cmode), cmode,
-                                              spec.name, "candidate", chunk_size, log)
+            cand_cache[cmode] = embed(items, "candidate", cmode)
         cand = cand_cache[cmode]
-        qry = encode_cached(encoder, queries, cache("query", mode), mode, spec.name, "query",
-                            chunk_size, log)
-        if cand.emb.shape[1] != qry.emb.shape[1] and cand.ok.any() and qry.ok.any():
-            raise ValueError(f"task {spec.name}: query dim {qry.emb.shape[1]} != candidate dim "
-                             f"{cand.emb.shape[1]}")
-        dim = max(cand.emb.shape[1], qry.emb.shape[1])
-        c_emb = np.pad(cand.emb, ((0, 0), (0, dim - cand.emb.shape[1])))  # [Nc, H]
-        q_emb = np.pad(qry.emb, ((0, 0), (0, dim - qry.emb.shape[1])))  # [Nq, H]
-        rows_scores, rels = [], []
-        if spec.ranking == "global":
-            sim = q_emb @ c_emb.T  # [Nq, Nc]
-            sim[:, ~cand.ok] = -np.inf
-            rows_scores = list(sim)
-        else:
-            for q, idx in enumerate(lists):
-                s = c_emb[idx] @ q_emb[q]  # [n_cand]
-                s[~cand.ok[idx]] = -np.inf
-                rows_scores.append(s)
-        for g in gains:
-            if isinstance(g, dict):
-                rels.append([i for i, v in g.items() if v > 0] if kind == "hit" else g)
-            else:
-                rels.append(g > 0 if kind == "hit" else g)
-        try:
-            per_query = metrics.query_scores(rows_scores, rels, spec.metric)
-        except ValueError as e:
-            raise ValueError(f"task {spec.name}: {e}") from None
-        per_query[~qry.ok] = 0.0  # a query that could not be embedded is a miss
-        failures = []
-        for side, emb in (("query", qry), ("candidate", cand)):
-            bad = [r for r in emb.rows if r["status"] != "ok"]
-            if bad:
-                failures.append(f"{len(bad)} of {len(emb.rows)} {side} inputs failed "
-                                f"(first: {bad[0]['id']}: {bad[0]['error']})")
+        qry = embed(queries, "query", mode)
+        per_query = _rank_and_score(spec, lists, gains, qry, cand)
         computed = qry.computed + cand.computed
         cand.computed = 0  # count a shared candidate encoding once
-        out.append(TaskScore(spec, mode, per_query, qry.rows, failures, computed))
+        out.append(TaskScore(spec, mode, per_query, qry.rows, _failures(qry, cand), computed,
+                             family=td.rows[0].get("family") if td.rows else None))
+    return out
+
+
+def _rank_and_score(spec: TaskSpec, lists: list[list[int]], gains: list, qry: Embedded,
+                    cand: Embedded) -> np.ndarray:
+    """[Nq] metric per query: each query ranks its own candidates (local) or the corpus
+    (global) by cosine; a candidate that failed can never rank first, a query that failed
+    is a miss."""
+    if cand.emb.shape[1] != qry.emb.shape[1] and cand.ok.any() and qry.ok.any():
+        raise ValueError(f"task {spec.name}: query dim {qry.emb.shape[1]} != candidate dim "
+                         f"{cand.emb.shape[1]}")
+    kind, _k = metrics.parse_metric(spec.metric)
+    dim = max(cand.emb.shape[1], qry.emb.shape[1])
+    c_emb = np.pad(cand.emb, ((0, 0), (0, dim - cand.emb.shape[1])))  # [Nc, H]
+    q_emb = np.pad(qry.emb, ((0, 0), (0, dim - qry.emb.shape[1])))  # [Nq, H]
+    if spec.ranking == "global":
+        sim = q_emb @ c_emb.T  # [Nq, Nc]
+        sim[:, ~cand.ok] = -np.inf
+        rows_scores = list(sim)
+    else:
+        rows_scores = []
+        for q, idx in enumerate(lists):
+            s = c_emb[idx] @ q_emb[q]  # [n_cand]
+            s[~cand.ok[idx]] = -np.inf
+            rows_scores.append(s)
+    rels = []
+    for g in gains:
+        if isinstance(g, dict):
+            rels.append([i for i, v in g.items() if v > 0] if kind == "hit" else g)
+        else:
+            rels.append(g > 0 if kind == "hit" else g)
+    try:
+        per_query = metrics.query_scores(rows_scores, rels, spec.metric)
+    except ValueError as e:
+        raise ValueError(f"task {spec.name}: {e}") from None
+    per_query[~qry.ok] = 0.0  # a query that could not be embedded is a miss
+    return per_query
+
+
+def _failures(qry: Embedded, cand: Embedded) -> list[str]:
+    out = []
+    for side, emb in (("query", qry), ("candidate", cand)):
+        bad = [r for r in emb.rows if r["status"] != "ok"]
+        if bad:
+            out.append(f"{len(bad)} of {len(emb.rows)} {side} inputs failed "
+                       f"(first: {bad[0]['id']}: {bad[0]['error']})")
+    return out
+
+
+# --------------------------------------------------------------------------- plain rows
+
+ROWS_SUITE = "eval-rows"  # the spec of a task read from its rows, in no registered suite
+
+
+def rows_to_tasks(rows: Sequence[Mapping[str, Any]]) -> list[TaskData]:
+    """Plain eval-row dicts (the train and gate stages' eval sets) as tasks sorted by name,
+    each with a spec read from its first row, since those sets may hold a user's own tasks
+    that no registered suite knows. A local row without ``tgt_rel`` has its first candidate
+    as the positive (the EVAL_ROWS convention); one without images has none."""
+    by_task: dict[str, list[dict]] = {}
+    for r in rows:
+        r = dict(r)
+        texts = r.get("tgt_text")
+        if texts:
+            r["tgt_img_path"] = r.get("tgt_img_path") or [None] * len(texts)
+            r["tgt_rel"] = r.get("tgt_rel") or [1.0] + [0.0] * (len(texts) - 1)
+        by_task.setdefault(r["task"], []).append(r)
+    out = []
+    for name in sorted(by_task):
+        first = by_task[name][0]
+        modality = first.get("modality") if first.get("modality") in MODALITIES else "image"
+        spec = TaskSpec(name, modality, first.get("category") or "none",
+                        first.get("metric") or "hit@1",
+                        "local" if first.get("tgt_text") else "global", suite=ROWS_SUITE)
+        out.append(TaskData(spec, by_task[name], []))
+    return out
+
+
+def evaluate_rows(encoder: Encoder, rows: Sequence[Mapping[str, Any]], *,
+                  modes: Sequence[str] = ("direct",), image_root: str | Path | None = None,
+                  num_frames: int = NUM_FRAMES, strict: bool = False) -> list[TaskScore]:
+    """Score plain eval rows in memory (no cache, no report), one :class:`TaskScore` per
+    (task, mode): what the train stage reports before and after training. Only tasks that
+    rank their own candidate list are scored (a global task needs its corpus)."""
+    tds = [td for td in rows_to_tasks(rows) if td.spec.ranking == "local"]
+    return [s for td in tds for s in score_task(encoder, td, modes, None, image_root=image_root,
+                                                num_frames=num_frames, strict=strict,
+                                                log=lambda _m: None)]
+
+
+def task_means(scores: Sequence[TaskScore]) -> dict[str, float]:
+    """``{metric/task: score, "mean": mean over tasks, "family/<f>": mean over the family's
+    tasks}`` of one mode's scores (a task's family is its first row's; 'none' if unset)."""
+    out: dict[str, float] = {f"{s.spec.metric}/{s.spec.name}": s.score for s in scores}
+    if not scores:
+        return out
+    out["mean"] = sum(out.values()) / len(scores)
+    fam: dict[str, list[float]] = {}
+    for s in scores:
+        fam.setdefault(s.family or "none", []).append(s.score)
+    for f, vs in sorted(fam.items()):
+        out[f"family/{f}"] = sum(vs) / len(vs)
+    return out
+
+
+def gate_decisions(encoder: Encoder, rows: Sequence[Mapping[str, Any]], *,
+                   image_root: str | Path | None = None, num_frames: int = NUM_FRAMES
+                   ) -> dict[str, float]:
+    """Share of queries the gate sends to reasoning and mean p(<think>), per family and task
+    and overall: what the gate stage reports before and after training. The queries go
+    through the evaluator's row handling in adaptive mode (``encoder`` may be one that only
+    decides, :class:`mmemb.inference.GateProbe`); candidates are not embedded."""
+    groups: dict[str, list[int]] = {}
+    reasoned: list[bool] = []
+    p: list[float] = []
+    for td in rows_to_tasks(rows):
+        items = make_items([r["row_id"] for r in td.rows], [r["qry_inst"] for r in td.rows],
+                            [r["qry_text"] for r in td.rows],
+                            [r["qry_img_path"] for r in td.rows], image_root, num_frames)
+        got = embed_side(encoder, items, "adaptive", td.spec.name, "query", strict=True)
+        for r, e in zip(td.rows, got.rows, strict=True):
+            groups.setdefault(f"family/{r.get('family') or 'none'}", []).append(len(p))
+            groups.setdefault(f"task/{td.spec.name}", []).append(len(p))
+            reasoned.append(bool(e["reasoned"]))
+            p.append(float(e["p_think"]) if e["p_think"] is not None else 0.0)
+    out: dict[str, float] = {}
+    for k, ids in sorted(groups.items()):
+        out[f"reason_ratio/{k}"] = float(np.mean([reasoned[i] for i in ids]))
+        out[f"p_think/{k}"] = float(np.mean([p[i] for i in ids], dtype=np.float32))
+    out["reason_ratio/all"] = float(np.mean(reasoned)) if reasoned else 0.0
     return out
 
 
@@ -478,6 +605,9 @@ def score_task(encoder: Encoder, td: TaskData, modes: Sequence[str],
 
 def _group_tasks(rows: pa.Table, corpus: pa.Table | None, names: Iterable[str] | None,
                  categories, modalities, max_queries: int | None) -> tuple[str, list[TaskData]]:
+    """(suite, tasks) of EVAL_ROWS: one suite, every task registered and its rows agreeing
+    with the registry (modality, category, metric), the selection naming only present tasks;
+    each task with its corpus rows and at most ``max_queries`` queries."""
     suites_ = sorted(set(rows.column("suite").to_pylist()))
     if len(suites_) != 1:
         raise ContractError("eval rows", f"rows mix suites {suites_}; evaluate one suite at a "
@@ -590,6 +720,8 @@ def evaluate(encoder: Encoder, rows: pa.Table, corpus: pa.Table | None, out: str
 
 
 def _results_table(suite: str, scores: list[TaskScore]) -> pa.Table:
+    """One EVAL_RESULTS row per (task, mode): score, query-side reasoning and latency over
+    the queries that were embedded, and ``status='error'`` with the failures if any."""
     out = []
     for s in scores:
         lat = np.array([r["latency_ms"] for r in s.query_rows if r["status"] == "ok"
@@ -629,59 +761,6 @@ def _per_input(scores: list[TaskScore]) -> list[dict]:
     return out
 
 
-# --------------------------------------------------------------------------- baseline
-
-def load_baseline_scores(path: str | Path, mode: str | None = None) -> dict[str, float]:
-    """{task: score (fraction)} from a JSON/CSV score file (a published model's per-task
-    numbers, percent or fraction) or from an ``EVAL_RESULTS`` artifact of an earlier run
-    (``mode``: which of its modes; default 'direct' when present, else its first)."""
-    path = Path(path)
-    if not path.exists():
-        raise ContractError(path, "baseline file does not exist.",
-                            fix="point evaluate.baseline at a .json/.csv of per-task scores or "
-                            "an earlier run's results folder")
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            data = None  # report.load_baseline names the line of the error
-        if isinstance(data, dict) and isinstance(data.get("metrics"), dict):
-            return _benchmark_report_scores(data["metrics"], path)
-    if path.suffix.lower() in (".json", ".csv"):
-        return report.load_baseline(path)
-    table = io.read(path, EVAL_RESULTS)
-    rows = [r for r in table.to_pylist() if r["score"] is not None]
-    modes_ = list(dict.fromkeys(r["mode"] for r in rows))
-    pick = mode or ("direct" if "direct" in modes_ else (modes_[0] if modes_ else None))
-    if pick not in modes_:
-        raise ContractError(path, f"no results for mode {pick!r}; it has {modes_}.")
-    return {r["task"]: float(r["score"]) for r in rows if r["mode"] == pick}
-
-
-def _benchmark_report_scores(metrics_: dict, path: Path) -> dict[str, float]:
-    """The benchmark's own score report (VLM2Vec ``all_scores/*.json``: ``{"metrics":
-    {modality: {task: {"hit@1": .., "ndcg_linear@5": .., ...}}}}``): per task, the number
-    under the task's registered metric (ndcg@k is the linear-gain NDCG)."""
-    out: dict[str, float] = {}
-    for modality, tasks in metrics_.items():
-        if not isinstance(tasks, dict):
-            raise ContractError(path, f"metrics.{modality} is not an object of tasks.")
-        for task, vals in tasks.items():
-            try:
-                metric = get_task(task).metric
-            except ValueError:
-                metric = "ndcg@5" if modality == "visdoc" else "hit@1"
-            key = metric.replace("ndcg@", "ndcg_linear@")
-            if not isinstance(vals, dict) or key not in vals:
-                raise ContractError(path, f"metrics.{modality}.{task} has no {key!r} value.",
-                                    fix="use the benchmark's score report or a {task: score} "
-                                    "file")
-            out[task] = float(vals[key])
-    if not out:
-        raise ContractError(path, "no task scores under 'metrics'.")
-    return out
-
-
 # --------------------------------------------------------------------------- report
 
 def _fmt(score: float | None, metric: str) -> str:
@@ -696,7 +775,7 @@ def write_report(out: Path, results: pa.Table, aggs: dict[str, dict], per_input:
                  baseline: Mapping[str, float] | None, baseline_name: str = "baseline",
                  model_id: str = "") -> dict[str, Path]:
     """``report.md`` (modes side by side, per-mode tables with the baseline, reasoning and
-    latency), ``reasoning.md`` and ``accuracy_latency.png`` under ``out``."""
+    latency), ``reasoning.md``, ``accuracy_latency.png`` and ``aggregate.json`` under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     modes = list(aggs)
     suite = next(iter(aggs.values()))["suite"]
@@ -705,36 +784,8 @@ def write_report(out: Path, results: pa.Table, aggs: dict[str, dict], per_input:
     if model_id:
         lines += [f"Model key `{model_id[:16]}`. Scores x100 with the metric beside each "
                   "number; overall = mean over tasks.", ""]
-    head = ["mode", "tasks", "overall", "reasoning ratio", "mean tokens", "latency mean (ms)",
-            "p50 (ms)", "p95 (ms)"]
-    body = []
-    for m in modes:
-        g, s = aggs[m]["overall"], summary.get(m)
-        body.append([m, g["n_tasks"], _fmt(g["score"], g["metric"]),
-                     f"{100 * s['reasoning_ratio']:.1f}%" if s else "—",
-                     f"{s['mean_tokens']:.1f}" if s else "—",
-                     f"{s['latency_mean_ms']:.1f}" if s else "—",
-                     f"{s['latency_p50_ms']:.1f}" if s else "—",
-                     f"{s['latency_p95_ms']:.1f}" if s else "—"])
-    lines += ["## Modes", "", report._table(head, body), ""]
-    res = results.to_pylist()
-    by = {(r["task"], r["mode"]): r for r in res}
-    task_names = list(dict.fromkeys(r["task"] for r in res))
-    cols = ["task", "metric", *modes] + ([baseline_name] if baseline is not None else [])
-    trows = []
-    for t in task_names:
-        first = next(by[(t, m)] for m in modes if (t, m) in by)
-        row = [t, first["metric"]] + [
-            (f"{100 * by[(t, m)]['score']:.1f}" + (" ⚠" if by[(t, m)]["status"] != "ok" else ""))
-            if (t, m) in by else "—" for m in modes]
-        if baseline is not None:
-            row.append(f"{100 * baseline[t]:.1f}" if t in baseline else "—")
-        trows.append(row)
-    lines += ["## Per task, modes side by side", "", report._table(cols, trows), ""]
-    errs = [r for r in res if r["status"] != "ok"]
-    if errs:
-        lines += ["## Failed inputs (⚠)", ""] + [f"- {r['task']} / {r['mode']}: {r['error']}"
-                                                 for r in errs] + [""]
+    lines += ["## Modes", "", _modes_table(aggs, summary), ""]
+    lines += _task_lines(results.to_pylist(), modes, baseline, baseline_name)
     for m in modes:
         md = report.markdown_report(aggs[m], baseline)
         md = md.replace(f"# Evaluation report: {suite}", f"# Mode: {m}", 1)
@@ -745,12 +796,9 @@ def write_report(out: Path, results: pa.Table, aggs: dict[str, dict], per_input:
         (out / "reasoning.md").write_text(rr + "\n")
         files["reasoning"] = out / "reasoning.md"
         lines += [rr, ""]
-        plot_rows = [{"mode": m, "score": aggs[m]["overall"]["score"],
-                      "metric": aggs[m]["overall"]["metric"],
-                      "latency_mean_ms": summary[m]["latency_mean_ms"]}
-                     for m in modes if m in summary]
-        if plot_rows:
-            files["plot"] = report.plot_accuracy_latency(plot_rows, out / "accuracy_latency.png")
+        points = accuracy_latency_points(aggs, summary)
+        if points:
+            files["plot"] = report.plot_accuracy_latency(points, out / "accuracy_latency.png")
             lines += ["![accuracy vs latency](accuracy_latency.png)", ""]
     (out / "report.md").write_text("\n".join(lines).rstrip() + "\n")
     files["report"] = out / "report.md"
@@ -760,6 +808,52 @@ def write_report(out: Path, results: pa.Table, aggs: dict[str, dict], per_input:
          for m, a in aggs.items()}, indent=2, default=_json_default))
     files["aggregate"] = out / "aggregate.json"
     return files
+
+
+def accuracy_latency_points(aggs: Mapping[str, Mapping], summary: Mapping[str, Mapping]
+                            ) -> list[dict]:
+    """The accuracy-vs-latency plot's points: per mode with per-input rows, its overall score
+    and mean latency (``summary``: :func:`report.mode_summary` by mode)."""
+    return [{"mode": m, "score": aggs[m]["overall"]["score"],
+             "metric": aggs[m]["overall"]["metric"],
+             "latency_mean_ms": summary[m]["latency_mean_ms"]} for m in aggs if m in summary]
+
+
+def _modes_table(aggs: Mapping[str, Mapping], summary: Mapping[str, Mapping]) -> str:
+    head = ["mode", "tasks", "overall", "reasoning ratio", "mean tokens", "latency mean (ms)",
+            "p50 (ms)", "p95 (ms)"]
+    body = []
+    for m in aggs:
+        g, s = aggs[m]["overall"], summary.get(m)
+        body.append([m, g["n_tasks"], _fmt(g["score"], g["metric"]),
+                     f"{100 * s['reasoning_ratio']:.1f}%" if s else "—",
+                     f"{s['mean_tokens']:.1f}" if s else "—",
+                     f"{s['latency_mean_ms']:.1f}" if s else "—",
+                     f"{s['latency_p50_ms']:.1f}" if s else "—",
+                     f"{s['latency_p95_ms']:.1f}" if s else "—"])
+    return report.markdown_table(head, body)
+
+
+def _task_lines(res: list[dict], modes: list[str], baseline: Mapping[str, float] | None,
+                baseline_name: str) -> list[str]:
+    """Per task, the modes side by side (⚠ where inputs failed) and the failed inputs."""
+    by = {(r["task"], r["mode"]): r for r in res}
+    cols = ["task", "metric", *modes] + ([baseline_name] if baseline is not None else [])
+    trows = []
+    for t in dict.fromkeys(r["task"] for r in res):
+        first = next(by[(t, m)] for m in modes if (t, m) in by)
+        row = [t, first["metric"]] + [
+            (f"{100 * by[(t, m)]['score']:.1f}" + (" ⚠" if by[(t, m)]["status"] != "ok" else ""))
+            if (t, m) in by else "—" for m in modes]
+        if baseline is not None:
+            row.append(f"{100 * baseline[t]:.1f}" if t in baseline else "—")
+        trows.append(row)
+    lines = ["## Per task, modes side by side", "", report.markdown_table(cols, trows), ""]
+    errs = [r for r in res if r["status"] != "ok"]
+    if errs:
+        lines += ["## Failed inputs (⚠)", ""] + [f"- {r['task']} / {r['mode']}: {r['error']}"
+                                                 for r in errs] + [""]
+    return lines
 
 
 def _json_default(o):

@@ -98,7 +98,8 @@ def ndcg_at_k(scores: np.ndarray, gains: Relevance, k: int = 5) -> float:
     return dcg / float(ideal @ disc[: ideal.size])
 
 
-def _parse_metric(metric: str) -> tuple[str, int]:
+def parse_metric(metric: str) -> tuple[str, int]:
+    """("hit" | "ndcg", k) of a metric name such as "hit@1"; unknown names raise."""
     m = re.fullmatch(r"(hit|ndcg)@([1-9]\d*)", metric)
     if not m:
         raise ValueError(f"unknown metric {metric!r}; expected hit@k or ndcg@k")
@@ -114,7 +115,7 @@ def query_scores(
     length) or a list of 1-D arrays (local lists of varying length). `relevance[i]` is, for
     hit@k, a candidate index or indices; for ndcg@k, {index: gain} or a dense gain array.
     """
-    kind, k = _parse_metric(metric)
+    kind, k = parse_metric(metric)
     fn = hit_at_k if kind == "hit" else ndcg_at_k
     if len(scores) != len(relevance):
         raise ValueError(f"{len(scores)} score rows but {len(relevance)} relevance entries")
@@ -129,7 +130,7 @@ def query_scores(
     return out
 
 
-def score_task(
+def mean_metric(
     scores: np.ndarray | Sequence[np.ndarray], relevance: Sequence[Relevance], metric: str
 ) -> float:
     """Mean of the per-query metric, in [0, 1]; NaN scores or a query without a positive raise

@@ -7,8 +7,6 @@ Scores are held as fractions and shown x100, as published tables do.
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -29,79 +27,10 @@ def _fmt(score: float | None, metric: str) -> str:
     return DASH if score is None else f"{_num(score)} ({metric})"
 
 
-def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def load_baseline(path: str | Path, scale: str = "auto") -> dict[str, float]:
-    """Read {task: score} from JSON (an object) or CSV (header with `task` and `score`).
-
-    Returned scores are fractions. `scale="auto"` treats the file as percentages when any value
-    exceeds 1, which is how papers publish; pass "percent" or "fraction" if that is ambiguous.
-    Errors name the file and line so a hand-edited baseline is quick to fix.
-    """
-    path = Path(path)
-    if scale not in ("auto", "percent", "fraction"):
-        raise ValueError(f"scale must be auto, percent or fraction, got {scale!r}")
-    text = path.read_text(encoding="utf-8")
-    entries: list[tuple[str, Any, int]] = []  # (task, raw value, line)
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}:1: expected a JSON object {{task: score}}")
-        for task, value in data.items():
-            pos = text.find(json.dumps(task))
-            entries.append((task, value, text.count("\n", 0, max(pos, 0)) + 1))
-    elif path.suffix.lower() == ".csv":
-        reader = csv.reader(text.splitlines())
-        cols: dict[str, int] | None = None
-        for row in reader:
-            if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
-                continue
-            if cols is None:
-                cols = {c.strip().lower(): i for i, c in enumerate(row)}
-                if "task" not in cols or "score" not in cols:
-                    raise ValueError(
-                        f"{path}:{reader.line_num}: header needs 'task' and "
-                        f"'score' columns, got {row}"
-                    )
-                continue
-            if len(row) <= max(cols["task"], cols["score"]):
-                raise ValueError(f"{path}:{reader.line_num}: too few columns in {row}")
-            entries.append((row[cols["task"]].strip(), row[cols["score"]], reader.line_num))
-    else:
-        raise ValueError(f"{path}: baseline must be .json or .csv")
-
-    out: dict[str, float] = {}
-    lines: dict[str, int] = {}
-    for task, value, line in entries:
-        try:
-            if isinstance(value, bool) or value is None:
-                raise ValueError
-            score = float(value.strip() if isinstance(value, str) else value)
-        except (TypeError, ValueError):
-            msg = f"{path}:{line}: task {task!r}: score {value!r} is not a number"
-            raise ValueError(msg) from None
-        if not task or not math.isfinite(score) or score < 0:
-            raise ValueError(f"{path}:{line}: bad entry task={task!r} score={value!r}")
-        if task in out:
-            raise ValueError(
-                f"{path}:{line}: duplicate task {task!r} (first on line {lines[task]})"
-            )
-        out[task], lines[task] = score, line
-    if not out:
-        raise ValueError(f"{path}: no baseline scores found")
-    percent = scale == "percent" or (scale == "auto" and max(out.values()) > 1.0)
-    limit = 100.0 if percent else 1.0
-    for task, score in out.items():
-        if score > limit:
-            raise ValueError(f"{path}:{lines[task]}: task {task!r}: score {score} > {limit:g}")
-    return {t: s / 100.0 for t, s in out.items()} if percent else out
 
 
 def _baseline_mean(tasks: list[str], baseline: Mapping[str, float]) -> tuple[float | None, str]:
@@ -160,7 +89,7 @@ def markdown_report(
         out += [
             f"## {title}",
             "",
-            _table([*keys, "tasks", "ours", *cmp_cols], _group_rows(groups, baseline)),
+            markdown_table([*keys, "tasks", "ours", *cmp_cols], _group_rows(groups, baseline)),
             "",
         ]
     rows = []
@@ -176,7 +105,7 @@ def markdown_report(
     out += [
         "## Per task",
         "",
-        _table(["task", "modality", "category", "ours", *cmp_cols], rows),
+        markdown_table(["task", "modality", "category", "ours", *cmp_cols], rows),
         "",
     ]
     if baseline is not None:
@@ -261,7 +190,7 @@ def reasoning_report(
     out = [
         "## Reasoning and latency",
         "",
-        _table(["mode", *_STAT_HEAD], [[s["mode"], *_stat_cells(s)] for s in summary]),
+        markdown_table(["mode", *_STAT_HEAD], [[s["mode"], *_stat_cells(s)] for s in summary]),
         "",
     ]
     for s in summary:
@@ -274,12 +203,13 @@ def reasoning_report(
         out += [
             f"### Mode: {s['mode']}",
             "",
-            _table(
+            markdown_table(
                 ["modality", "category", *_STAT_HEAD],
                 [[*k, *_stat_cells(_stats(v))] for k, v in cats.items()],
             ),
             "",
-            _table(["task", *_STAT_HEAD], [[t, *_stat_cells(_stats(v))] for t, v in tasks.items()]),
+            markdown_table(["task", *_STAT_HEAD],
+                           [[t, *_stat_cells(_stats(v))] for t, v in tasks.items()]),
             "",
         ]
     return "\n".join(out).rstrip()
@@ -314,3 +244,20 @@ def plot_accuracy_latency(mode_rows: Sequence[Mapping[str, Any]], path: str | Pa
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def mode_table(metrics: Mapping[str, float], results: Sequence[Mapping[str, Any]]
+               ) -> list[dict[str, Any]]:
+    """Per mode the pipeline's summary line: tasks scored cleanly, overall score, metric,
+    reasoning ratio and latency. The numbers are the evaluate stage's own metrics, i.e.
+    :func:`mode_summary` over the per-input rows (exact percentiles) and each mode's
+    aggregate; ``results`` (EVAL_RESULTS rows) only count the tasks and name the metric."""
+    modes = [k[: -len(".overall")] for k in metrics if k.endswith(".overall")]
+    ok = [r for r in results if r["status"] == "ok"]
+    metric = "/".join(sorted({r["metric"] for r in ok if r["metric"]}))
+    return [{"mode": md, "tasks": sum(r["mode"] == md for r in ok),
+             "score": metrics.get(f"{md}.overall"), "metric": metric,
+             "reasoning_ratio": metrics.get(f"{md}.reasoning_ratio"),
+             "latency_mean_ms": metrics.get(f"{md}.latency_mean_ms"),
+             "latency_p95_ms": metrics.get(f"{md}.latency_p95_ms")} for md in modes]
+

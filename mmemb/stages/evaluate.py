@@ -31,6 +31,8 @@ from data_contracts.io import ContractError
 from data_contracts.schemas import EVAL_CORPUS, EVAL_ROWS
 from mmemb.configs.evaluate import EvaluateConfig
 from mmemb.eval import harness, report
+from mmemb.eval.baseline import load_baseline
+from mmemb.model.gate_settings import GateSettings
 from mmemb.model.images import DEFAULT_MAX_DECODE_PIXELS
 from mmemb.stages.base import StageResult, StepLogger, null_logger
 
@@ -74,12 +76,20 @@ def load_data(cfg: EvaluateConfig):
     return loaded.rows, corpus, cfg.image_root or str(loaded.image_root), loaded.missing
 
 
-def build_encoder(cfg: EvaluateConfig):
-    """The plain embedder for direct-only runs, the adaptive encoder otherwise."""
+def gate_settings(cfg: EvaluateConfig) -> GateSettings:
+    """The budget and threshold adaptive and reason modes run at: the gate's (saved beside
+    the model), each replaced by an explicit ``evaluate.budget`` / ``evaluate.threshold``."""
+    return GateSettings.load(cfg.model).override(cfg.budget, cfg.threshold)
+
+
+def build_encoder(cfg: EvaluateConfig, gate: GateSettings | None = None):
+    """The plain embedder for direct-only runs, the adaptive encoder (at the gate's settings,
+    or ``gate``) otherwise; returns (encoder, dtype name)."""
     import torch
 
     from mmemb.model.embedder import Embedder
 
+    gate = gate or gate_settings(cfg)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = cfg.dtype
     if dtype == "auto":
@@ -91,49 +101,60 @@ def build_encoder(cfg: EvaluateConfig):
         return harness.EmbedderEncoder(emb, batch_size=cfg.batch_size), dtype
     from mmemb.inference import AdaptiveEncoder
 
-    vpol = None
+    vllm = None
     if cfg.generation == "vllm" and set(cfg.modes) - {"direct"}:
         from mmemb.vllm_policy import VLLMPolicy
 
-        vpol = VLLMPolicy(cfg.model, budget=cfg.budget, seed=cfg.seed)
-    return AdaptiveEncoder(emb, budget=cfg.budget, threshold=cfg.threshold,
+        vllm = VLLMPolicy(cfg.model, budget=gate.budget, seed=cfg.seed)
+    return AdaptiveEncoder(emb, budget=gate.budget, threshold=gate.threshold,
                            temperature=cfg.temperature, top_p=cfg.top_p,
-                           batch_size=cfg.batch_size, vllm=vpol), dtype
+                           batch_size=cfg.batch_size, vllm=vllm), dtype
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def _model_key(cfg: EvaluateConfig, dtype: str, cache: Path) -> str:
+    """The embedding cache's model key: checkpoint content plus what changes its vectors."""
+    return harness._digest({"checkpoint": harness.checkpoint_digest(
+        cfg.model, cache / "_checkpoint_digests.json"), "dtype": dtype,
+        "max_pixels": cfg.max_pixels, "min_pixels": cfg.min_pixels,
+        **({"max_decode_pixels": cfg.max_decode_pixels}
+           if cfg.max_decode_pixels != DEFAULT_MAX_DECODE_PIXELS else {})})
+
+
+def _mode_settings(cfg: EvaluateConfig, gate: GateSettings) -> dict[str, dict]:
+    """What changes each mode's embeddings beyond the model: part of that mode's cache key."""
+    gen = {"budget": gate.budget, "temperature": cfg.temperature, "top_p": cfg.top_p,
+           "generation": cfg.generation}
+    return {"reason": gen, "adaptive": {**gen, "threshold": gate.threshold}}
 
 
 def run(cfg: EvaluateConfig, log: StepLogger = null_logger) -> StageResult:
     """Load the data, embed through the cache, score every task in every mode, report."""
     t0 = time.perf_counter()
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    try:
-        import torch
-
-        torch.manual_seed(cfg.seed)
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        pass
+    _seed(cfg.seed)
     out = Path(cfg.out)
     rows, corpus, image_root, missing = load_data(cfg)
     from_mmeb = not _is_artifact(Path(cfg.eval))
-    baseline = (harness.load_baseline_scores(cfg.baseline, cfg.baseline_mode)
-                if cfg.baseline else None)
-    encoder, dtype = build_encoder(cfg)
+    baseline = load_baseline(cfg.baseline, cfg.baseline_mode) if cfg.baseline else None
+    gate = gate_settings(cfg)
+    encoder, dtype = build_encoder(cfg, gate)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
-    model_id = harness._digest({"checkpoint": harness.checkpoint_digest(
-        cfg.model, cache / "_checkpoint_digests.json"), "dtype": dtype,
-        "max_pixels": cfg.max_pixels, "min_pixels": cfg.min_pixels,
-        **({"max_decode_pixels": cfg.max_decode_pixels}
-           if cfg.max_decode_pixels != DEFAULT_MAX_DECODE_PIXELS else {})})
-    gen = {"budget": cfg.budget, "temperature": cfg.temperature, "top_p": cfg.top_p,
-           "generation": cfg.generation}
-    mode_settings = {"reason": gen, "adaptive": {**gen, "threshold": cfg.threshold}}
+    reasons = set(cfg.modes) - {"direct"}
     print(f"[evaluate] model {cfg.model} ({type(encoder).__name__}, {dtype}); modes "
           f"{', '.join(cfg.modes)}; candidates in "
-          f"{'the query mode' if cfg.reason_on_candidates else 'direct mode'}", flush=True)
+          f"{'the query mode' if cfg.reason_on_candidates else 'direct mode'}"
+          + (f"; {gate.describe()}" if reasons else ""), flush=True)
     try:
         res = harness.evaluate(
-            encoder, rows, corpus, out, modes=cfg.modes, model_id=model_id,
-            mode_settings=mode_settings, image_root=image_root,
+            encoder, rows, corpus, out, modes=cfg.modes, model_id=_model_key(cfg, dtype, cache),
+            mode_settings=_mode_settings(cfg, gate), image_root=image_root,
             tasks=None if from_mmeb else cfg.tasks,  # the loader already selected them
             categories=cfg.categories, modalities=cfg.modalities,
             max_queries=cfg.max_queries, num_frames=cfg.num_frames,
@@ -143,13 +164,31 @@ def run(cfg: EvaluateConfig, log: StepLogger = null_logger) -> StageResult:
     finally:
         if getattr(encoder, "vllm", None) is not None:
             encoder.vllm.close()
+    for step, task in enumerate(dict.fromkeys(res.results.column("task").to_pylist())):
+        log(step, {f"{r['mode']}.score": float(r["score"]) for r in res.results.to_pylist()
+                   if r["task"] == task})
+    metrics, lines = _metrics(res)
+    if reasons:
+        metrics.update({"gate.budget": float(gate.budget), "gate.threshold": gate.threshold})
+    metrics["evaluate_s"] = time.perf_counter() - t0
+    n_err = int(metrics["tasks_with_failed_inputs"])
+    summary = (f"evaluate ({res.suite}): " + "; ".join(lines)
+               + (f"; {gate.describe()}" if reasons else "")
+               + (f"; {n_err} task/mode results with failed inputs" if n_err else "")
+               + (f"; missing {len(missing)} tasks" if missing else "")
+               + f"; report {res.files['report']}")
+    print(f"[evaluate] {summary}", flush=True)
+    files = {k: v for k, v in res.files.items() if k != "results"}
+    return StageResult("evaluate", outputs={"results": io.ref(res.files["results"])},
+                       metrics=metrics, files=files, summary=summary)
+
+
+def _metrics(res: harness.EvalRun) -> tuple[dict[str, float], list[str]]:
+    """The stage's metrics (per mode: overall, per modality, per task, reasoning ratio,
+    tokens, latency) and one summary line per mode."""
     metrics: dict[str, float] = {}
     summary_modes = ({s["mode"]: s for s in report.mode_summary(res.per_input)}
                      if res.per_input else {})
-    for step, task in enumerate(dict.fromkeys(res.results.column("task").to_pylist())):
-        m = {f"{r['mode']}.score": float(r["score"]) for r in res.results.to_pylist()
-             if r["task"] == task}
-        log(step, m)
     lines = []
     for mode, agg in res.aggregates.items():
         g = agg["overall"]
@@ -167,18 +206,10 @@ def run(cfg: EvaluateConfig, log: StepLogger = null_logger) -> StageResult:
         lines.append(f"{mode} {100 * g['score']:.1f} ({g['metric']}, {g['n_tasks']} tasks"
                      + (f", reasoning {100 * s['reasoning_ratio']:.0f}%, "
                         f"{s['latency_mean_ms']:.1f} ms/query" if s else "") + ")")
-    n_err = sum(r["status"] != "ok" for r in res.results.to_pylist())
-    metrics["tasks_with_failed_inputs"] = float(n_err)
+    metrics["tasks_with_failed_inputs"] = float(sum(r["status"] != "ok"
+                                                    for r in res.results.to_pylist()))
     metrics["inputs_embedded"] = float(res.computed)
-    metrics["evaluate_s"] = time.perf_counter() - t0
-    summary = (f"evaluate ({res.suite}): " + "; ".join(lines)
-               + (f"; {n_err} task/mode results with failed inputs" if n_err else "")
-               + (f"; missing {len(missing)} tasks" if missing else "")
-               + f"; report {res.files['report']}")
-    print(f"[evaluate] {summary}", flush=True)
-    files = {k: v for k, v in res.files.items() if k != "results"}
-    return StageResult("evaluate", outputs={"results": io.ref(res.files["results"])},
-                       metrics=metrics, files=files, summary=summary)
+    return metrics, lines
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -258,22 +258,12 @@ def _vllm_policy(policy: Embedder, cfg: GateConfig, out: Path):
 @torch.no_grad()
 def gate_report(enc: AdaptiveEncoder, rows: list[dict], image_root: str | None
                 ) -> dict[str, float]:
-    """Share of inputs the gate sends to reasoning (p > threshold), per family and task."""
-    inputs = [EmbedInput.from_row(r["qry_inst"], r["qry_text"], r["qry_img_path"], image_root)
-              for r in rows]
-    p = torch.cat([enc.p_think(inputs[s:s + 32]) for s in range(0, len(inputs), 32)]) \
-        if inputs else torch.zeros(0)
-    think = (p > enc.threshold).float()
-    out: dict[str, float] = {}
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(rows):
-        groups[f"family/{r.get('family') or 'none'}"].append(i)
-        groups[f"task/{r['task'] if 'task' in r else r['dataset']}"].append(i)
-    for k, ids in sorted(groups.items()):
-        out[f"reason_ratio/{k}"] = float(think[ids].mean())
-        out[f"p_think/{k}"] = float(p[ids].mean())
-    out["reason_ratio/all"] = float(think.mean()) if len(think) else 0.0
-    return out
+    """Share of inputs the gate sends to reasoning (p > threshold), per family and task, by
+    the one evaluator (:func:`mmemb.eval.harness.gate_decisions`)."""
+    from mmemb.eval.harness import gate_decisions
+    from mmemb.inference import GateProbe
+
+    return gate_decisions(GateProbe(enc), rows, image_root=image_root)
 
 
 def run(cfg: GateConfig, log: StepLogger = null_logger) -> StageResult:

@@ -73,7 +73,6 @@ from mmemb.training.module import (
     EmbedTrainModule,
     Item,
     align_chunks,
-    embed_inputs,
     make_chunks,
 )
 
@@ -229,48 +228,16 @@ def make_loss_fn(obj: Stage4Objective, info: dict):
 
 def evaluate(engine, emb: Embedder, rows: list[dict], image_root: str | None,
              batch_size: int) -> dict[str, float]:
-    """hit@1 (the row's metric) per task, direct mode: rank each row's tgt candidates by
-    cosine. Every rank runs it on the same rows (ZeRO-3 needs all ranks in each forward)."""
-    from mmemb.eval.metrics import score_task
+    """hit@1 (the row's metric) per task, direct mode, by the one evaluator
+    (:func:`mmemb.eval.harness.evaluate_rows`): each row ranks its tgt candidates by cosine.
+    Every rank runs it on the same rows (ZeRO-3 needs all ranks in each forward)."""
+    from mmemb.eval.encoding import EngineEncoder
+    from mmemb.eval.harness import evaluate_rows, task_means
 
-    rows = [r for r in rows if r.get("tgt_text")]
-    if not rows:
-        return {}
-    queries = [EmbedInput.from_row(r["qry_inst"], r["qry_text"], r["qry_img_path"], image_root)
-               for r in rows]
-    cand_idx: dict[tuple, int] = {}
-    cands: list[EmbedInput] = []
-    per_row: list[list[int]] = []
-    for r in rows:
-        ids = []
-        for t, im in zip(r["tgt_text"], r["tgt_img_path"] or [""] * len(r["tgt_text"]),
-                         strict=True):
-            key = (r["tgt_inst"], t, im)
-            if key not in cand_idx:
-                cand_idx[key] = len(cands)
-                cands.append(EmbedInput.from_row(r["tgt_inst"], t, im, image_root))
-            ids.append(cand_idx[key])
-        per_row.append(ids)
-    qe = embed_inputs(engine, emb, queries, batch_size)  # [N, H]
-    ce = embed_inputs(engine, emb, cands, batch_size)  # [C, H]
-    by_task: dict[str, tuple[list, list, str, str]] = {}
-    for i, r in enumerate(rows):
-        scores = (ce[per_row[i]] @ qe[i]).numpy()  # [n_cand]
-        rel = r.get("tgt_rel") or [1.0] + [0.0] * (len(per_row[i]) - 1)
-        s, rl, _, _ = by_task.setdefault(r["task"], ([], [], r.get("metric") or "hit@1",
-                                                     r.get("family") or "none"))
-        s.append(scores)
-        rl.append([j for j, g in enumerate(rel) if g > 0])
-    out: dict[str, float] = {}
-    fam: dict[str, list[float]] = defaultdict(list)
-    for task, (s, rl, metric, family) in sorted(by_task.items()):
-        v = score_task(s, rl, metric)
-        out[f"{metric}/{task}"] = v
-        fam[family].append(v)
-    out["mean"] = sum(v for k, v in out.items()) / len(by_task)
-    for f, vs in sorted(fam.items()):
-        out[f"family/{f}"] = sum(vs) / len(vs)
-    return out
+    scores = evaluate_rows(EngineEncoder(engine, emb, batch_size),
+                           [r for r in rows if r.get("tgt_text")], image_root=image_root,
+                           strict=True)
+    return task_means(scores)
 
 
 def _fingerprint(t: torch.Tensor) -> tuple[float, float]:

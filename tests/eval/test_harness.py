@@ -15,23 +15,26 @@ Vectors (2-D, unit length unless noted):
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import math
 
 import numpy as np
 import pyarrow as pa
 import pytest
+from PIL import Image
 
 from data_contracts import io
 from data_contracts.io import ContractError
 from data_contracts.schemas import EMBEDDINGS, EVAL_CORPUS, EVAL_RESULTS, EVAL_ROWS
+from mmemb.eval.baseline import load_baseline
 from mmemb.eval.harness import (
     EmbedItem,
     Encoder,
     EncodeResult,
     encode_cached,
     evaluate,
-    load_baseline_scores,
 )
 from mmemb.eval.tasks import TaskSpec, register_suite
 from mmemb.model.prompts import EmbedInput
@@ -105,7 +108,29 @@ def _scores(run, mode):
 
 
 def test_fake_encoder_is_an_encoder():
-    assert isinstance(FakeEncoder(), Encoder)
+    """The fake keeps the contract the real encoders keep: the protocol's signature (so a
+    change to the protocol breaks this test, not silently the fakes) and an EncodeResult
+    with one entry per input in each per-input field it fills."""
+    from mmemb.eval.encoding import EngineEncoder
+    from mmemb.eval.harness import EmbedderEncoder
+    from mmemb.inference import AdaptiveEncoder, GateProbe
+
+    assert isinstance(FakeEncoder(), Encoder) and not isinstance(object(), Encoder)
+    proto = inspect.signature(Encoder.encode)
+    for cls in (FakeEncoder, EmbedderEncoder, AdaptiveEncoder, EngineEncoder, GateProbe):
+        sig = inspect.signature(cls.encode)
+        assert list(sig.parameters)[:3] == list(proto.parameters) == ["self", "inputs", "mode"]
+        assert sig.return_annotation in ("EncodeResult", EncodeResult), cls
+        extra = list(sig.parameters.values())[3:]
+        assert all(p.default is not p.empty for p in extra), cls  # callable as (inputs, mode)
+    inputs = [EmbedInput("A"), EmbedInput("q1"), EmbedInput("B")]
+    for mode in ("direct", "reason"):
+        res = FakeEncoder().encode(inputs, mode)
+        assert isinstance(res, EncodeResult) and res.embeddings.shape == (3, 2)
+        filled = {f.name: getattr(res, f.name) for f in dataclasses.fields(EncodeResult)
+                  if f.name != "embeddings" and getattr(res, f.name)}
+        assert set(filled) == {"reasoned", "rationales", "n_gen_tokens", "latency_ms"}
+        assert all(len(v) == 3 for v in filled.values())
 
 
 def test_hand_computed_local_and_global_scores(tmp_path):
@@ -258,12 +283,22 @@ def test_nan_and_zero_norm_embeddings_are_kept_as_errors_or_misses(tmp_path):
     assert st["r0"] == ("error", "non-finite embedding") and st["r3"] == ("ok", None)
 
 
-def test_report_plot_and_baseline(tmp_path):
+def test_report_plot_and_baseline(tmp_path, monkeypatch):
+    from mmemb.eval import report
+
+    drawn = []
+    real_plot = report.plot_accuracy_latency
+
+    def plot(points, path):
+        drawn.extend(points)
+        return real_plot(points, path)
+
+    monkeypatch.setattr(report, "plot_accuracy_latency", plot)
     rows, corpus = _data()
     base_file = tmp_path / "published.json"
     base_file.write_text('{"loc": 40.0, "glob": 90.0}')
     run = evaluate(FakeEncoder(), rows, corpus, tmp_path / "out", modes=["direct", "reason"],
-                   model_id="m1", baseline=load_baseline_scores(base_file),
+                   model_id="m1", baseline=load_baseline(base_file),
                    baseline_name="Published", log=lambda s: None)
     md = run.files["report"].read_text()
     assert "| direct | 2 | 66.7 (hit@1/ndcg@5) | 0.0% | 0.0 | 1.0 | 1.0 | 1.0 |" in md
@@ -273,9 +308,19 @@ def test_report_plot_and_baseline(tmp_path):
     assert "| loc | image | CLS | 50.0 (hit@1) | 40.0 (hit@1) | +10.0 |" in md
     assert "## Mode: reason" in md and "### Mode: reason" in md  # reasoning per mode
     assert run.files["plot"].stat().st_size > 1000
+    # The plot is a real image of the modes' points: 5x4 in at 120 dpi, not blank, drawn
+    # from each mode's overall score and mean latency.
+    with Image.open(run.files["plot"]) as im:
+        assert im.format == "PNG" and im.size == (600, 480)
+        assert len(im.convert("RGB").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 10
+    assert drawn == [
+        {"mode": "direct", "score": pytest.approx(run.aggregates["direct"]["overall"]["score"]),
+         "metric": "hit@1/ndcg@5", "latency_mean_ms": pytest.approx(1.0)},
+        {"mode": "reason", "score": pytest.approx((0.75 + (NDCG_G0 + 1) / 2) / 2),
+         "metric": "hit@1/ndcg@5", "latency_mean_ms": pytest.approx(10.0)}]
     assert "reasoning ratio" in run.files["reasoning"].read_text()
     # An earlier run's results folder is a baseline too.
-    assert load_baseline_scores(run.files["results"], "reason") == {
+    assert load_baseline(run.files["results"], "reason") == {
         "loc": pytest.approx(0.75), "glob": pytest.approx((NDCG_G0 + 1) / 2)}
 
 
@@ -317,7 +362,7 @@ def test_benchmark_score_report_is_a_baseline(tmp_path):
         "image": {"CIRR": {"hit@1": 0.47, "hit@5": 0.8, "ndcg_linear@5": 0.6}},
         "visdoc": {"ViDoRe_arxivqa": {"hit@1": 0.5, "ndcg_linear@5": 0.802,
                                       "ndcg_exponential@5": 0.7}}}}))
-    assert load_baseline_scores(f) == {"CIRR": 0.47, "ViDoRe_arxivqa": 0.802}
+    assert load_baseline(f) == {"CIRR": 0.47, "ViDoRe_arxivqa": 0.802}
     f.write_text(json.dumps({"metrics": {"image": {"CIRR": {"hit@5": 0.8}}}}))
     with pytest.raises(ContractError, match=r"metrics.image.CIRR has no 'hit@1'"):
-        load_baseline_scores(f)
+        load_baseline(f)

@@ -6,10 +6,10 @@ import pytest
 from mmemb.eval.metrics import (
     aggregate,
     hit_at_k,
+    mean_metric,
     ndcg_at_k,
     query_scores,
     rank_candidates,
-    score_task,
 )
 from mmemb.eval.tasks import select_tasks
 
@@ -78,24 +78,24 @@ def test_no_positive_raises():
         hit_at_k(np.array([0.1, 0.2]), {5})
 
 
-def test_score_task_matrix_and_lists():
+def test_mean_metric_matrix_and_lists():
     m = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])
-    assert score_task(m, [0, 0, 0], "hit@1") == pytest.approx(1 / 3)
+    assert mean_metric(m, [0, 0, 0], "hit@1") == pytest.approx(1 / 3)
     ragged = [np.array([0.9, 0.1, 0.0]), np.array([0.2, 0.8])]
-    assert score_task(ragged, [0, {1}], "hit@1") == 1.0
+    assert mean_metric(ragged, [0, {1}], "hit@1") == 1.0
     corpus = np.array([[0.1, 0.5, 0.3], [0.9, 0.8, 0.7]])
     per_q = query_scores(corpus, [{0: 1, 2: 1}, {0: 1}], "ndcg@5")
     assert per_q == pytest.approx([0.69343, 1.0], abs=1e-5)
 
 
-def test_score_task_errors_name_query():
+def test_mean_metric_errors_name_query():
     m = np.array([[0.9, 0.1], [np.nan, 0.8]])
     with pytest.raises(ValueError, match="query 1: scores contain NaN"):
-        score_task(m, [0, 0], "hit@1")
+        mean_metric(m, [0, 0], "hit@1")
     with pytest.raises(ValueError, match="query 0: query has no positive"):
-        score_task(np.ones((1, 3)), [np.zeros(3)], "ndcg@5")
+        mean_metric(np.ones((1, 3)), [np.zeros(3)], "ndcg@5")
     with pytest.raises(ValueError, match="unknown metric"):
-        score_task(np.ones((1, 3)), [0], "map@5")
+        mean_metric(np.ones((1, 3)), [0], "map@5")
 
 
 def _full_results():

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
+from mmemb.eval.baseline import load_baseline
 from mmemb.eval.metrics import aggregate
 from mmemb.eval.report import (
-    load_baseline,
     markdown_report,
     mode_summary,
     plot_accuracy_latency,
@@ -148,3 +148,23 @@ def test_plot_accuracy_latency(tmp_path):
         tmp_path / "plots" / "acc_lat.png",
     )
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mode_table_takes_the_stage_metrics_and_counts_clean_tasks():
+    from mmemb.eval.report import mode_table
+
+    s = {r["mode"]: r for r in mode_summary(_rows())}
+    metrics = {"direct.overall": 0.5, "adaptive.overall": 0.75, "direct.task.CIRR": 0.5}
+    for m in ("direct", "adaptive"):
+        metrics |= {f"{m}.reasoning_ratio": s[m]["reasoning_ratio"],
+                    f"{m}.latency_mean_ms": s[m]["latency_mean_ms"],
+                    f"{m}.latency_p95_ms": s[m]["latency_p95_ms"]}
+    results = [{"mode": "direct", "metric": "hit@1", "status": "ok"},
+               {"mode": "adaptive", "metric": "hit@1", "status": "ok"},
+               {"mode": "adaptive", "metric": "ndcg@5", "status": "error"}]
+    got = {r["mode"]: r for r in mode_table(metrics, results)}
+    assert list(got) == ["direct", "adaptive"]
+    assert got["adaptive"] == {"mode": "adaptive", "tasks": 1, "score": 0.75, "metric": "hit@1",
+                               "reasoning_ratio": s["adaptive"]["reasoning_ratio"],
+                               "latency_mean_ms": s["adaptive"]["latency_mean_ms"],
+                               "latency_p95_ms": s["adaptive"]["latency_p95_ms"]}

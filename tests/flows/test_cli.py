@@ -72,14 +72,32 @@ def test_embed_direct_matches_the_embedder(tiny_model, tmp_path):
 
 
 def test_embed_adaptive_records_the_gate(tiny_model, synth, tmp_path):
+    """Each row's reason/direct split is the gate's decision p(think) > threshold, at the
+    threshold saved beside the model (mmemb_gate.json), and the budget given wins."""
+    import shutil
+
     import pyarrow.parquet as pq
 
     from data_contracts import io
     from data_contracts.schemas import EMBEDDINGS, PAIRS
+    from mmemb.inference import AdaptiveEncoder
+    from mmemb.model.embedder import Embedder
+    from mmemb.model.prompts import EmbedInput
 
     pairs = io.read(synth["pairs"], PAIRS)  # MMEB-style columns: qry_text, qry_img_path...
     pq.write_table(pairs.slice(0, 8), tmp_path / "q.parquet")
-    assert main(["embed", "--model", str(tiny_model), "--input", str(tmp_path / "q.parquet"),
+    # The gate's own p(think) on these inputs; a threshold between its middle values makes
+    # the gate send some rows to reasoning and keep others direct.
+    ref = AdaptiveEncoder(Embedder.from_pretrained(tiny_model))
+    inputs = [EmbedInput.from_row(r["qry_inst"], r["qry_text"], r["qry_img_path"],
+                                  synth["image_root"]) for r in pairs.slice(0, 8).to_pylist()]
+    p_ref = ref.p_think(inputs).tolist()
+    lo, hi = sorted(p_ref)[3:5]
+    threshold = (lo + hi) / 2
+    model = tmp_path / "policy"
+    shutil.copytree(tiny_model, model)
+    (model / "mmemb_gate.json").write_text(json.dumps({"threshold": threshold, "budget": 64}))
+    assert main(["embed", "--model", str(model), "--input", str(tmp_path / "q.parquet"),
                  "--output", str(tmp_path / "emb"), "--mode", "adaptive", "--image-root",
                  str(synth["image_root"]), "--budget", "4"]) == 0
     t = io.read(tmp_path / "emb", EMBEDDINGS).to_pylist()
@@ -88,6 +106,10 @@ def test_embed_adaptive_records_the_gate(tiny_model, synth, tmp_path):
     for r in t:  # reasoning stays within the budget; a direct row generates nothing
         assert r["n_gen_tokens"] <= 4
         assert r["reasoned"] or (r["n_gen_tokens"] == 0 and r["rationale"] is None)
+    assert [r["p_think"] for r in t] == pytest.approx(p_ref, abs=1e-5)
+    assert [r["reasoned"] for r in t] == [p > threshold for p in p_ref]
+    assert sum(r["reasoned"] for r in t) == 4  # the split: four reason, four direct
+    assert all(r["n_gen_tokens"] > 0 for r in t if r["reasoned"])
 
 
 def test_embed_bad_input_is_refused(tiny_model, tmp_path, capsys):

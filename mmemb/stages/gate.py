@@ -127,26 +127,27 @@ def rollout_logps(emb: Embedder, enc: AdaptiveEncoder, inputs: list[EmbedInput],
     gate, and the full head only at rationale positions.
     """
     batch = enc.prefix_batch(inputs, padding_side="left")
-    ids, am = batch["input_ids"], batch["attention_mask"]  # [N, L]
+    ids, attn = batch["input_ids"], batch["attention_mask"]  # [N, L]
     n, L = ids.shape
-    gen = [r.ids if (t and r is not None) else [] for t, r in zip(think, rolls, strict=True)]
-    T = max([len(g) for g in gen] + [0])
+    rationale_ids = [r.ids if (t and r is not None) else []
+                     for t, r in zip(think, rolls, strict=True)]
+    T = max([len(g) for g in rationale_ids] + [0])
     pad = emb.tokenizer.pad_token_id
-    ext = torch.full((n, 1 + T), pad, dtype=ids.dtype)  # [N, 1 + T]
-    ext_mask = torch.zeros((n, 1 + T), dtype=am.dtype)
-    for i, g in enumerate(gen):
+    actions = torch.full((n, 1 + T), pad, dtype=ids.dtype)  # [N, 1 + T]
+    action_mask = torch.zeros((n, 1 + T), dtype=attn.dtype)
+    for i, g in enumerate(rationale_ids):
         if think[i]:
-            ext[i, 0] = emb.think_id
-            ext[i, 1:1 + len(g)] = torch.tensor(g, dtype=ids.dtype)
-            ext_mask[i, : 1 + len(g)] = 1
+            actions[i, 0] = emb.think_id
+            actions[i, 1:1 + len(g)] = torch.tensor(g, dtype=ids.dtype)
+            action_mask[i, : 1 + len(g)] = 1
     batch = dict(batch)
     for k, v in batch.items():  # per-token side inputs (e.g. mm_token_type_ids): text = 0
         if k not in ("input_ids", "attention_mask") and torch.is_tensor(v) \
                 and v.shape[:2] == ids.shape:
             batch[k] = torch.cat([v, torch.zeros((n, 1 + T), dtype=v.dtype,
                                                  device=v.device)], dim=1)
-    batch["input_ids"] = torch.cat([ids, ext.to(ids.device)], dim=1)  # [N, L + 1 + T]
-    batch["attention_mask"] = torch.cat([am, ext_mask.to(am.device)], dim=1)
+    batch["input_ids"] = torch.cat([ids, actions.to(ids.device)], dim=1)  # [N, L + 1 + T]
+    batch["attention_mask"] = torch.cat([attn, action_mask.to(attn.device)], dim=1)
     hidden = emb.hidden_states(batch)  # [N, L + 1 + T, H]
     w_gate = emb.model.lm_head.weight[[emb.emb_id, emb.think_id]]  # [2, H]
     gate_lp = torch.log_softmax((hidden[:, L - 1] @ w_gate.T).float(), dim=-1)  # [N, 2]
@@ -157,9 +158,9 @@ def rollout_logps(emb: Embedder, enc: AdaptiveEncoder, inputs: list[EmbedInput],
         return logp_gate, mask[:, :1]
     h_r = hidden[:, L:L + T]  # [N, T, H]: position L (<think>) predicts the first id
     lp = torch.log_softmax(emb.model.lm_head(h_r).float(), dim=-1)  # [N, T, V]
-    tgt = ext[:, 1:].to(hidden.device)  # [N, T]
+    tgt = actions[:, 1:].to(hidden.device)  # [N, T]
     logp_r = lp.gather(2, tgt[..., None]).squeeze(-1)  # [N, T]
-    mask[:, 1:] = ext_mask[:, 1:].to(hidden.device)
+    mask[:, 1:] = action_mask[:, 1:].to(hidden.device)
     return torch.cat([logp_gate, logp_r * mask[:, 1:]], dim=1), mask
 
 
@@ -305,10 +306,7 @@ def run(cfg: GateConfig, log: StepLogger = null_logger) -> StageResult:
         m = step_metrics(cfg, pols, batch, parts, upd, time.perf_counter() - t0)
         steps.append((step, m))
         log(step, m)
-        if step == 1 or step % 5 == 0 or step == cfg.steps:
-            print(f"[gate] step {step}/{cfg.steps} reward {m['reward']:+.3f} "
-                  f"(hit {m['reward/hit']:.2f}) reason {m['reason_ratio']:.2f} "
-                  f"kl {m['kl']:.4f} {m['step_s']:.1f}s", flush=True)
+        say_step(cfg, step, m)
     pols.policy.model.eval()
     after = gate_report(pols.enc, eval_rows, cfg.image_root)
     policy_dir, changed = save_policy(cfg, pols, start_params, out)
@@ -319,6 +317,14 @@ def run(cfg: GateConfig, log: StepLogger = null_logger) -> StageResult:
                **{f"before/{a}": b for a, b in before.items()},
                **{f"after/{a}": b for a, b in after.items()}}
     return stage_result(metrics, after, data.skipped, steps, policy_dir, out)
+
+
+def say_step(cfg: GateConfig, step: int, m: dict[str, float]) -> None:
+    """The console line of the first step, every fifth and the last."""
+    if step == 1 or step % 5 == 0 or step == cfg.steps:
+        print(f"[gate] step {step}/{cfg.steps} reward {m['reward']:+.3f} "
+              f"(hit {m['reward/hit']:.2f}) reason {m['reason_ratio']:.2f} "
+              f"kl {m['kl']:.4f} {m['step_s']:.1f}s", flush=True)
 
 
 # --------------------------------------------------------------------------- setup

@@ -216,6 +216,27 @@ def add_method_tokens(model, tokenizer, cfg: EmbeddingConfig | None = None,
     return new
 
 
+def load_model_with_tokens(path: str | Path, processor, init: TokenInit = "mean", dtype=None,
+                           trust_remote_code: bool = False
+                           ) -> tuple[object, EmbeddingConfig, list[str]]:
+    """The model of checkpoint ``path`` with the method's tokens added to it and to the
+    given (already loaded) ``processor``'s tokenizer: ``(model, embedding config, tokens
+    added)``. For a caller that had to load the processor anyway (the prepare stage reads
+    its tokens first), so the processor is loaded once, not twice.
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    src = loadable_dir(path)
+    model = AutoModelForImageTextToText.from_pretrained(
+        src, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
+        attn_implementation="sdpa")
+    cfg = saved_embedding_config(path) or default_embedding_config(processor)
+    added = add_method_tokens(model, processor.tokenizer, cfg, init=init,
+                              round_to=source_dtype(src) if isinstance(src, Path) else None)
+    return model, cfg, added
+
+
 # ---------------------------------------------------------------------------- prompt config
 def template_system(processor) -> str | None:
     """The system text a family's chat template adds by default, or None (Qwen3-VL)."""

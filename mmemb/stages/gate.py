@@ -33,7 +33,7 @@ from data_contracts import io
 from data_contracts.schemas import EVAL_ROWS, PAIRS, SELECTIONS
 from mmemb.configs.gate import GateConfig
 from mmemb.inference import AdaptiveEncoder, Rollout
-from mmemb.losses.grpo import group_advantages, grpo_loss
+from mmemb.losses.grpo import GRPOLossOutput, group_advantages, grpo_loss
 from mmemb.losses.lm import rationale_lm_loss
 from mmemb.losses.objective import ObjectiveOutput, Stage4Objective
 from mmemb.model.embedder import Embedder
@@ -127,26 +127,27 @@ def rollout_logps(emb: Embedder, enc: AdaptiveEncoder, inputs: list[EmbedInput],
     gate, and the full head only at rationale positions.
     """
     batch = enc.prefix_batch(inputs, padding_side="left")
-    ids, am = batch["input_ids"], batch["attention_mask"]  # [N, L]
+    ids, attn = batch["input_ids"], batch["attention_mask"]  # [N, L]
     n, L = ids.shape
-    gen = [r.ids if (t and r is not None) else [] for t, r in zip(think, rolls, strict=True)]
-    T = max([len(g) for g in gen] + [0])
+    rationale_ids = [r.ids if (t and r is not None) else []
+                     for t, r in zip(think, rolls, strict=True)]
+    T = max([len(g) for g in rationale_ids] + [0])
     pad = emb.tokenizer.pad_token_id
-    ext = torch.full((n, 1 + T), pad, dtype=ids.dtype)  # [N, 1 + T]
-    ext_mask = torch.zeros((n, 1 + T), dtype=am.dtype)
-    for i, g in enumerate(gen):
+    actions = torch.full((n, 1 + T), pad, dtype=ids.dtype)  # [N, 1 + T]
+    action_mask = torch.zeros((n, 1 + T), dtype=attn.dtype)
+    for i, g in enumerate(rationale_ids):
         if think[i]:
-            ext[i, 0] = emb.think_id
-            ext[i, 1:1 + len(g)] = torch.tensor(g, dtype=ids.dtype)
-            ext_mask[i, : 1 + len(g)] = 1
+            actions[i, 0] = emb.think_id
+            actions[i, 1:1 + len(g)] = torch.tensor(g, dtype=ids.dtype)
+            action_mask[i, : 1 + len(g)] = 1
     batch = dict(batch)
     for k, v in batch.items():  # per-token side inputs (e.g. mm_token_type_ids): text = 0
         if k not in ("input_ids", "attention_mask") and torch.is_tensor(v) \
                 and v.shape[:2] == ids.shape:
             batch[k] = torch.cat([v, torch.zeros((n, 1 + T), dtype=v.dtype,
                                                  device=v.device)], dim=1)
-    batch["input_ids"] = torch.cat([ids, ext.to(ids.device)], dim=1)  # [N, L + 1 + T]
-    batch["attention_mask"] = torch.cat([am, ext_mask.to(am.device)], dim=1)
+    batch["input_ids"] = torch.cat([ids, actions.to(ids.device)], dim=1)  # [N, L + 1 + T]
+    batch["attention_mask"] = torch.cat([attn, action_mask.to(attn.device)], dim=1)
     hidden = emb.hidden_states(batch)  # [N, L + 1 + T, H]
     w_gate = emb.model.lm_head.weight[[emb.emb_id, emb.think_id]]  # [2, H]
     gate_lp = torch.log_softmax((hidden[:, L - 1] @ w_gate.T).float(), dim=-1)  # [N, 2]
@@ -157,9 +158,9 @@ def rollout_logps(emb: Embedder, enc: AdaptiveEncoder, inputs: list[EmbedInput],
         return logp_gate, mask[:, :1]
     h_r = hidden[:, L:L + T]  # [N, T, H]: position L (<think>) predicts the first id
     lp = torch.log_softmax(emb.model.lm_head(h_r).float(), dim=-1)  # [N, T, V]
-    tgt = ext[:, 1:].to(hidden.device)  # [N, T]
+    tgt = actions[:, 1:].to(hidden.device)  # [N, T]
     logp_r = lp.gather(2, tgt[..., None]).squeeze(-1)  # [N, T]
-    mask[:, 1:] = ext_mask[:, 1:].to(hidden.device)
+    mask[:, 1:] = action_mask[:, 1:].to(hidden.device)
     return torch.cat([logp_gate, logp_r * mask[:, 1:]], dim=1), mask
 
 
@@ -169,16 +170,18 @@ def rewards_for(emb: Embedder, inputs: list[EmbedInput], rationales: list[str | 
                 cfg: GateConfig) -> dict[str, torch.Tensor]:
     """Reward parts per rollout, each [N]; ``pools[i][0]`` is rollout i's positive."""
     rc = cfg.reward
-    q = emb.embed([EmbedInput(x.text, x.instruction, x.images, rationale=r)
-                   for x, r in zip(inputs, rationales, strict=True)], mode="auto").embeddings
-    uniq = sorted({t for p in pools for t in p})
-    pos = {t: i for i, t in enumerate(uniq)}
-    tv = emb.encode([EmbedInput(text=t) for t in uniq], batch_size=64).embeddings.to(q.device)
+    query_vecs = emb.embed([EmbedInput(x.text, x.instruction, x.images, rationale=r)
+                            for x, r in zip(inputs, rationales, strict=True)],
+                           mode="auto").embeddings  # [N, H]
+    targets = sorted({t for p in pools for t in p})
+    row_of = {t: i for i, t in enumerate(targets)}
+    target_vecs = emb.encode([EmbedInput(text=t) for t in targets], batch_size=64
+                             ).embeddings.to(query_vecs.device)  # [T, H]
     hit, margin = [], []
     for i, pool in enumerate(pools):
-        c = q[i] @ tv[[pos[t] for t in pool]].T  # [P]
-        hit.append(float(c[1:].numel() == 0 or bool(c[0] > c[1:].max())))
-        margin.append(float(c[0] - c[1:].max()) if c.numel() > 1 else 0.0)
+        cos = query_vecs[i] @ target_vecs[[row_of[t] for t in pool]].T  # [P], 0 = positive
+        hit.append(float(cos[1:].numel() == 0 or bool(cos[0] > cos[1:].max())))
+        margin.append(float(cos[0] - cos[1:].max()) if cos.numel() > 1 else 0.0)
     hit_t, margin_t = torch.tensor(hit), torch.tensor(margin)
     cost = torch.tensor([n / cfg.budget for n in n_tokens], dtype=torch.float32)
     fmt = torch.tensor([float(m) for m in malformed])
@@ -192,7 +195,7 @@ def _deepspeed_engine(model: torch.nn.Module, cfg: GateConfig):
     linear warm-up then a constant LR. Single process here, launcher-driven on a cluster."""
     import deepspeed
 
-    from mmemb.training.deepspeed_config import ds_config
+    from mmemb.training.deepspeed_config import constant_lr_scheduler, ds_config
     from mmemb.training.distributed import init_deepspeed, is_dist, single_process_env
 
     single_process_env()
@@ -201,12 +204,9 @@ def _deepspeed_engine(model: torch.nn.Module, cfg: GateConfig):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ds = ds_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), device, micro_batch=1,
                    grad_accum=1)
-    warm = max(1, cfg.warmup_steps)
-    sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
-        opt, lambda s: min(1.0, (s + 1) / warm))
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds,
-                                           lr_scheduler=sched)
+                                           lr_scheduler=constant_lr_scheduler(cfg.warmup_steps))
     return engine
 
 
@@ -267,122 +267,268 @@ def gate_report(enc: AdaptiveEncoder, rows: list[dict], image_root: str | None
 
 
 def run(cfg: GateConfig, log: StepLogger = null_logger) -> StageResult:
-    """Train the gate with GRPO; save the policy as the final adaptive model."""
+    """Train the gate with GRPO; save the policy as the final adaptive model.
+
+    Each step (TRL's split): :func:`rollouts` (no grad), :func:`score_rollouts` (rewards and
+    group advantages), :func:`policy_update` (GRPO surrogate + the stage-4 anchor)."""
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.seed)  # query order and reward pools
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    data = load_gate_data(cfg, out)
+    pols = load_policies(cfg, out)
+    eval_rows, eval_skipped = load_eval_rows(cfg, data.check, out)
+    before = gate_report(pols.enc, eval_rows, cfg.image_root)
+    start_params = {n: p.detach().clone() for n, p in pols.policy.model.named_parameters()}
+    pols.engine = _deepspeed_engine(pols.policy.model, cfg)
+    print(f"[gate] GRPO: {len(data.queries)} queries, {cfg.steps} steps x "
+          f"{cfg.queries_per_step} queries x G={cfg.group_size} rollouts, budget {cfg.budget} "
+          f"tokens, ZeRO-{cfg.zero_stage}", flush=True)
+    steps: list[tuple[int, dict[str, float]]] = []
+    order: list[int] = []
+    t_start = time.perf_counter()
+    for step in range(1, cfg.steps + 1):
+        t0 = time.perf_counter()
+        idx, order = next_queries(order, len(data.queries), cfg.queries_per_step, rng)
+        batch = rollouts(cfg, pols, data.queries, idx, step)
+        parts, adv = score_rollouts(cfg, pols.policy, data.queries, batch, rng)
+        upd = policy_update(cfg, pols, batch, adv)
+        m = step_metrics(cfg, pols, batch, parts, upd, time.perf_counter() - t0)
+        steps.append((step, m))
+        log(step, m)
+        say_step(cfg, step, m)
+    pols.policy.model.eval()
+    after = gate_report(pols.enc, eval_rows, cfg.image_root)
+    policy_dir, changed = save_policy(cfg, pols, start_params, out)
+    metrics = {**quarter_rewards(steps), "params_changed": float(changed),
+               "params_total": float(len(start_params)),
+               "train_s": time.perf_counter() - t_start,
+               **data.skipped.metrics("data"), **eval_skipped.metrics("eval_data"),
+               **{f"before/{a}": b for a, b in before.items()},
+               **{f"after/{a}": b for a, b in after.items()}}
+    return stage_result(metrics, after, data.skipped, steps, policy_dir, out)
+
+
+def say_step(cfg: GateConfig, step: int, m: dict[str, float]) -> None:
+    """The console line of the first step, every fifth and the last."""
+    if step == 1 or step % 5 == 0 or step == cfg.steps:
+        print(f"[gate] step {step}/{cfg.steps} reward {m['reward']:+.3f} "
+              f"(hit {m['reward/hit']:.2f}) reason {m['reason_ratio']:.2f} "
+              f"kl {m['kl']:.4f} {m['step_s']:.1f}s", flush=True)
+
+
+# --------------------------------------------------------------------------- setup
+
+
+@dataclass
+class GateData:
+    """The training queries whose images decode, and the image check (reused on eval)."""
+
+    queries: list[Query]
+    skipped: SkipReport
+    check: object
+
+
+def load_gate_data(cfg: GateConfig, out: Path) -> GateData:
+    """Queries whose images decode; at least one step's worth."""
     queries = load_queries(cfg)
     check = stage_image_check(cfg.model, cfg.max_pixels, cfg.min_pixels, cfg.max_decode_pixels)
     queries, skipped = _skip_unreadable_queries(queries, check, cfg, out)
     if len(queries) < cfg.queries_per_step:
         raise ValueError(f"{cfg.data}: {len(queries)} queries, fewer than queries_per_step="
                          f"{cfg.queries_per_step}; lower it or give more data")
+    return GateData(queries, skipped, check)
+
+
+@dataclass
+class Policies:
+    """The trained policy and the frozen reference (each with its adaptive encoder), the
+    optional vLLM rollout engine and the DeepSpeed engine that updates the policy."""
+
+    policy: Embedder
+    ref: Embedder
+    enc: AdaptiveEncoder
+    ref_enc: AdaptiveEncoder
+    vllm: object | None  # VLLMPolicy: rationales sampled outside the trainer
+    engine: object = None
+
+
+def load_policies(cfg: GateConfig, out: Path) -> Policies:
+    """Policy = the stage-4 model; reference = a frozen copy (the KL anchor)."""
     policy = Embedder.from_pretrained(cfg.model, max_pixels=cfg.max_pixels,
                                       min_pixels=cfg.min_pixels,
                                       max_decode_pixels=cfg.max_decode_pixels)
     ref_model = copy.deepcopy(policy.model).eval().requires_grad_(False)
     ref = Embedder(ref_model, policy.processor, policy.config, max_pixels=policy.max_pixels,
                    min_pixels=policy.min_pixels, max_decode_pixels=cfg.max_decode_pixels)
-    vpol = _vllm_policy(policy, cfg, out) if cfg.rollout_backend == "vllm" else None
-    enc = AdaptiveEncoder(policy, budget=cfg.budget, threshold=cfg.threshold, vllm=vpol)
-    ref_enc = AdaptiveEncoder(ref, budget=cfg.budget)
-    eval_rows = io.read(cfg.eval, EVAL_ROWS, image_root=cfg.image_root,
-                        allow_outside_root=cfg.allow_images_outside_root
-                        ).to_pylist() if cfg.eval else []
-    eval_rows, eval_skipped = drop_unreadable_eval(eval_rows, cfg.image_root, check,
-                                                   str(cfg.eval), candidates=False)
-    _report_skipped(eval_skipped, len(eval_rows), out / "skipped_eval_rows.jsonl", "eval rows")
-    before = gate_report(enc, eval_rows, cfg.image_root)
-    start_params = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
-    engine = _deepspeed_engine(policy.model, cfg)
-    print(f"[gate] GRPO: {len(queries)} queries, {cfg.steps} steps x {cfg.queries_per_step} "
-          f"queries x G={cfg.group_size} rollouts, budget {cfg.budget} tokens, "
-          f"ZeRO-{cfg.zero_stage}", flush=True)
-    order: list[int] = []
-    steps: list[tuple[int, dict[str, float]]] = []
+    vllm_policy = _vllm_policy(policy, cfg, out) if cfg.rollout_backend == "vllm" else None
+    enc = AdaptiveEncoder(policy, budget=cfg.budget, threshold=cfg.threshold, vllm=vllm_policy)
+    return Policies(policy, ref, enc, AdaptiveEncoder(ref, budget=cfg.budget), vllm_policy)
+
+
+def load_eval_rows(cfg: GateConfig, check, out: Path) -> tuple[list[dict], SkipReport]:
+    """The eval rows (none without ``cfg.eval``) whose query images decode."""
+    rows = io.read(cfg.eval, EVAL_ROWS, image_root=cfg.image_root,
+                   allow_outside_root=cfg.allow_images_outside_root
+                   ).to_pylist() if cfg.eval else []
+    rows, skipped = drop_unreadable_eval(rows, cfg.image_root, check, str(cfg.eval),
+                                         candidates=False)
+    _report_skipped(skipped, len(rows), out / "skipped_eval_rows.jsonl", "eval rows")
+    return rows, skipped
+
+
+# --------------------------------------------------------------------------- one GRPO step
+
+
+def next_queries(order: list[int], n: int, k: int, rng: random.Random
+                 ) -> tuple[list[int], list[int]]:
+    """The step's ``k`` queries and the rest of the order: epochs of shuffled queries."""
+    if len(order) < k:
+        perm = list(range(n))
+        rng.shuffle(perm)
+        order = order + perm
+    return order[:k], order[k:]
+
+
+@dataclass
+class RolloutBatch:
+    """G rollouts per query (rollout ``j`` is of query ``j // G``)."""
+
+    idx: list[int]  # [B] the step's queries (positions in the query list)
+    queries: list[Query]  # [B]
+    inputs: list[EmbedInput]  # [B * G]
+    p_think: torch.Tensor  # [B] the gate's p(<think>) before sampling
+    think: list[bool]  # [B * G] the sampled gate
+    rolls: list[Rollout | None]  # [B * G] the sampled rationale where the gate thinks
+
+    @property
+    def rationales(self) -> list[str | None]:
+        return [r.text if r is not None else None for r in self.rolls]
+
+    @property
+    def n_tokens(self) -> list[int]:
+        return [len(r.ids) if r is not None else 0 for r in self.rolls]
+
+    @property
+    def malformed(self) -> list[bool]:  # a rationale that never closed </think>
+        return [r is not None and not r.finished for r in self.rolls]
+
+
+def rollouts(cfg: GateConfig, pols: Policies, all_queries: list[Query], idx: list[int],
+             step: int) -> RolloutBatch:
+    """Sample the gate for G rollouts per query, then a rationale where it thinks (no
+    grad). Seeded per step, so a rerun samples the same rollouts."""
     G = cfg.group_size
-    t_start = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
-        t0 = time.perf_counter()
-        if len(order) < cfg.queries_per_step:
-            perm = list(range(len(queries)))
-            rng.shuffle(perm)
-            order += perm
-        idx, order = order[: cfg.queries_per_step], order[cfg.queries_per_step:]
-        # ---- rollouts (no grad): gate sampled, rationale sampled where it thinks
-        policy.model.eval()
-        qs = [queries[i].inp for i in idx]
-        p = enc.p_think(qs)  # [B]
-        p_rep = p.repeat_interleave(G)  # [B * G]
-        think = torch.bernoulli(p_rep, generator=torch.Generator().manual_seed(
-            cfg.seed * 100003 + step)).bool().tolist()
-        inputs = [qs[j // G] for j in range(len(p_rep))]
-        t_idx = [j for j, t in enumerate(think) if t]
-        with torch.random.fork_rng():
-            torch.manual_seed(cfg.seed * 7919 + step)
-            gen = enc.generate([inputs[j] for j in t_idx], do_sample=True,
-                               temperature=cfg.temperature) if t_idx else []
-        rolls: list[Rollout | None] = [None] * len(inputs)
-        for j, r in zip(t_idx, gen, strict=True):
-            rolls[j] = r
-        rats = [r.text if r is not None else None for r in rolls]
-        ntok = [len(r.ids) if r is not None else 0 for r in rolls]
-        malformed = [r is not None and not r.finished for r in rolls]
-        pools = [pl for pl in _pools(queries, idx, cfg.reward.pool_size, rng) for _ in range(G)]
-        parts = rewards_for(policy, inputs, rats, ntok, malformed, pools, cfg)
-        adv = group_advantages(parts["reward"].view(-1, G),
-                               scale=cfg.scale_advantages).flatten()  # [B * G]
-        with torch.no_grad():
-            logp_old, mask = rollout_logps(policy, enc, inputs, think, rolls)
-            logp_ref, _ = rollout_logps(ref, ref_enc, inputs, think, rolls)
-        # ---- policy update(s)
-        policy.model.train()
-        for _ in range(cfg.num_iterations):
-            logp, _ = rollout_logps(policy, enc, inputs, think, rolls)
-            lo = grpo_loss(logp, logp_old, logp_ref, adv.to(logp.device), mask,
-                           beta=cfg.beta, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                           aggregation=cfg.aggregation)
-            total = lo.loss
-            if cfg.anchor_weight > 0:
-                anc = anchor_loss(policy, [queries[i] for i in idx], cfg)
-                total = total + cfg.anchor_weight * anc.loss
-            engine.backward(total)
-            engine.step()
-            if vpol is not None:  # the next rollouts must come from the updated policy
-                sync_s = vpol.sync(policy.model)
-        fam = [queries[idx[j // G]].family or "none" for j in range(len(think))]
-        m = {"loss": float(total.detach()), "loss/grpo": float(lo.loss.detach()),
-             "kl": float(lo.kl),
-             "clip_fraction": float(lo.clip_fraction),
-             "reward": float(parts["reward"].mean()), "reward/hit": float(parts["hit"].mean()),
-             "reward/margin": float(parts["margin"].mean()),
-             "reward/cost": float(parts["cost"].mean()),
-             "reward/malformed": float(parts["malformed"].mean()),
-             "reason_ratio": sum(think) / len(think), "p_think": float(p.mean()),
-             "reason_len": (sum(ntok) / max(1, len(t_idx))),
-             "lr": float(engine.get_lr()[0]), "step_s": time.perf_counter() - t0}
-        if vpol is not None:
-            m["rollout/sync_s"] = sync_s
+    pols.policy.model.eval()
+    queries = [all_queries[i] for i in idx]
+    qs = [q.inp for q in queries]
+    p_think = pols.enc.p_think(qs)  # [B]
+    p_rep = p_think.repeat_interleave(G)  # [B * G]
+    think = torch.bernoulli(p_rep, generator=torch.Generator().manual_seed(
+        cfg.seed * 100003 + step)).bool().tolist()
+    inputs = [qs[j // G] for j in range(len(p_rep))]
+    think_idx = [j for j, t in enumerate(think) if t]
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed * 7919 + step)
+        gen = pols.enc.generate([inputs[j] for j in think_idx], do_sample=True,
+                                temperature=cfg.temperature) if think_idx else []
+    rolls: list[Rollout | None] = [None] * len(inputs)
+    for j, r in zip(think_idx, gen, strict=True):
+        rolls[j] = r
+    return RolloutBatch(idx, queries, inputs, p_think, think, rolls)
+
+
+def score_rollouts(cfg: GateConfig, policy: Embedder, all_queries: list[Query],
+                   batch: RolloutBatch, rng: random.Random
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Reward parts per rollout (each [B * G]) and the group-relative advantages [B * G]."""
+    G = cfg.group_size
+    pools = [pl for pl in _pools(all_queries, batch.idx, cfg.reward.pool_size, rng)
+             for _ in range(G)]
+    parts = rewards_for(policy, batch.inputs, batch.rationales, batch.n_tokens,
+                        batch.malformed, pools, cfg)
+    adv = group_advantages(parts["reward"].view(-1, G),
+                           scale=cfg.scale_advantages).flatten()  # [B * G]
+    return parts, adv
+
+
+@dataclass
+class Update:
+    """The last policy update of a step: its total loss and the parts that went in."""
+
+    total: torch.Tensor
+    grpo: GRPOLossOutput
+    anchor: ObjectiveOutput | None  # the stage-4 anchor (anchor_weight > 0)
+    sync_s: float | None  # seconds to push the weights to vLLM (vLLM rollouts)
+
+
+def policy_update(cfg: GateConfig, pols: Policies, batch: RolloutBatch, adv: torch.Tensor
+                  ) -> Update:
+    """``num_iterations`` DeepSpeed steps of the clipped GRPO surrogate (+ the anchor) on
+    one batch of rollouts; old and reference log-probs are taken once, before the first."""
+    policy, enc, inputs, think, rolls = pols.policy, pols.enc, batch.inputs, batch.think, \
+        batch.rolls
+    with torch.no_grad():
+        logp_old, mask = rollout_logps(policy, enc, inputs, think, rolls)
+        logp_ref, _ = rollout_logps(pols.ref, pols.ref_enc, inputs, think, rolls)
+    policy.model.train()
+    for _ in range(cfg.num_iterations):
+        logp, _ = rollout_logps(policy, enc, inputs, think, rolls)
+        grpo_out = grpo_loss(logp, logp_old, logp_ref, adv.to(logp.device), mask,
+                             beta=cfg.beta, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                             aggregation=cfg.aggregation)
+        total, anchor_out, sync_s = grpo_out.loss, None, None
         if cfg.anchor_weight > 0:
-            m.update({f"anchor/{k.split('/', 1)[-1]}": v for k, v in anc.parts().items()
-                      if k in ("loss", "loss/nce_reason", "loss/nce_direct", "loss/lm")})
-        for f in sorted(set(fam)):
-            ids = [j for j, x in enumerate(fam) if x == f]
-            m[f"reason_ratio/{f}"] = sum(think[j] for j in ids) / len(ids)
-        steps.append((step, m))
-        log(step, m)
-        if step == 1 or step % 5 == 0 or step == cfg.steps:
-            print(f"[gate] step {step}/{cfg.steps} reward {m['reward']:+.3f} "
-                  f"(hit {m['reward/hit']:.2f}) reason {m['reason_ratio']:.2f} "
-                  f"kl {m['kl']:.4f} {m['step_s']:.1f}s", flush=True)
-    policy.model.eval()
-    after = gate_report(enc, eval_rows, cfg.image_root)
-    if vpol is not None:
-        vpol.close()
+            anchor_out = anchor_loss(policy, batch.queries, cfg)
+            total = total + cfg.anchor_weight * anchor_out.loss
+        pols.engine.backward(total)
+        pols.engine.step()
+        if pols.vllm is not None:  # the next rollouts must come from the updated policy
+            sync_s = pols.vllm.sync(policy.model)
+    return Update(total, grpo_out, anchor_out, sync_s)
+
+
+def step_metrics(cfg: GateConfig, pols: Policies, batch: RolloutBatch,
+                 parts: dict[str, torch.Tensor], upd: Update, step_s: float
+                 ) -> dict[str, float]:
+    """The step's logged numbers: loss parts, reward parts, how often and how long the
+    policy reasons (overall and per family)."""
+    think, G = batch.think, cfg.group_size
+    n_thinking = sum(think)
+    m = {"loss": float(upd.total.detach()), "loss/grpo": float(upd.grpo.loss.detach()),
+         "kl": float(upd.grpo.kl),
+         "clip_fraction": float(upd.grpo.clip_fraction),
+         "reward": float(parts["reward"].mean()), "reward/hit": float(parts["hit"].mean()),
+         "reward/margin": float(parts["margin"].mean()),
+         "reward/cost": float(parts["cost"].mean()),
+         "reward/malformed": float(parts["malformed"].mean()),
+         "reason_ratio": n_thinking / len(think), "p_think": float(batch.p_think.mean()),
+         "reason_len": (sum(batch.n_tokens) / max(1, n_thinking)),
+         "lr": float(pols.engine.get_lr()[0]), "step_s": step_s}
+    if pols.vllm is not None:
+        m["rollout/sync_s"] = upd.sync_s
+    if upd.anchor is not None:
+        m.update({f"anchor/{k.split('/', 1)[-1]}": v for k, v in upd.anchor.parts().items()
+                  if k in ("loss", "loss/nce_reason", "loss/nce_direct", "loss/lm")})
+    fam = [batch.queries[j // G].family or "none" for j in range(len(think))]
+    for f in sorted(set(fam)):
+        ids = [j for j, x in enumerate(fam) if x == f]
+        m[f"reason_ratio/{f}"] = sum(think[j] for j in ids) / len(ids)
+    return m
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save_policy(cfg: GateConfig, pols: Policies, start_params: dict[str, torch.Tensor],
+                out: Path) -> tuple[Path, int]:
+    """Close vLLM, save the policy with the gate's budget and threshold beside it, tear the
+    process group down; the policy folder and how many parameters moved."""
+    if pols.vllm is not None:
+        pols.vllm.close()
     changed = sum(int(not torch.equal(start_params[n], p.detach()))
-                  for n, p in policy.model.named_parameters())
-    policy_dir = policy.save_pretrained(out / "policy")
+                  for n, p in pols.policy.model.named_parameters())
+    policy_dir = pols.policy.save_pretrained(out / "policy")
     (policy_dir / "mmemb_gate.json").write_text(json.dumps(
         {"threshold": cfg.threshold, "budget": cfg.budget}, indent=2))
     import deepspeed.comm as ds_comm
@@ -390,17 +536,20 @@ def run(cfg: GateConfig, log: StepLogger = null_logger) -> StageResult:
 
     if dist.is_initialized():  # through DeepSpeed, so its cached groups are reset too
         ds_comm.destroy_process_group()
+    return policy_dir, changed
+
+
+def quarter_rewards(steps: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """Mean reward of the first and the last quarter of the steps."""
     k = max(1, len(steps) // 4)
-    metrics = {
-        "reward_first_quarter": sum(s[1]["reward"] for s in steps[:k]) / k,
-        "reward_last_quarter": sum(s[1]["reward"] for s in steps[-k:]) / k,
-        "params_changed": float(changed),
-        "params_total": float(len(start_params)),
-        "train_s": time.perf_counter() - t_start,
-        **skipped.metrics("data"), **eval_skipped.metrics("eval_data"),
-        **{f"before/{a}": b for a, b in before.items()},
-        **{f"after/{a}": b for a, b in after.items()},
-    }
+    return {"reward_first_quarter": sum(s[1]["reward"] for s in steps[:k]) / k,
+            "reward_last_quarter": sum(s[1]["reward"] for s in steps[-k:]) / k}
+
+
+def stage_result(metrics: dict[str, float], after: dict[str, float], skipped: SkipReport,
+                 steps: list[tuple[int, dict[str, float]]], policy_dir: Path, out: Path
+                 ) -> StageResult:
+    """Print the summary, write ``gate_summary.json``; the stage's result."""
     summary = (f"gate: reward {metrics['reward_first_quarter']:+.3f} -> "
                f"{metrics['reward_last_quarter']:+.3f}; reasoning ratio on eval "
                + ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in after.items()

@@ -72,18 +72,19 @@ def counterfactual(q_without: torch.Tensor, q_with: torch.Tensor, pool: torch.Te
     Vectors need not be normalised: cosines are computed here. Ranks are pessimistic: a
     negative that ties with the positive ranks before it.
     """
-    q0 = torch.nn.functional.normalize(q_without.double(), dim=-1)  # [H]
-    qk = torch.nn.functional.normalize(q_with.double(), dim=-1)  # [K, H]
-    t = torch.nn.functional.normalize(pool.double(), dim=-1)  # [P, H]
-    cos0 = t @ q0  # [P]
-    cosk = qk @ t.T  # [K, P]
-    s0 = torch.log_softmax(cos0 / tau, dim=-1)[pos]  # []
-    sk = torch.log_softmax(cosk / tau, dim=-1)[:, pos]  # [K]
-    others = torch.ones(t.shape[0], dtype=torch.bool)
+    direct = torch.nn.functional.normalize(q_without.double(), dim=-1)  # [H]
+    reasoned = torch.nn.functional.normalize(q_with.double(), dim=-1)  # [K, H]
+    targets = torch.nn.functional.normalize(pool.double(), dim=-1)  # [P, H]
+    cos_direct = targets @ direct  # [P]
+    cos_reasoned = reasoned @ targets.T  # [K, P]
+    s_direct = torch.log_softmax(cos_direct / tau, dim=-1)[pos]  # []
+    s_reasoned = torch.log_softmax(cos_reasoned / tau, dim=-1)[:, pos]  # [K]
+    others = torch.ones(targets.shape[0], dtype=torch.bool)
     others[pos] = False
-    rank0 = 1 + (cos0[others] >= cos0[pos]).sum()  # []
-    rankk = 1 + (cosk[:, others] >= cosk[:, pos:pos + 1]).sum(dim=1)  # [K]
-    return Counterfactual(cosk[:, pos], cos0[pos], sk, s0, sk - s0, rankk, rank0)
+    rank_direct = 1 + (cos_direct[others] >= cos_direct[pos]).sum()  # []
+    rank_reasoned = 1 + (cos_reasoned[:, others] >= cos_reasoned[:, pos:pos + 1]).sum(dim=1)
+    return Counterfactual(cos_reasoned[:, pos], cos_direct[pos], s_reasoned, s_direct,
+                          s_reasoned - s_direct, rank_reasoned, rank_direct)  # [K] each or []
 
 
 # --------------------------------------------------------------------------- pools
@@ -153,18 +154,18 @@ def embed_sorted(emb, inputs: list[EmbedInput], mode: str, batch_size: int, desc
     return out, errors
 
 
-def scored_fields(cf: Counterfactual, j: int) -> dict:
+def scored_fields(scores: Counterfactual, j: int) -> dict:
     """Candidate ``j``'s score row fields: status ``ok``, or ``error`` naming the value when
     one is not finite (NaN/inf embeddings), which the scores contract refuses as ``ok``."""
-    f = {"cos_with": float(cf.cos_with[j]), "cos_without": float(cf.cos_without),
-         "s_with": float(cf.s_with[j]), "s_without": float(cf.s_without),
-         "delta": float(cf.delta[j])}
+    f = {"cos_with": float(scores.cos_with[j]), "cos_without": float(scores.cos_without),
+         "s_with": float(scores.s_with[j]), "s_without": float(scores.s_without),
+         "delta": float(scores.delta[j])}
     bad = {k: v for k, v in f.items() if not math.isfinite(v)}
     if bad:
         return {"status": "error", "error": f"non-finite score {bad}: the model's embeddings "
                 "hold NaN/inf for this query or rationale"}
-    return {"status": "ok", "error": None, **f, "rank_with": int(cf.rank_with[j]),
-            "rank_without": int(cf.rank_without)}
+    return {"status": "ok", "error": None, **f, "rank_with": int(scores.rank_with[j]),
+            "rank_without": int(scores.rank_without)}
 
 
 # --------------------------------------------------------------------------- the stage
@@ -231,92 +232,156 @@ def run(cfg: ScoreConfig, log: StepLogger = null_logger) -> StageResult:
 
 
 def _run(cfg: ScoreConfig) -> StageResult:
+    """The recipe: inputs and pools, the resume fingerprint, every shard scored (the model
+    loaded only if one is left to do), metrics."""
     t0 = time.perf_counter()
-    pairs, by_pair, other_side = _load(cfg)
-    pools = build_pools(pairs, cfg.pool_size, cfg.seed, cfg.hard_negatives)
+    data = load_score_inputs(cfg)
     out = Path(cfg.out) / "scores"
     fp = fingerprint("score-v1", input_digest(cfg.pairs), input_digest(cfg.rationales),
                      _model_stamp(cfg.model),
                      cfg.digest_view("resume"))
-    state: dict = {}
+    targets = TargetVectors(cfg, data.pools)
+    blocks = split(data.pairs, cfg.shard_size)
+    res = run_sharded([(f"{i:05d}", b) for i, b in enumerate(blocks)], out, SCORES,
+                      lambda name, block: score_block(cfg, data, targets, name, block),
+                      fp, resume=cfg.resume, progress=cfg.progress)
+    return stage_result(cfg, data, res, out, time.perf_counter() - t0)
 
-    def targets() -> tuple[object, dict[TargetKey, torch.Tensor]]:
-        """The embedder and every distinct pool member's embedding, computed once."""
-        if "emb" not in state:
-            state["emb"] = _load_embedder(cfg)
-            keys = sorted({k for pool in pools.values() for k in pool})
+
+@dataclass
+class ScoreInputs:
+    """The pairs, their candidates (scored side) and every pair's candidate pool."""
+
+    pairs: list[dict]
+    by_pair: dict[str, list[dict]]
+    other_side: int  # candidates of the side not scored
+    pools: dict[str, list[TargetKey]]
+
+    def candidates(self, pair: dict) -> list[dict]:
+        return self.by_pair.get(pair["pair_id"], [])
+
+
+def load_score_inputs(cfg: ScoreConfig) -> ScoreInputs:
+    pairs, by_pair, other_side = _load(cfg)
+    return ScoreInputs(pairs, by_pair, other_side,
+                       build_pools(pairs, cfg.pool_size, cfg.seed, cfg.hard_negatives))
+
+
+@dataclass
+class TargetVectors:
+    """The embedder and every distinct pool member's embedding, computed on first use (a
+    fully resumed run loads no model)."""
+
+    cfg: ScoreConfig
+    pools: dict[str, list[TargetKey]]
+    emb: object = None
+    vecs: dict[TargetKey, torch.Tensor] | None = None
+
+    def get(self) -> tuple[object, dict[TargetKey, torch.Tensor]]:
+        if self.emb is None:
+            cfg = self.cfg
+            self.emb = _load_embedder(cfg)
+            keys = sorted({k for pool in self.pools.values() for k in pool})
             inputs = [EmbedInput.from_row(i, t, im, cfg.image_root) for i, t, im in keys]
-            vecs, errs = embed_sorted(state["emb"], inputs, "direct", cfg.batch_size,
-                                      "targets", cfg.progress)
+            vecs, errs = embed_sorted(self.emb, inputs, "direct", cfg.batch_size, "targets",
+                                      cfg.progress)
             bad = [(k, e) for k, e in zip(keys, errs, strict=True) if e]
             if bad:
                 raise ContractError(cfg.pairs, f"target {bad[0][0]} cannot be embedded "
                                     f"({bad[0][1]})", column="pos_text",
                                     fix="fix or remove the pair's target (or its image).")
-            state["t"] = dict(zip(keys, vecs, strict=True))
-        return state["emb"], state["t"]
+            self.vecs = dict(zip(keys, vecs, strict=True))
+        return self.emb, self.vecs
 
-    def process(name: str, block: list[dict]) -> list[dict]:
-        emb, tvec = targets()
-        queries = [EmbedInput.from_row(p["qry_inst"], p["qry_text"], p["qry_img_path"],
-                                       cfg.image_root) for p in block]
-        need = [b for b, p in enumerate(block)
-                if any(skip_reason(c) is None for c in by_pair.get(p["pair_id"], []))]
-        got, got_err = embed_sorted(emb, [queries[b] for b in need], "direct", cfg.batch_size,
-                                    f"{name} queries", cfg.progress)  # once per query
-        q0 = torch.full((len(block), got.shape[1] if len(need) else 1), float("nan"))
-        q0_err: list[str | None] = [None] * len(block)
-        for n, b in enumerate(need):
-            q0[b], q0_err[b] = got[n], got_err[n]  # [B, H], reused for the query's K
-        todo = [(b, c) for b, p in enumerate(block) for c in by_pair.get(p["pair_id"], [])
-                if skip_reason(c) is None and q0_err[b] is None]
-        reasoned = [EmbedInput(queries[b].text, queries[b].instruction, queries[b].images,
-                               rationale=c["text"]) for b, c in todo]
-        qk, qk_err = embed_sorted(emb, reasoned, "reason", cfg.batch_size, f"{name} q+r",
-                                  cfg.progress)  # [N, H]
-        vec_of = {(c["pair_id"], c["teacher_id"], c["cand_idx"]): (qk[n], qk_err[n])
-                  for n, (_, c) in enumerate(todo)}
-        rows = []
-        for b, p in enumerate(block):
-            cands = sorted(by_pair.get(p["pair_id"], []),
-                           key=lambda c: (c["teacher_id"], c["cand_idx"]))
-            pool = torch.stack([tvec[k] for k in pools[p["pair_id"]]])  # [P, H]
-            key_of = {id(c): (c["pair_id"], c["teacher_id"], c["cand_idx"]) for c in cands}
-            ok = [c for c in cands if vec_of.get(key_of[id(c)], (None, "x"))[1] is None]
-            cf = None
-            if ok:
-                cf = counterfactual(q0[b], torch.stack([vec_of[key_of[id(c)]][0] for c in ok]),
-                                    pool, cfg.tau)
-            j = 0
-            for c in cands:
-                row = {"pair_id": p["pair_id"], "teacher_id": c["teacher_id"],
-                       "cand_idx": c["cand_idx"], "pool_size": len(pools[p["pair_id"]])}
-                key = key_of[id(c)]
-                if q0_err[b] is not None:
-                    row.update(status="error", error=f"query: {q0_err[b]}")
-                elif skip_reason(c) is not None:
-                    row.update(status="skipped", error=skip_reason(c))
-                elif vec_of[key][1] is not None:
-                    row.update(status="error", error=vec_of[key][1])
-                else:
-                    row.update(scored_fields(cf, j))
-                    j += 1
-                rows.append(row)
-        return [{k: r.get(k) for k in SCORES.columns} for r in rows]
 
-    blocks = split(pairs, cfg.shard_size)
-    res = run_sharded([(f"{i:05d}", b) for i, b in enumerate(blocks)], out, SCORES, process,
-                      fp, resume=cfg.resume, progress=cfg.progress)
+CandKey = tuple[str, str, int]  # (pair_id, teacher_id, cand_idx)
+
+
+def cand_key(cand: dict) -> CandKey:
+    return (cand["pair_id"], cand["teacher_id"], cand["cand_idx"])
+
+
+def score_block(cfg: ScoreConfig, data: ScoreInputs, targets: TargetVectors, name: str,
+                block: list[dict]) -> list[dict]:
+    """The score rows of one shard: each query embedded once in direct mode, each usable
+    candidate once with its rationale, then the counterfactual per pair."""
+    emb, target_vecs = targets.get()
+    queries = [EmbedInput.from_row(p["qry_inst"], p["qry_text"], p["qry_img_path"],
+                                   cfg.image_root) for p in block]
+    direct, direct_err = embed_direct(cfg, emb, data, block, queries, name)
+    todo = [(b, c) for b, p in enumerate(block) for c in data.candidates(p)
+            if skip_reason(c) is None and direct_err[b] is None]
+    reasoned_inputs = [EmbedInput(queries[b].text, queries[b].instruction, queries[b].images,
+                                  rationale=c["text"]) for b, c in todo]
+    reasoned, reasoned_err = embed_sorted(emb, reasoned_inputs, "reason", cfg.batch_size,
+                                          f"{name} q+r", cfg.progress)  # [N, H]
+    with_rationale = {cand_key(c): (reasoned[n], reasoned_err[n])
+                      for n, (_, c) in enumerate(todo)}
+    rows = []
+    for b, p in enumerate(block):
+        pool = torch.stack([target_vecs[k] for k in data.pools[p["pair_id"]]])  # [P, H]
+        rows += pair_rows(cfg, p, data.candidates(p), direct[b], direct_err[b], pool,
+                          with_rationale)
+    return [{k: r.get(k) for k in SCORES.columns} for r in rows]
+
+
+def embed_direct(cfg: ScoreConfig, emb, data: ScoreInputs, block: list[dict],
+                 queries: list[EmbedInput], name: str
+                 ) -> tuple[torch.Tensor, list[str | None]]:
+    """Direct-mode embeddings ``[B, H]`` (NaN where not needed) and errors of the block's
+    queries; only queries with a usable candidate are embedded, each once for its K."""
+    need = [b for b, p in enumerate(block)
+            if any(skip_reason(c) is None for c in data.candidates(p))]
+    got, got_err = embed_sorted(emb, [queries[b] for b in need], "direct", cfg.batch_size,
+                                f"{name} queries", cfg.progress)
+    direct = torch.full((len(block), got.shape[1] if len(need) else 1), float("nan"))
+    direct_err: list[str | None] = [None] * len(block)
+    for n, b in enumerate(need):
+        direct[b], direct_err[b] = got[n], got_err[n]
+    return direct, direct_err
+
+
+def pair_rows(cfg: ScoreConfig, pair: dict, cands: list[dict], direct: torch.Tensor,
+              direct_err: str | None, pool: torch.Tensor,
+              with_rationale: dict[CandKey, tuple[torch.Tensor, str | None]]) -> list[dict]:
+    """One row per candidate of a pair (teacher, candidate order): scored, skipped, or the
+    error of the query's or the candidate's embedding."""
+    cands = sorted(cands, key=lambda c: (c["teacher_id"], c["cand_idx"]))
+    ok = [c for c in cands if with_rationale.get(cand_key(c), (None, "x"))[1] is None]
+    scores = None
+    if ok:
+        scores = counterfactual(direct, torch.stack([with_rationale[cand_key(c)][0]
+                                                     for c in ok]), pool, cfg.tau)
+    rows, j = [], 0
+    for c in cands:
+        row = {"pair_id": pair["pair_id"], "teacher_id": c["teacher_id"],
+               "cand_idx": c["cand_idx"], "pool_size": len(pool)}
+        if direct_err is not None:
+            row.update(status="error", error=f"query: {direct_err}")
+        elif skip_reason(c) is not None:
+            row.update(status="skipped", error=skip_reason(c))
+        elif with_rationale[cand_key(c)][1] is not None:
+            row.update(status="error", error=with_rationale[cand_key(c)][1])
+        else:
+            row.update(scored_fields(scores, j))
+            j += 1
+        rows.append(row)
+    return rows
+
+
+def stage_result(cfg: ScoreConfig, data: ScoreInputs, res, out: Path, seconds: float
+                 ) -> StageResult:
+    """Metrics over the whole artifact (resumed shards included) and the summary."""
     table = io.read(out, SCORES)
     deltas = [d for d, s in zip(table.column("delta").to_pylist(),
                                 table.column("status").to_pylist(), strict=True) if s == "ok"]
-    n = table.num_rows
+    n, pools = table.num_rows, data.pools
     metrics = {"rows": float(n), "scored": float(len(deltas)),
-               "skipped": float(n - len(deltas)), "other_side_rows": float(other_side),
+               "skipped": float(n - len(deltas)), "other_side_rows": float(data.other_side),
                "mean_delta": sum(deltas) / max(1, len(deltas)),
                "share_delta_positive": sum(d > 0 for d in deltas) / max(1, len(deltas)),
                "mean_pool_size": sum(len(v) for v in pools.values()) / max(1, len(pools)),
-               "shards_skipped": float(len(res.skipped)), "seconds": time.perf_counter() - t0}
+               "shards_skipped": float(len(res.skipped)), "seconds": seconds}
     summary = (f"score: {len(deltas)} candidates scored, {n - len(deltas)} skipped; mean delta "
                f"{metrics['mean_delta']:+.3f}, {metrics['share_delta_positive']:.0%} positive; "
                f"pools of {metrics['mean_pool_size']:.1f} (tau {cfg.tau})")

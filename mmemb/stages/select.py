@@ -136,6 +136,32 @@ def _quantiles(xs: list[float]) -> dict[str, float]:
             "p95": q(0.95), "max": xs[-1], "mean": sum(xs) / len(xs), "n": len(xs)}
 
 
+def _rate(cands: list[dict], chosen: dict[str, dict | None]) -> dict:
+    """``rate``: of the pairs offered such a candidate, the share that selected one;
+    ``candidate_rate``: selected / candidates (lower when candidates repeat)."""
+    chosen_keys = {(c["pair_id"], c["teacher_id"], c["cand_idx"]) for c in chosen.values() if c}
+    k = sum((c["pair_id"], c["teacher_id"], c["cand_idx"]) in chosen_keys for c in cands)
+    offered = {c["pair_id"] for c in cands}
+    return {"candidates": len(cands), "pairs_offered": len(offered), "selected": k,
+            "rate": k / max(1, len(offered)), "candidate_rate": k / max(1, len(cands))}
+
+
+def _oracle_rates(pairs: list[dict], by_pair: dict[str, list[dict]],
+                  chosen: dict[str, dict | None]) -> tuple[dict, dict]:
+    """On oracle data: the selection rate per oracle label, and per family and label."""
+    by_label: dict[str, dict] = {}
+    by_label_family: dict[str, dict] = {}
+    labelled = [c for cs in by_pair.values() for c in cs if c.get("oracle_label")]
+    family = {p["pair_id"]: p.get("family") or "none" for p in pairs}
+    for lb in sorted({c["oracle_label"] for c in labelled}):
+        group = [c for c in labelled if c["oracle_label"] == lb]
+        by_label[lb] = _rate(group, chosen)
+        for fam in sorted({family[c["pair_id"]] for c in group}):
+            by_label_family[f"{fam}/{lb}"] = _rate([c for c in group
+                                                   if family[c["pair_id"]] == fam], chosen)
+    return by_label, by_label_family
+
+
 def summarize(pairs: list[dict], by_pair: dict[str, list[dict]], chosen: dict[str, dict | None],
               counts: Counter, cfg: SelectConfig) -> dict:
     """The stage's report: shares, delta distribution, filters, oracle-label rates."""
@@ -155,34 +181,16 @@ def summarize(pairs: list[dict], by_pair: dict[str, list[dict]], chosen: dict[st
                    for t in teachers}
     scored = [c for cs in by_pair.values() for c in cs if c.get("score_status") == "ok"]
     kept = [c for cs in by_pair.values() for c in cs if c.get("filtered") is None]
-    chosen_keys = {(c["pair_id"], c["teacher_id"], c["cand_idx"]) for c in chosen.values() if c}
-
-    def rate(cands: list[dict]) -> dict:
-        """``rate``: of the pairs offered such a candidate, the share that selected one;
-        ``candidate_rate``: selected / candidates (lower when candidates repeat)."""
-        k = sum((c["pair_id"], c["teacher_id"], c["cand_idx"]) in chosen_keys for c in cands)
-        offered = {c["pair_id"] for c in cands}
-        return {"candidates": len(cands), "pairs_offered": len(offered), "selected": k,
-                "rate": k / max(1, len(offered)), "candidate_rate": k / max(1, len(cands))}
-
-    by_label: dict[str, dict] = {}
-    by_label_family: dict[str, dict] = {}
-    labelled = [c for cs in by_pair.values() for c in cs if c.get("oracle_label")]
-    family = {p["pair_id"]: p.get("family") or "none" for p in pairs}
-    for lb in sorted({c["oracle_label"] for c in labelled}):
-        group = [c for c in labelled if c["oracle_label"] == lb]
-        by_label[lb] = rate(group)
-        for fam in sorted({family[c["pair_id"]] for c in group}):
-            by_label_family[f"{fam}/{lb}"] = rate([c for c in group
-                                                  if family[c["pair_id"]] == fam])
+    by_label, by_label_family = _oracle_rates(pairs, by_pair, chosen)
     return {
         "pairs": len(pairs), "selected": len(sel), "selected_share": len(sel) / n,
         "margin": cfg.margin,
         "selected_share_by_task": share(lambda p: p["dataset"]),
         "selected_share_by_family": share(lambda p: p.get("family")),
         "selected_share_by_teacher": per_teacher,
-        "selection_rate_by_teacher": {t: rate([c for cs in by_pair.values() for c in cs
-                                               if c["teacher_id"] == t]) for t in teachers},
+        "selection_rate_by_teacher": {t: _rate([c for cs in by_pair.values() for c in cs
+                                                if c["teacher_id"] == t], chosen)
+                                      for t in teachers},
         "candidates": sum(len(cs) for cs in by_pair.values()),
         "kept": len(kept),
         "filtered": {f: counts.get(f, 0) for f in FILTERS},
@@ -196,6 +204,8 @@ def summarize(pairs: list[dict], by_pair: dict[str, list[dict]], chosen: dict[st
 
 def _plots(out: Path, by_pair: dict[str, list[dict]], summary: dict, margin: float
            ) -> dict[str, Path]:
+    """The delta histogram (per oracle label, else per teacher, with the margin) and the
+    selected share per task: the two pictures that say whether selection did its job."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,6 +247,21 @@ def run(cfg: SelectConfig, log: StepLogger = null_logger) -> StageResult:
     """Select one rationale (or none) per pair; write the selections and the report."""
     t0 = time.perf_counter()
     pairs, by_pair = _join(cfg)
+    rows, chosen, counts = select_all(pairs, by_pair, cfg)
+    out = Path(cfg.out)
+    ref = io.write(rows, out / "selections", SELECTIONS)
+    summary = summarize(pairs, by_pair, chosen, counts, cfg)
+    files = write_report(out, by_pair, summary, cfg)
+    metrics = select_metrics(summary, len(pairs), time.perf_counter() - t0)
+    text = summary_line(summary, cfg)
+    print(f"[select] {text}", flush=True)
+    return StageResult("select", outputs={"selections": ref}, metrics=metrics, files=files,
+                       summary=text)
+
+
+def select_all(pairs: list[dict], by_pair: dict[str, list[dict]], cfg: SelectConfig
+               ) -> tuple[list[dict], dict[str, dict | None], Counter]:
+    """The selections rows (one per pair), the chosen candidate per pair, filter counts."""
     counts: Counter = Counter()
     chosen: dict[str, dict | None] = {}
     rows = []
@@ -249,17 +274,25 @@ def run(cfg: SelectConfig, log: StepLogger = null_logger) -> StageResult:
                      "teacher_id": best["teacher_id"] if best else None,
                      "cand_idx": best["cand_idx"] if best else None,
                      "n_candidates": len(cands), "n_kept": n_kept})
-    out = Path(cfg.out)
-    ref = io.write(rows, out / "selections", SELECTIONS)
-    summary = summarize(pairs, by_pair, chosen, counts, cfg)
+    return rows, chosen, counts
+
+
+def write_report(out: Path, by_pair: dict[str, list[dict]], summary: dict, cfg: SelectConfig
+                 ) -> dict[str, Path]:
+    """``summary.json`` and (``cfg.plots``) the two plots."""
     out.mkdir(parents=True, exist_ok=True)
     files = {"summary": out / "summary.json"}
     files["summary"].write_text(json.dumps(summary, indent=2))
     if cfg.plots:
         files.update(_plots(out, by_pair, summary, cfg.margin))
-    metrics = {"selected_share": summary["selected_share"], "pairs": float(len(pairs)),
+    return files
+
+
+def select_metrics(summary: dict, n_pairs: int, seconds: float) -> dict[str, float]:
+    """The flat metrics logged for the stage, read from the report."""
+    metrics = {"selected_share": summary["selected_share"], "pairs": float(n_pairs),
                "candidates": float(summary["candidates"]), "kept": float(summary["kept"]),
-               "seconds": time.perf_counter() - t0}
+               "seconds": seconds}
     metrics.update({f"filtered_{k}": float(v) for k, v in summary["filtered"].items()})
     metrics.update({f"selected_share_task_{k}": v
                     for k, v in summary["selected_share_by_task"].items()})
@@ -270,6 +303,10 @@ def run(cfg: SelectConfig, log: StepLogger = null_logger) -> StageResult:
     dq = summary["delta_all_scored"]
     if dq:
         metrics.update(delta_p50=dq["p50"], delta_mean=dq["mean"])
+    return metrics
+
+
+def summary_line(summary: dict, cfg: SelectConfig) -> str:
     text = (f"select: {summary['selected']}/{summary['pairs']} pairs "
             f"({summary['selected_share']:.0%}) get a rationale (margin {cfg.margin:g}); "
             f"filtered {dict(summary['filtered'])}")
@@ -277,9 +314,7 @@ def run(cfg: SelectConfig, log: StepLogger = null_logger) -> StageResult:
     if rates:
         text += "; oracle selection rate " + ", ".join(f"{k} {v['rate']:.0%}"
                                                         for k, v in rates.items())
-    print(f"[select] {text}", flush=True)
-    return StageResult("select", outputs={"selections": ref}, metrics=metrics, files=files,
-                       summary=text)
+    return text
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,6 +36,7 @@ import os
 import shutil
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -204,6 +205,9 @@ def build_items(rows: list[TrainRow], k: int) -> tuple[list[Item], dict]:
 
 
 def make_loss_fn(obj: Stage4Objective, info: dict):
+    """The loss of one micro-batch from its encoded groups: the flat hard negatives are
+    put back per query (``[B, K, H]``, a mask for queries with fewer than K), so gradient
+    caching can call the same function on cached and recomputed representations."""
     def loss_fn(reps: dict[str, torch.Tensor]):
         qd, t = reps["q_direct"], reps["pos"]  # [B, H]
         B, H = qd.shape
@@ -342,44 +346,133 @@ def _forget_stale_groups() -> None:
 
 
 def _run(cfg: TrainConfig, log: StepLogger) -> StageResult:
-    import deepspeed
-
-    rk, W = rank(), world_size()
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = "cuda"
-    else:
-        device = "cpu"
+    """The recipe: data, plan, engine, eval rows, resume, each phase through one loop,
+    eval, save."""
+    device = _select_device()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    ck_root = out / "checkpoints"
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
     barrier()
     t_start = time.perf_counter()
+    data = load_train_data(cfg, out)
+    plan = make_plan(cfg, data.rows, world_size())
+    say_plan(cfg, data, plan)
+    model = build_engine(cfg, plan, device, out)
+    eval_rows, eval_skipped = load_eval_rows(cfg, out, data.check)
+    metrics: dict[str, float] = {**data.skipped.metrics("data"),
+                                 **eval_skipped.metrics("eval_data")}
+    state = resume(cfg, model.engine, order_meta(cfg, data, plan), out, metrics, log)
+    if eval_rows and cfg.eval_before and not state.resumed:
+        before = evaluate(model.engine, model.emb, eval_rows, cfg.image_root,
+                          cfg.eval_batch_size)
+        metrics.update({f"eval_before/{k}": v for k, v in before.items()})
+        _say(f"eval before training: hit@1 mean {before.get('mean', float('nan')):.3f}")
+    trainer = Trainer(cfg, plan, model, Stage4Objective(cfg.alpha, cfg.lam, cfg.tau, gather=True))
+    for phase in phases(plan):
+        train_phase(trainer, state, phase)
+    if eval_rows:
+        after = evaluate(model.engine, model.emb, eval_rows, cfg.image_root, cfg.eval_batch_size)
+        metrics.update({f"eval/{k}": v for k, v in after.items()})
+    student = save_outputs(cfg, model, state, plan, time.perf_counter() - t_start)
+    return stage_result(state, plan.total, data.skipped, student)
 
-    # ---- data
-    data_path = cfg.data or cfg.pairs
-    rows, contract = load_rows(data_path, cfg.image_root,
+
+def _select_device() -> str:
+    """``cuda`` (this rank's GPU made current) or ``cpu``."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return "cuda"
+    return "cpu"
+
+
+# --------------------------------------------------------------------------- phase: data
+
+
+@dataclass
+class TrainData:
+    """The training rows whose images decode, and where they came from."""
+
+    path: str
+    contract: str
+    rows: list[TrainRow]
+    skipped: SkipReport
+    check: object  # the stage's image check, reused on the eval rows
+
+
+def load_train_data(cfg: TrainConfig, out: Path) -> TrainData:
+    """Selections (stage 3) or plain pairs; rows with an unreadable image are listed, not
+    trained on."""
+    path = cfg.data or cfg.pairs
+    rows, contract = load_rows(path, cfg.image_root,
                                allow_outside_root=cfg.allow_images_outside_root)
     check = stage_image_check(cfg.model, cfg.max_pixels, cfg.min_pixels, cfg.max_decode_pixels)
-    rows, skipped = _skip_unreadable(drop_unreadable(rows, check, str(data_path)), out,
+    rows, skipped = _skip_unreadable(drop_unreadable(rows, check, str(path)), out,
                                      "skipped_rows.jsonl", "rows")
-    B, A, K = cfg.batch_size, cfg.grad_accum, cfg.hard_negatives
-    G = B * W
-    sampler = EpochSampler(len(rows), G, cfg.seed)  # refuses a dataset < one global batch
-    micro_per_epoch = sampler.steps_per_epoch
-    steps_per_epoch = micro_per_epoch / A
-    main_steps = (math.ceil(cfg.epochs * micro_per_epoch / A) if cfg.epochs else cfg.steps)
-    n_r = sum(r.rationale is not None for r in rows)
+    return TrainData(path, contract, rows, skipped, check)
+
+
+def load_eval_rows(cfg: TrainConfig, out: Path, check) -> tuple[list[dict], SkipReport]:
+    """The eval rows (none without ``cfg.eval``) whose images decode."""
+    rows: list[dict] = []
+    if cfg.eval:
+        from data_contracts import io
+        from data_contracts.schemas import EVAL_ROWS
+
+        rows = io.read(cfg.eval, EVAL_ROWS, image_root=cfg.image_root,
+                       allow_outside_root=cfg.allow_images_outside_root).to_pylist()
+    return _skip_unreadable(drop_unreadable_eval(rows, cfg.image_root, check, str(cfg.eval)),
+                            out, "skipped_eval_rows.jsonl", "eval rows")
+
+
+@dataclass
+class Plan:
+    """Batch sizes and step counts: ``warm_lm`` rationale warm-up steps (LM only, rows with
+    a rationale), then ``main_steps`` of the joint objective."""
+
+    B: int  # queries per rank per micro-batch
+    A: int  # micro-batches per optimizer step
+    W: int  # ranks
+    rows: list[TrainRow]
+    sampler: EpochSampler
+    r_rows: list[TrainRow]  # the rows with a rationale (the warm-up's data)
+    r_sampler: EpochSampler | None
+    warm_lm: int
+    main_steps: int
+    max_k: int  # hard negatives per query actually available
+
+    @property
+    def G(self) -> int:  # the global contrastive batch
+        return self.B * self.W
+
+    @property
+    def total(self) -> int:
+        return self.warm_lm + self.main_steps
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return self.sampler.steps_per_epoch / self.A
+
+
+def make_plan(cfg: TrainConfig, rows: list[TrainRow], W: int) -> Plan:
+    """Samplers and step counts (``epochs`` wins over ``steps``)."""
+    B, A = cfg.batch_size, cfg.grad_accum
+    sampler = EpochSampler(len(rows), B * W, cfg.seed)  # refuses a dataset < one global batch
+    main_steps = (math.ceil(cfg.epochs * sampler.steps_per_epoch / A) if cfg.epochs
+                  else cfg.steps)
     r_rows = [r for r in rows if r.rationale is not None]
     warm_lm = cfg.lm_warmup_steps if r_rows else 0
     if cfg.lm_warmup_steps and not r_rows:
         _say("lm_warmup_steps is set but no row has a rationale: no rationale warm-up")
-    r_sampler = EpochSampler(len(r_rows), G, cfg.seed + 1) if warm_lm else None
-    total = warm_lm + main_steps
-    max_k = min(K, max((len(r.negatives) for r in rows), default=0))
+    r_sampler = EpochSampler(len(r_rows), B * W, cfg.seed + 1) if warm_lm else None
+    max_k = min(cfg.hard_negatives, max((len(r.negatives) for r in rows), default=0))
+    return Plan(B, A, W, rows, sampler, r_rows, r_sampler, warm_lm, main_steps, max_k)
+
+
+def say_plan(cfg: TrainConfig, data: TrainData, plan: Plan) -> None:
+    """What the batch sizes mean for the contrastive batch, and the data behind the steps."""
+    B, A, W, G, max_k = plan.B, plan.A, plan.W, plan.G, plan.max_k
+    rows, n_r, spe = data.rows, len(plan.r_rows), plan.steps_per_epoch
     _say(f"world size {W} | per-device batch {B} | global contrastive batch {G} "
          f"(= {B} x {W} ranks: each query is contrasted with {G - 1} in-batch targets + "
          f"{max_k} hard negative(s))")
@@ -388,13 +481,32 @@ def _run(cfg: TrainConfig, log: StepLogger) -> StageResult:
          f"{cfg.chunk_size} are how it grows)" if A > 1 else
          "gradient accumulation 1 (accumulation would not add negatives; the contrastive "
          "batch grows through batch_size with gradcache)")
-    _say(f"{len(rows)} rows from {contract} {data_path} ({n_r} with a rationale = "
-         f"{n_r / len(rows):.0%}; the rest train in direct mode) | {steps_per_epoch:g} "
-         f"steps/epoch | {main_steps} steps (~{main_steps / steps_per_epoch:.1f} epochs)"
-         + (f" after {warm_lm} rationale warm-up steps (LM only, {len(r_rows)} rows)"
-            if warm_lm else ""))
+    _say(f"{len(rows)} rows from {data.contract} {data.path} ({n_r} with a rationale = "
+         f"{n_r / len(rows):.0%}; the rest train in direct mode) | {spe:g} "
+         f"steps/epoch | {plan.main_steps} steps (~{plan.main_steps / spe:.1f} epochs)"
+         + (f" after {plan.warm_lm} rationale warm-up steps (LM only, {n_r} rows)"
+            if plan.warm_lm else ""))
 
-    # ---- model + engine
+
+# --------------------------------------------------------------------------- phase: engine
+
+
+@dataclass
+class Model:
+    """The student, its training wrapper and the DeepSpeed engine around it."""
+
+    emb: Embedder
+    module: EmbedTrainModule
+    engine: object
+    bf16: bool
+    prints: dict[str, tuple[float, float]]  # trainable parameter -> fingerprint at the start
+
+
+def build_engine(cfg: TrainConfig, plan: Plan, device: str, out: Path) -> Model:
+    """Load the student, apply the training policy (vision, LoRA, checkpointing), build the
+    DeepSpeed engine with the LR schedule of both phases; write ``ds_config.json``."""
+    import deepspeed
+
     emb = Embedder.from_pretrained(cfg.model, max_text_tokens=cfg.max_text_tokens,
                                    add_special_tokens=True, max_pixels=cfg.max_pixels,
                                    min_pixels=cfg.min_pixels,
@@ -402,49 +514,72 @@ def _run(cfg: TrainConfig, log: StepLogger) -> StageResult:
     if device == "cuda":
         emb.model.to(torch.device("cuda", torch.cuda.current_device()))
     prepare_model(emb, cfg)
-    module = EmbedTrainModule(emb, vision_row=W > 1)
+    module = EmbedTrainModule(emb, vision_row=plan.W > 1)
     trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     prints = {n: _fingerprint(p) for n, p in trainable}
     n_train = sum(p.numel() for _, p in trainable)
     n_all = sum(p.numel() for p in module.parameters())
     bf16 = use_bf16(cfg, device)
-    ds = ds_config(cfg, W, device)
+    ds = ds_config(cfg, plan.W, device)
     if is_main():
         (out / "ds_config.json").write_text(json.dumps(ds, indent=2))
     _say(f"building the DeepSpeed engine (ZeRO-{cfg.zero_stage})...")
     t_engine = time.perf_counter()
     engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=[p for _, p in trainable], config=ds,
-        lr_scheduler=lr_scheduler(cfg, total, warm_lm))
+        lr_scheduler=lr_scheduler(cfg, plan.total, plan.warm_lm))
     _say(f"engine ready in {time.perf_counter() - t_engine:.1f}s | "
          f"ZeRO-{cfg.zero_stage} | {'bf16' if bf16 else 'fp32'} | "
          f"{'gradcache chunks of ' + str(cfg.chunk_size) if cfg.gradcache else 'no gradcache'}"
          f" | trainable {n_train:,} of {n_all:,} params"
          f"{' (LoRA r=' + str(cfg.lora.r) + ')' if cfg.lora else ''} | vision {cfg.vision}")
+    return Model(emb, module, engine, bf16, prints)
 
-    eval_rows: list[dict] = []
-    if cfg.eval:
-        from data_contracts import io
-        from data_contracts.schemas import EVAL_ROWS
 
-        eval_rows = io.read(cfg.eval, EVAL_ROWS, image_root=cfg.image_root,
-                            allow_outside_root=cfg.allow_images_outside_root).to_pylist()
-    eval_rows, eval_skipped = _skip_unreadable(drop_unreadable_eval(
-        eval_rows, cfg.image_root, check, str(cfg.eval)), out, "skipped_eval_rows.jsonl",
-        "eval rows")
-    metrics: dict[str, float] = {**skipped.metrics("data"), **eval_skipped.metrics("eval_data")}
+# --------------------------------------------------------------------------- phase: resume
 
-    # ---- resume
-    order_meta = {"seed": cfg.seed, "global_batch": G, "grad_accum": A, "rows": len(rows),
-                  "data_digest": _data_digest(data_path), "world_size": W,
-                  "config": _config_digest(cfg)}
-    start = 0
-    steps_file = out / "steps.jsonl"
-    history: list[tuple[int, dict[str, float]]] = []
+
+@dataclass
+class RunState:
+    """What the loop carries between steps and what resuming restores."""
+
+    out: Path
+    order_meta: dict  # the resume fingerprint a checkpoint must match
+    metrics: dict[str, float]
+    log: StepLogger
+    start: int = 0  # the first step this process runs (> 0 after a resume)
+    resumed: bool = False
+    history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+
+    @property
+    def ck_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    @property
+    def steps_file(self) -> Path:
+        return self.out / "steps.jsonl"
+
+
+def order_meta(cfg: TrainConfig, data: TrainData, plan: Plan) -> dict:
+    """The resume fingerprint: a checkpoint continues this run only if the data order, the
+    data and the result-changing config fields are the same."""
+    return {"seed": cfg.seed, "global_batch": plan.G, "grad_accum": plan.A,
+            "rows": len(data.rows), "data_digest": _data_digest(data.path),
+            "world_size": plan.W, "config": _config_digest(cfg)}
+
+
+def resume(cfg: TrainConfig, engine, meta: dict, out: Path, metrics: dict[str, float],
+           log: StepLogger) -> RunState:
+    """Continue from the newest matching checkpoint (its step history kept), or start over.
+
+    A pipeline rerun after a config or data change finds checkpoints of another run:
+    resuming would continue another run's optimisation, so they are moved aside (to
+    ``checkpoints.stale``, not deleted) and training starts at step 0.
+    """
+    state = RunState(out, meta, metrics, log)
+    ck_root = state.ck_root
     latest = ckpt.latest_checkpoint(ck_root) if cfg.resume else None
-    if latest is not None and (diff := ckpt.meta_diff(latest[1], order_meta)):
-        # A pipeline rerun after a config or data change: resuming would continue another
-        # run's optimisation. Start over; the old checkpoints are kept aside, not deleted.
+    if latest is not None and (diff := ckpt.meta_diff(latest[1], meta)):
         _say(f"{ck_root} holds checkpoints of a different run (differs in "
              f"{sorted(diff)}): starting over; they are moved to {ck_root}.stale")
         if is_main():
@@ -454,144 +589,236 @@ def _run(cfg: TrainConfig, log: StepLogger) -> StageResult:
         latest = None
     if latest is not None:
         client = ckpt.load_checkpoint(engine, latest[1])
-        start = int(client["step"])
-        if steps_file.is_file():
-            for line in steps_file.read_text().splitlines():
+        state.start, state.resumed = int(client["step"]), True
+        if state.steps_file.is_file():
+            for line in state.steps_file.read_text().splitlines():
                 s, m = json.loads(line)
-                if s <= start:
-                    history.append((s, m))
+                if s <= state.start:
+                    state.history.append((s, m))
         metrics.update({k: v for k, v in client.get("eval_before", {}).items()})
-        _say(f"resumed from {latest[1]} at step {start}")
+        _say(f"resumed from {latest[1]} at step {state.start}")
     elif is_main() and ck_root.exists():
         shutil.rmtree(ck_root)
     if is_main():
-        steps_file.write_text("".join(json.dumps([s, m]) + "\n" for s, m in history))
-    if eval_rows and cfg.eval_before and latest is None:
-        before = evaluate(engine, emb, eval_rows, cfg.image_root, cfg.eval_batch_size)
-        metrics.update({f"eval_before/{k}": v for k, v in before.items()})
-        _say(f"eval before training: hit@1 mean {before.get('mean', float('nan')):.3f}")
+        state.steps_file.write_text("".join(json.dumps([s, m]) + "\n" for s, m in state.history))
+    return state
 
-    # ---- train
-    obj = Stage4Objective(cfg.alpha, cfg.lam, cfg.tau, gather=True)
-    chunk = cfg.chunk_size if cfg.gradcache else 10**9
-    step_fn = gradcache_step if cfg.gradcache else plain_step
-    state = {"last_micro": True}
 
-    def encode(cs, with_lm):
-        embs, lms = engine([c.batch for c in cs], [with_lm and c.lm for c in cs],
-                           [c.meta["n"] for c in cs])
+# --------------------------------------------------------------------------- phase: train
+
+
+@dataclass
+class Phase:
+    """A run of optimizer steps ``[first, stop)`` drawing micro-batches from ``sampler``;
+    ``lm_only``: the rationale warm-up (LM(r*|q) alone), else the joint objective."""
+
+    first: int
+    stop: int
+    sampler: EpochSampler
+    lm_only: bool
+
+
+def phases(plan: Plan) -> list[Phase]:
+    """The rationale warm-up (when there is one), then the joint objective."""
+    out = [Phase(0, plan.warm_lm, plan.r_sampler, True)] if plan.warm_lm else []
+    return out + [Phase(plan.warm_lm, plan.total, plan.sampler, False)]
+
+
+@dataclass
+class Trainer:
+    """What one optimizer step needs: the engine, the objective and the chunking rule."""
+
+    cfg: TrainConfig
+    plan: Plan
+    model: Model
+    obj: Stage4Objective
+    last_micro: bool = True  # is the current micro-batch the step's last?
+
+    @property
+    def chunk(self) -> int:
+        return self.cfg.chunk_size if self.cfg.gradcache else 10**9
+
+    def chunks(self, items: list[Item]) -> list:
+        """Chunks of one micro-batch, aligned across ranks (same count and shapes)."""
+        emb, vision_row = self.model.emb, self.model.module.vision_row
+        return align_chunks(emb, make_chunks(emb, items, self.chunk, vision_row), vision_row)
+
+    def encode(self, cs: list, with_lm: bool) -> list:
+        """The engine's forward on chunks: (embedding, LM sum or None) per chunk."""
+        embs, lms = self.model.engine([c.batch for c in cs], [with_lm and c.lm for c in cs],
+                                      [c.meta["n"] for c in cs])
         return [(e, lm if (with_lm and c.lm) else None)
                 for e, lm, c in zip(embs, lms, cs, strict=True)]
 
-    def backward(loss, is_last):
+    def backward(self, loss: torch.Tensor, is_last: bool) -> None:
         # One optimizer step = every chunk of every micro-batch: only the very last backward
         # is DeepSpeed's accumulation boundary (ZeRO reduces/partitions, then step()).
-        engine.set_gradient_accumulation_boundary(state["last_micro"] and is_last)
+        engine = self.model.engine
+        engine.set_gradient_accumulation_boundary(self.last_micro and is_last)
         engine.backward(loss)
 
-    for step in range(start, total):
+
+@dataclass
+class StepTotals:
+    """Per optimizer step: loss parts (already divided by the accumulation) and counts."""
+
+    sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    counts: dict[str, float] = field(default_factory=lambda: {"tokens": 0.0, "samples": 0.0})
+
+    def count(self, chunks: list, n_samples: int) -> None:
+        self.counts["tokens"] += sum(c.n_tokens for c in chunks if not c.meta.get("dummy"))
+        self.counts["samples"] += n_samples
+
+
+def lm_micro(t: Trainer, idx: list[int], acc: StepTotals) -> None:
+    """One warm-up micro-batch: LM(r*|q) alone, on reasoning-mode queries."""
+    A = t.plan.A
+    items = [Item("q_reason", EmbedInput(r.query.text, r.query.instruction, r.query.images,
+                                         r.rationale), "reason")
+             for r in (t.plan.r_rows[i] for i in idx)]
+    chunks = t.chunks(items)
+    n_lm = sum(c.meta["n_lm_tokens"] for c in chunks)
+    for j, c in enumerate(chunks):
+        (e,), (lm_sum,) = t.model.engine([c.batch], [c.lm], [c.meta["n"]])
+        # + 0 * e: an alignment (dummy) chunk has no LM term but must still reach backward,
+        # as every rank makes the same collective calls
+        t.backward(lm_sum / max(1, n_lm) / A + 0.0 * e.sum(), j == len(chunks) - 1)
+        acc.sums["loss/lm"] += float(lm_sum.detach()) / max(1, n_lm) / A
+    acc.count(chunks, len(idx))
+
+
+def joint_micro(t: Trainer, idx: list[int], acc: StepTotals) -> None:
+    """One joint micro-batch: the stage-4 objective, gradient-cached or plain."""
+    items, info = build_items([t.plan.rows[i] for i in idx], t.plan.max_k)
+    chunks = t.chunks(items)
+    n_lm = sum(c.meta["n_lm_tokens"] for c in chunks)
+    step_fn = gradcache_step if t.cfg.gradcache else plain_step
+    res = step_fn(chunks, t.encode, make_loss_fn(t.obj, info), t.backward,
+                  t.obj.lm_weight(n_lm))
+    parts = t.obj.add_lm(res.out, res.lm_sum, n_lm).parts()
+    parts["reason_share"] = float(info["has_r"].float().mean())
+    for k, v in parts.items():
+        acc.sums[k] += v / t.plan.A
+    acc.count(chunks, len(idx))
+
+
+def train_phase(t: Trainer, state: RunState, phase: Phase) -> None:
+    """THE training loop, for either phase: accumulate ``A`` micro-batches, take the
+    optimizer step, log, checkpoint. Steps before ``state.start`` (resumed) are skipped."""
+    A, B = t.plan.A, t.plan.B
+    for step in range(max(state.start, phase.first), phase.stop):
         t0 = time.perf_counter()
-        sums: dict[str, float] = defaultdict(float)
-        counts = {"tokens": 0.0, "samples": 0.0}
-        if step < warm_lm:  # rationale SFT: LM(r*|q) alone, reasoning-mode queries only
-            for a in range(A):
-                idx = r_sampler.indices(step * A + a, rk, B)
-                items = [Item("q_reason", EmbedInput(r.query.text, r.query.instruction,
-                                                     r.query.images, r.rationale), "reason")
-                         for r in (r_rows[i] for i in idx)]
-                chunks = align_chunks(emb, make_chunks(emb, items, chunk, module.vision_row),
-                                      module.vision_row)
-                n_lm = sum(c.meta["n_lm_tokens"] for c in chunks)
-                state["last_micro"] = a == A - 1
-                for j, c in enumerate(chunks):
-                    (e,), (lm_sum,) = engine([c.batch], [c.lm], [c.meta["n"]])
-                    # + 0 * e: an alignment (dummy) chunk has no LM term but must still
-                    # reach backward, as every rank makes the same collective calls
-                    backward(lm_sum / max(1, n_lm) / A + 0.0 * e.sum(), j == len(chunks) - 1)
-                    sums["loss/lm"] += float(lm_sum.detach()) / max(1, n_lm) / A
-                counts["tokens"] += sum(c.n_tokens for c in chunks if not c.meta.get("dummy"))
-                counts["samples"] += len(idx)
-            sums["loss"] = sums["loss/lm"]
-            sums["phase_lm_warmup"] = 1.0
-        for a in range(A if step >= warm_lm else 0):
-            idx = sampler.indices((step - warm_lm) * A + a, rk, B)
-            items, info = build_items([rows[i] for i in idx], max_k)
-            chunks = align_chunks(emb, make_chunks(emb, items, chunk, module.vision_row),
-                                  module.vision_row)
-            n_lm = sum(c.meta["n_lm_tokens"] for c in chunks)
-            state["last_micro"] = a == A - 1
-            res = step_fn(chunks, encode, make_loss_fn(obj, info), backward, obj.lm_weight(n_lm))
-            parts = obj.add_lm(res.out, res.lm_sum, n_lm).parts()
-            parts["reason_share"] = float(info["has_r"].float().mean())
-            for k_, v in parts.items():
-                sums[k_] += v / A
-            counts["tokens"] += sum(c.n_tokens for c in chunks if not c.meta.get("dummy"))
-            counts["samples"] += len(idx)
-        lr = float(engine.get_lr()[0])
-        manual_norm = None
-        if cfg.zero_stage < 2:
-            g = [p.grad.detach().float().norm() for p in engine.module.parameters()
-                 if p.grad is not None]
-            manual_norm = float(torch.stack(g).norm()) if g else 0.0
-        engine.step()
-        gn = engine.get_global_grad_norm()
-        gn = float(gn) if gn is not None else manual_norm
-        dt = time.perf_counter() - t0
-        m = all_reduce_mean(dict(sums))
-        c = all_reduce_sum(counts)
-        m.update({"lr": lr, "grad_norm": float(gn) if gn is not None else float("nan"),
-                  "samples_per_s": c["samples"] / dt, "tokens_per_s": c["tokens"] / dt,
-                  "step_s": dt, "epoch": (step + 1) / steps_per_epoch,
-                  "global_batch": float(G)})
-        if "n_candidates" in m:
-            m["gathered_batch"] = m["n_candidates"] - max_k
+        acc = StepTotals()
+        for a in range(A):
+            idx = phase.sampler.indices((step - phase.first) * A + a, rank(), B)
+            t.last_micro = a == A - 1
+            (lm_micro if phase.lm_only else joint_micro)(t, idx, acc)
+        if phase.lm_only:
+            acc.sums["loss"] = acc.sums["loss/lm"]
+            acc.sums["phase_lm_warmup"] = 1.0
+        m = optimizer_step(t, acc, step, t0)
         if is_main():
-            history.append((step + 1, m))
-            log(step + 1, m)
-            with steps_file.open("a") as f:
-                f.write(json.dumps([step + 1, m]) + "\n")
-            if step < warm_lm and ((step + 1) % cfg.log_every == 0 or step == start):
-                print(f"[train] step {step + 1}/{total} rationale warm-up: lm "
-                      f"{m['loss/lm']:.3f} lr {lr:.2e} gn {m['grad_norm']:.2f} "
-                      f"{m['samples_per_s']:.1f} samples/s", flush=True)
-            elif (step + 1) % cfg.log_every == 0 or step == start or step + 1 == total:
-                print(f"[train] step {step + 1}/{total} loss {m['loss']:.4f} (nce_r "
-                      f"{m['loss/nce_reason']:.3f} nce_d {m['loss/nce_direct']:.3f} lm "
-                      f"{m['loss/lm']:.3f}) acc {m['acc/in_batch_direct']:.2f} lr {lr:.2e} "
-                      f"gn {m['grad_norm']:.2f} {m['samples_per_s']:.1f} samples/s "
-                      f"{m['tokens_per_s']:.0f} tok/s", flush=True)
-        if (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            p = ckpt.save_checkpoint(engine, ck_root, step + 1, order_meta,
+            record_step(t, state, step, m, phase.lm_only)
+        if (step + 1) % t.cfg.save_every == 0 and step + 1 < t.plan.total:
+            p = ckpt.save_checkpoint(t.model.engine, state.ck_root, step + 1, state.order_meta,
                                      {"step": step + 1, "eval_before": {
-                                         k: v for k, v in metrics.items()
+                                         k: v for k, v in state.metrics.items()
                                          if k.startswith("eval_before/")}},
-                                     keep=cfg.keep_checkpoints)
+                                     keep=t.cfg.keep_checkpoints)
             _say(f"checkpoint step {step + 1} -> {p}")
 
-    # ---- eval, save
-    if eval_rows:
-        after = evaluate(engine, emb, eval_rows, cfg.image_root, cfg.eval_batch_size)
-        metrics.update({f"eval/{k}": v for k, v in after.items()})
-    sd = _final_state_dict(engine, cfg.zero_stage)
+
+def optimizer_step(t: Trainer, acc: StepTotals, step: int, t0: float) -> dict[str, float]:
+    """Step the optimizer; the step's metrics, averaged (losses) or summed (counts) over
+    ranks. The LR is the one this step ran at (read before the scheduler moves)."""
+    engine = t.model.engine
+    lr = float(engine.get_lr()[0])
+    manual_norm = None
+    if t.cfg.zero_stage < 2:  # DeepSpeed reports no global norm below ZeRO-2
+        g = [p.grad.detach().float().norm() for p in engine.module.parameters()
+             if p.grad is not None]
+        manual_norm = float(torch.stack(g).norm()) if g else 0.0
+    engine.step()
+    gn = engine.get_global_grad_norm()
+    gn = float(gn) if gn is not None else manual_norm
+    dt = time.perf_counter() - t0
+    m = all_reduce_mean(dict(acc.sums))
+    c = all_reduce_sum(acc.counts)
+    m.update({"lr": lr, "grad_norm": float(gn) if gn is not None else float("nan"),
+              "samples_per_s": c["samples"] / dt, "tokens_per_s": c["tokens"] / dt,
+              "step_s": dt, "epoch": (step + 1) / t.plan.steps_per_epoch,
+              "global_batch": float(t.plan.G)})
+    if "n_candidates" in m:
+        m["gathered_batch"] = m["n_candidates"] - t.plan.max_k
+    return m
+
+
+def record_step(t: Trainer, state: RunState, step: int, m: dict[str, float],
+                lm_only: bool) -> None:
+    """Rank 0: keep the step in the history, ``steps.jsonl`` and the logger; print a line
+    every ``log_every`` steps (and the first and last)."""
+    state.history.append((step + 1, m))
+    state.log(step + 1, m)
+    with state.steps_file.open("a") as f:
+        f.write(json.dumps([step + 1, m]) + "\n")
+    total, lr = t.plan.total, m["lr"]
+    if lm_only and ((step + 1) % t.cfg.log_every == 0 or step == state.start):
+        print(f"[train] step {step + 1}/{total} rationale warm-up: lm "
+              f"{m['loss/lm']:.3f} lr {lr:.2e} gn {m['grad_norm']:.2f} "
+              f"{m['samples_per_s']:.1f} samples/s", flush=True)
+    elif not lm_only and ((step + 1) % t.cfg.log_every == 0 or step == state.start
+                          or step + 1 == total):
+        print(f"[train] step {step + 1}/{total} loss {m['loss']:.4f} (nce_r "
+              f"{m['loss/nce_reason']:.3f} nce_d {m['loss/nce_direct']:.3f} lm "
+              f"{m['loss/lm']:.3f}) acc {m['acc/in_batch_direct']:.2f} lr {lr:.2e} "
+              f"gn {m['grad_norm']:.2f} {m['samples_per_s']:.1f} samples/s "
+              f"{m['tokens_per_s']:.0f} tok/s", flush=True)
+
+
+# --------------------------------------------------------------------------- phase: save
+
+
+def loss_ends(history: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """Mean loss of the first and last tenth of each phase (the joint objective's loss;
+    the warm-up's, LM alone, separately)."""
+    out: dict[str, float] = {}
+    joint = [m for _, m in history if not m.get("phase_lm_warmup")]
+    if joint:
+        k = max(1, len(joint) // 10)
+        out["loss_first"] = sum(m["loss"] for m in joint[:k]) / k
+        out["loss_last"] = sum(m["loss"] for m in joint[-k:]) / k
+    warm = [m for _, m in history if m.get("phase_lm_warmup")]
+    if warm:
+        k = max(1, len(warm) // 10)
+        out["warmup_lm_first"] = sum(m["loss/lm"] for m in warm[:k]) / k
+        out["warmup_lm_last"] = sum(m["loss/lm"] for m in warm[-k:]) / k
+    return out
+
+
+def save_outputs(cfg: TrainConfig, model: Model, state: RunState, plan: Plan,
+                 train_s: float) -> Path:
+    """Gather the final weights (every rank: ZeRO-3 needs all), then on rank 0 count the
+    parameters that moved and write the student and ``train_summary.json``."""
+    out, metrics = state.out, state.metrics
+    sd = _final_state_dict(model.engine, cfg.zero_stage)
     student = out / "student"
     if is_main():
+        prints = model.prints
         changed = sum(int(_fingerprint(sd[n]) != prints[n]) for n in prints if n in sd)
         metrics.update({"params_trainable": float(len(prints)), "params_changed": float(changed),
-                        "steps": float(total), "train_s": time.perf_counter() - t_start,
-                        "world_size": float(W), "global_batch": float(G)})
-        joint = [h for h in history if not h[1].get("phase_lm_warmup")]
-        if joint:  # the joint objective's loss (the warm-up's is LM alone)
-            k = max(1, len(joint) // 10)
-            metrics["loss_first"] = sum(h[1]["loss"] for h in joint[:k]) / k
-            metrics["loss_last"] = sum(h[1]["loss"] for h in joint[-k:]) / k
-        warm = [h for h in history if h[1].get("phase_lm_warmup")]
-        if warm:
-            k = max(1, len(warm) // 10)
-            metrics["warmup_lm_first"] = sum(h[1]["loss/lm"] for h in warm[:k]) / k
-            metrics["warmup_lm_last"] = sum(h[1]["loss/lm"] for h in warm[-k:]) / k
-        student = save_student(cfg, sd, out, bf16)
+                        "steps": float(plan.total), "train_s": train_s,
+                        "world_size": float(plan.W), "global_batch": float(plan.G)})
+        metrics.update(loss_ends(state.history))
+        student = save_student(cfg, sd, out, model.bf16)
         (out / "train_summary.json").write_text(json.dumps(metrics, indent=2))
     barrier()
+    return student
+
+
+def stage_result(state: RunState, total: int, skipped: SkipReport, student: Path
+                 ) -> StageResult:
+    """The one-line summary (printed on rank 0) and the stage's result."""
+    out, metrics = state.out, state.metrics
     summary = (f"train: {total} steps, loss {metrics.get('loss_first', float('nan')):.3f} -> "
                f"{metrics.get('loss_last', float('nan')):.3f}"
                + (f"; {skipped.rows_skipped} rows skipped, {skipped.negatives_dropped} "
@@ -600,13 +827,13 @@ def _run(cfg: TrainConfig, log: StepLogger) -> StageResult:
                + (f"; synthetic hit@1 {metrics.get('eval_before/mean', float('nan')):.3f} -> "
                   f"{metrics['eval/mean']:.3f}" if "eval/mean" in metrics else "")
                + f"; student at {student}")
-    if rk == 0:
+    if rank() == 0:
         print(f"[train] {summary}", flush=True)
-    files = {"train_summary": out / "train_summary.json", "steps": steps_file,
+    files = {"train_summary": out / "train_summary.json", "steps": state.steps_file,
              "ds_config": out / "ds_config.json",
              **{n: out / f"{n}.jsonl" for n in ("skipped_rows", "skipped_eval_rows")
                 if (out / f"{n}.jsonl").is_file()}}
-    return StageResult("train", metrics=metrics, step_metrics=history, files=files,
+    return StageResult("train", metrics=metrics, step_metrics=state.history, files=files,
                        models={"student": student}, summary=summary)
 
 

@@ -11,7 +11,8 @@ inspection, never edited by hand.
 * precision: bf16 on a GPU (fp32 master weights and optimizer states in ZeRO), fp32 on CPU.
 * optimizer: AdamW (``torch_adam``: torch's implementation, which runs on CPU and GPU
   without compiling DeepSpeed's fused kernels).
-* schedule: linear warm-up, then cosine / linear decay to ``min_lr_ratio`` or constant. It
+* schedule: linear warm-up, then cosine / linear decay to ``min_lr_ratio`` or constant,
+  transformers' schedules (:func:`hf_multiplier`). It
   is a torch ``LambdaLR`` handed to ``deepspeed.initialize`` (:func:`lr_lambda`), not a
   DeepSpeed ``scheduler`` entry: DeepSpeed's warm-up schedulers give LR 0 to the first two
   steps (they start from ``last_batch_iteration = -1``); this one gives ``lr / warmup`` to
@@ -28,7 +29,7 @@ Example::
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from typing import Protocol
 
 from mmemb.configs.train import TrainConfig
@@ -85,9 +86,30 @@ def ds_config(cfg: OptimSettings, world_size: int, device: str, *,
     }
 
 
-def lr_lambda(cfg: TrainConfig, total_steps: int):
+def hf_multiplier(name: str, warmup: int, total: int, **kwargs) -> Callable[[int], float]:
+    """transformers' schedule ``name`` as an LR multiplier of optimizer step ``s`` (0-based).
+
+    Why one step ahead (``s + 1``): transformers' warm-ups start at LR 0 on their step 0,
+    which would waste the first optimizer step; ours gives ``lr / warmup`` to the first
+    (module doc). The multiplier is read from a scheduler built on a throwaway one-parameter
+    optimizer (peak LR 1), so the real optimizer is touched by one ``LambdaLR`` only and its
+    saved state (``last_epoch`` = steps taken) is unchanged.
+    """
+    import torch
+    from transformers import get_scheduler
+
+    dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    f = get_scheduler(name, dummy, num_warmup_steps=warmup, num_training_steps=total,
+                      scheduler_specific_kwargs=kwargs or None).lr_lambdas[0]
+    return lambda s: f(s + 1)
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     """LR multiplier for optimizer step ``s`` (0-based): ``(s + 1) / warmup`` while warming
     up, then decaying so the last step (``total - 1``) runs at ``min_lr_ratio``.
+
+    cosine: transformers' ``cosine_with_min_lr``; linear: its ``polynomial`` decay of power 1
+    down to ``min_lr_ratio`` (its ``linear`` ends at 0); constant: ``constant_with_warmup``.
 
     >>> from mmemb.configs.train import TrainConfig
     >>> f = lr_lambda(TrainConfig(model="m", pairs="p", warmup_steps=4, steps=14), 14)
@@ -95,19 +117,11 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
     [0.25, 1.0, 0.978, 0.1]
     """
     warm, lo = min(cfg.warmup_steps, max(0, total_steps - 1)), cfg.min_lr_ratio
-    span = max(1, total_steps - warm)
-
-    def f(s: int) -> float:
-        if s < warm:
-            return (s + 1) / warm
-        p = min(1.0, (s - warm + 1) / span)
-        if cfg.lr_schedule == "cosine":
-            return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * p))
-        if cfg.lr_schedule == "linear":
-            return lo + (1 - lo) * (1 - p)
-        return 1.0
-
-    return f
+    if cfg.lr_schedule == "cosine":
+        return hf_multiplier("cosine_with_min_lr", warm, total_steps, min_lr_rate=lo)
+    if cfg.lr_schedule == "linear" and lo < 1:  # lo = 1: no decay (polynomial refuses it)
+        return hf_multiplier("polynomial", warm, total_steps, lr_end=lo, power=1.0)
+    return hf_multiplier("constant_with_warmup", warm, total_steps)
 
 
 def lr_scheduler(cfg: TrainConfig, total_steps: int, warmup_phase: int = 0):
@@ -122,8 +136,17 @@ def lr_scheduler(cfg: TrainConfig, total_steps: int, warmup_phase: int = 0):
     if warmup_phase <= 0:
         f = lr_lambda(cfg, total_steps)
     else:
-        w = max(1, min(cfg.warmup_steps, warmup_phase))
-        f1 = lambda s: min(1.0, (s + 1) / w)  # noqa: E731
+        f1 = hf_multiplier("constant_with_warmup", max(1, min(cfg.warmup_steps, warmup_phase)),
+                           warmup_phase)
         f2 = lr_lambda(cfg, total_steps - warmup_phase)
         f = lambda s: f1(s) if s < warmup_phase else f2(s - warmup_phase)  # noqa: E731
+    return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def constant_lr_scheduler(warmup_steps: int):
+    """Stage 5's ``lr_scheduler`` factory: linear warm-up over ``max(1, warmup_steps)``
+    optimizer steps (the first at ``lr / warmup``), then the peak LR."""
+    import torch
+
+    f = hf_multiplier("constant_with_warmup", max(1, warmup_steps), max(1, warmup_steps))
     return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, f)

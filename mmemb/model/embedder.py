@@ -163,8 +163,6 @@ class Embedder(torch.nn.Module):
         unless ``add_special_tokens=True`` says the caller expects it; ``False`` refuses.
         ``dtype``: the compute dtype (default float32); saving keeps the source dtype.
         """
-        from transformers import AutoModelForImageTextToText
-
         from mmemb.model import loading
 
         path = loading.resolve_model(path)  # a missing folder is named as such
@@ -174,9 +172,8 @@ class Embedder(torch.nn.Module):
             dtype = getattr(torch, dtype)
         src = loading.loadable_dir(path)  # warns once about old processor names
         processor = loading.load_processor(src, trust_remote_code=trust_remote_code)
-        model = AutoModelForImageTextToText.from_pretrained(
-            src, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation)
+        model = loading.load_model(src, dtype=dtype, trust_remote_code=trust_remote_code,
+                                   attn_implementation=attn_implementation)
         cfg = saved or expect or loading.default_embedding_config(processor)
         save_dtype = loading.source_dtype(src) if isinstance(src, Path) else None
         _add_missing_tokens(path, model, processor, cfg, add_special_tokens, new_token_init,

@@ -216,6 +216,18 @@ def add_method_tokens(model, tokenizer, cfg: EmbeddingConfig | None = None,
     return new
 
 
+def load_model(path: str | Path, dtype=None, trust_remote_code: bool = False,
+               attn_implementation: str = "sdpa"):
+    """The generative model of a checkpoint (old processor names mapped), in ``dtype``
+    (default float32: the stages compute in it; saving keeps the source dtype)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(
+        loadable_dir(path), dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation)
+
+
 def load_model_with_tokens(path: str | Path, processor, init: TokenInit = "mean", dtype=None,
                            trust_remote_code: bool = False
                            ) -> tuple[object, EmbeddingConfig, list[str]]:
@@ -224,13 +236,8 @@ def load_model_with_tokens(path: str | Path, processor, init: TokenInit = "mean"
     added)``. For a caller that had to load the processor anyway (the prepare stage reads
     its tokens first), so the processor is loaded once, not twice.
     """
-    import torch
-    from transformers import AutoModelForImageTextToText
-
     src = loadable_dir(path)
-    model = AutoModelForImageTextToText.from_pretrained(
-        src, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
-        attn_implementation="sdpa")
+    model = load_model(src, dtype=dtype, trust_remote_code=trust_remote_code)
     cfg = saved_embedding_config(path) or default_embedding_config(processor)
     added = add_method_tokens(model, processor.tokenizer, cfg, init=init,
                               round_to=source_dtype(src) if isinstance(src, Path) else None)

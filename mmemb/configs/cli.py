@@ -41,7 +41,10 @@ def stage_parser(stage: str, description: str | None = None
     """The parser of ``python -m mmemb.stages.<stage>`` and the source reading its fields."""
     ap = argparse.ArgumentParser(prog=f"python -m mmemb.stages.{stage}",
                                  description=description,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="(required): the config needs the value, from its "
+                                 "flag or from --config. Flags win over --set, --set over "
+                                 "the file; lists: a,b; None: null.")
     ap.add_argument("--config", metavar="FILE", help="a pipeline YAML (its --section is used, "
                     "with the paths the pipeline wires) or a YAML of this stage's settings")
     ap.add_argument("--section", default=stage, metavar="NAME",

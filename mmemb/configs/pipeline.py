@@ -493,11 +493,11 @@ def load_stage(stage: str, path: str | Path, *, section: str | None = None,
     where = f"{path} [{section}]"
     if not pipeline:
         nested = isinstance(data.get(section), dict) and section not in cls.model_fields
-        body = merge(apply_overrides(data[section] if nested else data, keyed), fields or {})
+        body = merge(apply_overrides(data[section] if nested else data, dict(keyed)), fields or {})
         refuse_secrets(body, str(path))
         run = RunSection(run_dir=run_dir) if run_dir else RunSection()
         return StageInputs(cls.from_dict(body, where=where if nested else str(path)), run)
-    data = apply_overrides(data, keyed)
+    data = apply_overrides(data, dict(keyed))
     if run_dir is not None:
         data["run"] = {**(data.get("run") or {}), "run_dir": str(run_dir)}
     refuse_secrets(data, str(path))

@@ -198,7 +198,7 @@ def _run(cfg: GenerateConfig) -> StageResult:
 def _teacher_flags(ap):
     """``--model``/``--oracle-k`` and friends: one teacher without writing ``--teachers``
     JSON (the TeacherConfig/SamplingConfig defaults apply to what is left out)."""
-    g = ap.add_argument_group("teacher shorthands (when --teachers and the YAML give none)")
+    g = ap.add_argument_group("teacher shorthands (given, they replace the teachers)")
     g.add_argument("--model", help="a teacher with this checkpoint (backend --backend)")
     g.add_argument("--backend", choices=["vllm", "hf"], help="backend of the --model teacher "
                    "(default vllm; hf = the transformers fallback)")

@@ -206,3 +206,29 @@ def test_pipeline_config_has_no_placeholder_sections():
     assert not hasattr(PipelineConfig, "available")
     for stage in STAGES[1:]:
         assert PipelineConfig.model_fields[stage].annotation == (CONFIG_CLASSES[stage] | None)
+
+
+def test_mmemb_stage_passes_the_launch_of_a_pipeline_yaml_without_run(tmp_path, monkeypatch):
+    """``mmemb stage train`` (flows/cli.py) on the measured file: accepted, launch kept."""
+    from contextlib import nullcontext
+
+    import flows.stage
+    import flows.startup
+    from flows.cli import main
+
+    seen = {}
+
+    def fake_flow(**kw):
+        seen.update(kw)
+        return {"stage": "train", "status": "ran", "summary": "stub"}
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))  # main() would set one
+    monkeypatch.setattr(flows.startup, "prefect_startup", lambda *a, **k: nullcontext())
+    monkeypatch.setattr(flows.stage, "make_stage_flow", lambda stage: fake_flow)
+    path = _yaml(tmp_path / "p.yaml", NO_RUN)
+    assert main(["stage", "train", str(path), "--set", "train.steps=5"]) == 0
+    assert (seen["config"].steps, seen["config"].data) == (5, "runs/demo/select/selections")
+    assert (seen["launch"].launcher, seen["launch"].retries) == ("subprocess", 4)
+    stage_only = _yaml(tmp_path / "s.yaml", {"model": "M", "data": "D"})
+    assert main(["stage", "train", str(stage_only), "--set", "train.steps=6"]) == 0
+    assert seen["config"].steps == 6 and seen["launch"] is None

@@ -591,9 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
         for flags, kw in options:
             kw = dict(kw)
             group = kw.pop("group", None)
-            target = groups.setdefault(group, sp.add_mutually_exclusive_group()) \
-                if group else sp
-            target.add_argument(*flags, **kw)
+            if group and group not in groups:
+                groups[group] = sp.add_mutually_exclusive_group()
+            (groups[group] if group else sp).add_argument(*flags, **kw)
         sp.set_defaults(fn=fn)
     return p
 

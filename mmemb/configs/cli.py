@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -85,9 +86,11 @@ def parse_stage_args(stage: str, argv: list[str] | None = None,
 
 def stage_main(stage: str, run: Callable[[StageConfig], Any], argv: list[str] | None = None,
                shorthands: Shorthands | None = None) -> Any:
-    """Parse the command line, run the stage, print its result as JSON."""
+    """Parse the command line, run the stage, print its result as JSON (rank 0 only, when
+    a launcher started several ranks)."""
     doc = sys.modules[run.__module__].__doc__ or ""
     cfg = parse_stage_args(stage, argv, doc.split("\n\n")[0], shorthands)
     res = run(cfg)
-    print(json.dumps(res.to_dict(), indent=2, default=str))
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(res.to_dict(), indent=2, default=str))
     return res

@@ -37,8 +37,8 @@ from flows.startup import (  # noqa: E402 - light: no Prefect at import
     PREFECT_ENV,
     StartupTimeout,
 )
-
-STAGE_NAMES = ("prepare", "generate", "score", "select", "train", "gate", "evaluate")
+from mmemb.configs.base import read_yaml  # noqa: E402 - light: pydantic and YAML only
+from mmemb.configs.pipeline import STAGES  # noqa: E402
 
 _ENV_DEFAULTS = {
     "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu",
@@ -84,11 +84,8 @@ def _run_dir_of(config: str | None, run_dir: str | None) -> str | None:
     if run_dir:
         return run_dir
     if config and Path(config).is_file():
-        import yaml
-
         try:
-            data = yaml.safe_load(Path(config).read_text()) or {}
-            return (data.get("run") or {}).get("run_dir") or "runs/demo"
+            return (read_yaml(config).get("run") or {}).get("run_dir") or "runs/demo"
         except Exception:  # noqa: BLE001 - the real load reports YAML errors
             return None
     return None
@@ -158,19 +155,11 @@ def cmd_eval(a: argparse.Namespace) -> int:
             sets.append(f"evaluate.{field}={val}")
     if a.modes:
         sets.append(f"evaluate.modes=[{a.modes}]")
-    sets = [s if Path(a.config).is_file() and _is_pipeline_yaml(a.config)
-            else s.removeprefix("evaluate.") for s in sets]
+    # evaluate.KEY is the stage's KEY in a pipeline and in an evaluate-only YAML alike
     out = run_stage_from_file("evaluate", a.config, a.run_dir, a.force,
                               sets, prefect_timeout=a.prefect_timeout)
-    print(out.get("summary") or out.get("reason", ""))
+    print(out.get("summary", ""))
     return 0 if out["status"] in ("ran", "cached") else 1
-
-
-def _is_pipeline_yaml(path: str) -> bool:
-    import yaml
-
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    return isinstance(data, dict) and ("run" in data or "evaluate" in data)
 
 
 def cmd_embed(a: argparse.Namespace) -> int:
@@ -294,7 +283,7 @@ def cmd_ui(a: argparse.Namespace) -> int:
 def cmd_status(a: argparse.Namespace) -> int:
     from tasks.cache import run_status
 
-    for stage, (verdict, why, st) in run_status(a.run_dir, STAGE_NAMES, a.verify).items():
+    for stage, (verdict, why, st) in run_status(a.run_dir, STAGES, a.verify).items():
         if st is None:
             print(f"{stage:<9} " + (f"INTERRUPTED: {why}" if verdict == "interrupted" else "-"))
             continue
@@ -348,140 +337,141 @@ def _seconds(text: str) -> int:
     return v
 
 
-def _prefect_timeout_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prefect-timeout", type=_seconds, metavar="SECONDS",
-                   help="how long to wait for Prefect's temporary API server when "
-                   "PREFECT_API_URL is unset (default: run.prefect_startup_timeout_s, else "
-                   f"{PREFECT_ENV}, else {DEFAULT_PREFECT_TIMEOUT_S})")
+def _o(*flags: str, **kw) -> tuple[tuple[str, ...], dict]:
+    """One option of a command: argparse's ``add_argument`` arguments."""
+    return flags, kw
+
+
+_RUN_DIR = _o("--run-dir", help="run directory (default: the config's run.run_dir)")
+_FORCE = _o("--force", action="store_true", help="recompute even if cached")
+_VERIFY = _o("--verify", action="store_true", help="hash every output part and model file "
+             "before reusing a cached stage (default: each part must exist with its recorded "
+             "size)")
+_TIMEOUT = _o("--prefect-timeout", type=_seconds, metavar="SECONDS", help="how long to wait "
+              "for Prefect's temporary API server when PREFECT_API_URL is unset (default: "
+              f"run.prefect_startup_timeout_s, else {PREFECT_ENV}, else "
+              f"{DEFAULT_PREFECT_TIMEOUT_S})")
+
+
+def _set(example: str) -> tuple[tuple[str, ...], dict]:
+    return _o("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+              help=f"override a config value (YAML syntax, repeatable), e.g. --set {example}")
+
+
+def _stage(flag: str, what: str, **kw) -> tuple[tuple[str, ...], dict]:
+    return _o(flag, choices=STAGES, metavar="STAGE", help=what, **kw)
+
+
+#: command -> (handler, one-line help, description, options). An option whose kwargs carry
+#: ``group`` joins that mutually exclusive group.
+COMMANDS: dict[str, tuple] = {
+    "run": (cmd_run, "run the pipeline (prepare ... evaluate)", "Run the pipeline flow. "
+            "Stages whose inputs, config and code are unchanged are reused from the run "
+            "directory.", [
+                _o("config", help="pipeline YAML (e.g. configs/demo.yaml)"),
+                _o("--run-dir", help="run directory: outputs, stage cache, MLflow store "
+                   "(default: the config's run.run_dir)"),
+                _stage("--from", "recompute STAGE and every stage after it; earlier ones "
+                       "are reused", dest="from_stage", group="from"),
+                _stage("--only", "run only STAGE (recomputed), reading its inputs from the "
+                       "run dir", group="from"),
+                _stage("--force", "recompute STAGE even if cached (repeatable); later stages "
+                       "rerun only if its outputs changed", action="append"),
+                _o("--stages", metavar="A,B,...", help="run only these stages, in pipeline "
+                   "order (sets run.stages)"),
+                _set("train.lr=1e-4"),
+                _o("--no-tracking", action="store_true", help="do not log to MLflow"),
+                _o("--json", metavar="FILE", help="also write the result payload as JSON"),
+                _TIMEOUT, _VERIFY,
+                _o("--skip-preflight", action="store_true", help="start without the "
+                   "preflight (models load and have the method's tokens, input columns, "
+                   "image roots, teacher prompt budgets, writable outputs; "
+                   "mmemb/preflight.py)")]),
+    "stage": (cmd_stage, "run one stage alone", "Run one stage as its own Prefect flow "
+              "(cache and MLflow as in the pipeline).", [
+                  _o("name", choices=STAGES, help="the stage"),
+                  _o("config", help="pipeline YAML (its section NAME is used) or a YAML "
+                     "with only the stage's settings"),
+                  _RUN_DIR, _FORCE, _set("generate.seed=1 (stage-only YAML: also seed=1)"),
+                  _o("--parent-run-id", help="MLflow run to nest under (default: the run "
+                     "dir's last pipeline run)"),
+                  _TIMEOUT, _VERIFY]),
+    "eval": (cmd_eval, "evaluate a model (the evaluate stage)", "Run the evaluate stage, "
+             "optionally on another model or eval data than the config names.", [
+                 _o("config", help="pipeline YAML or an evaluate-only YAML"),
+                 _o("--model", help="checkpoint folder to evaluate (sets evaluate.model)"),
+                 _o("--data", help="eval rows artifact / MMEB-V2 folder (sets evaluate.eval)"),
+                 _o("--modes", metavar="A,B", help="modes, e.g. direct,reason,adaptive"),
+                 _o("--out", help="output folder (sets evaluate.out)"),
+                 _RUN_DIR, _FORCE, _set("evaluate.budget=32"), _TIMEOUT]),
+    "embed": (cmd_embed, "embed a Parquet/JSONL of inputs with a trained model", "Embed "
+              "inputs (columns text/instruction/image, or MMEB's qry_text/qry_inst/"
+              "qry_img_path; optional id) and write an 'embeddings' artifact folder (Parquet "
+              "+ manifest).", [
+                  _o("--model", required=True, help="checkpoint folder (e.g. runs/demo/gate/"
+                     "policy)"),
+                  _o("--input", required=True, help=".parquet file, artifact folder or "
+                     ".jsonl"),
+                  _o("--output", required=True, help="output artifact folder"),
+                  _o("--mode", default="adaptive", choices=("direct", "reason", "adaptive"),
+                     help="direct: never reason; reason: always; adaptive: the model's gate "
+                     "decides (default)"),
+                  _o("--batch-size", type=int, default=16, help="inputs per forward pass"),
+                  _o("--image-root", help="folder image paths are relative to"),
+                  _o("--budget", type=int, help="max reasoning tokens (default: the model's "
+                     "mmemb_gate.json, else 64)"),
+                  _o("--threshold", type=float, help="reason when p(<think>) > threshold")]),
+    "ui": (cmd_ui, "start the MLflow UI over a run directory", "Start the MLflow UI (mlflow "
+           "server) on the run directory's SQLite store; Ctrl-C stops it and its helpers.", [
+               _o("--run-dir", default="runs/demo", help="run directory (default runs/demo)"),
+               _o("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; "
+                  "anything else exposes the UI to the network)"),
+               _o("--port", type=int, default=5000, help="port (default 5000)"),
+               _o("--backend-store-uri", help="another tracking store instead"),
+               _o("--workers", type=int, default=1, help="server worker processes"),
+               _o("--timeout", type=_seconds, default=DEFAULT_UI_TIMEOUT_S, metavar="SECONDS",
+                  help="how long to wait for the server to answer (default "
+                  f"{DEFAULT_UI_TIMEOUT_S}; a busy machine can need minutes)")]),
+    "status": (cmd_status, "show which stages are cached in a run directory", "Per stage: "
+               "ok, STALE (an output part is gone or changed, an input differs from the one "
+               "it was built from, or its upstream stage is stale) or INTERRUPTED (a run did "
+               "not finish).", [
+                   _o("--run-dir", default="runs/demo", help="run directory"),
+                   _o("--verify", action="store_true", help="also hash every output part "
+                      "and model file")]),
+    "config": (cmd_config, "print the resolved (wired, validated) config", "Load a pipeline "
+               "YAML, fill the wired paths and print it; with --stage only that stage's "
+               "section, which is a valid YAML for `python -m mmemb.stages.NAME --config "
+               "FILE`.", [
+                   _o("config", help="pipeline YAML"),
+                   _o("--stage", choices=STAGES, help="print only this stage's section"),
+                   _RUN_DIR, _set("generate.replica=1")]),
+    "sync": (cmd_sync, "send MLflow records spooled while the store was down", "Replay "
+             "<run_dir>/_mlflow_spool/*.json to the tracking store (MLFLOW_TRACKING_URI, "
+             "--tracking-uri or the run dir's SQLite).", [
+                 _o("--run-dir", default="runs/demo", help="run directory"),
+                 _o("--config", help="pipeline YAML (for tracking.uri and experiment)"),
+                 _o("--tracking-uri", help="tracking store to send to"),
+                 _o("--experiment", help="experiment name (default mmemb)")]),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """``mmemb`` and its subcommands, from :data:`COMMANDS`."""
     p = argparse.ArgumentParser(prog="mmemb", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Run `mmemb COMMAND --help` for each command's options.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    r = sub.add_parser("run", help="run the pipeline (prepare ... evaluate)",
-                       description="Run the pipeline flow. Stages whose inputs, config and "
-                       "code are unchanged are reused from the run directory.")
-    r.add_argument("config", help="pipeline YAML (e.g. configs/demo.yaml)")
-    r.add_argument("--run-dir", help="run directory: outputs, stage cache, MLflow store "
-                   "(default: the config's run.run_dir)")
-    g = r.add_mutually_exclusive_group()
-    g.add_argument("--from", dest="from_stage", choices=STAGE_NAMES, metavar="STAGE",
-                   help="recompute STAGE and every stage after it; earlier ones are reused")
-    g.add_argument("--only", choices=STAGE_NAMES, metavar="STAGE",
-                   help="run only STAGE (recomputed), reading its inputs from the run dir")
-    r.add_argument("--force", action="append", choices=STAGE_NAMES, metavar="STAGE",
-                   help="recompute STAGE even if cached (repeatable); later stages rerun "
-                   "only if its outputs changed")
-    r.add_argument("--stages", metavar="A,B,...", help="run only these stages, in pipeline "
-                   "order (sets run.stages)")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (YAML syntax), e.g. --set train.lr=1e-4")
-    r.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
-    r.add_argument("--json", metavar="FILE", help="also write the result payload as JSON")
-    _prefect_timeout_option(r)
-    r.add_argument("--verify", action="store_true", help="hash every output part and model "
-                   "file before reusing a cached stage (default: each part must exist with "
-                   "its recorded size)")
-    r.add_argument("--skip-preflight", action="store_true", help="start without the "
-                   "preflight (models load and have the method's tokens, input columns, "
-                   "image roots, teacher prompt budgets, writable outputs; mmemb/preflight.py)")
-    r.set_defaults(fn=cmd_run)
-
-    s = sub.add_parser("stage", help="run one stage alone",
-                       description="Run one stage as its own Prefect flow (cache and MLflow "
-                       "as in the pipeline).")
-    s.add_argument("name", choices=STAGE_NAMES, help="the stage")
-    s.add_argument("config", help="pipeline YAML (its section NAME is used) or a YAML with "
-                   "only the stage's settings")
-    s.add_argument("--run-dir", help="run directory (default: the config's run.run_dir)")
-    s.add_argument("--force", action="store_true", help="recompute even if cached")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set generate.seed=1")
-    s.add_argument("--parent-run-id", help="MLflow run to nest under (default: the run "
-                   "dir's last pipeline run)")
-    _prefect_timeout_option(s)
-    s.add_argument("--verify", action="store_true", help="hash every output part and model "
-                   "file before reusing the cached stage")
-    s.set_defaults(fn=cmd_stage)
-
-    e = sub.add_parser("eval", help="evaluate a model (the evaluate stage)",
-                       description="Run the evaluate stage, optionally on another model or "
-                       "eval data than the config names.")
-    e.add_argument("config", help="pipeline YAML or an evaluate-only YAML")
-    e.add_argument("--model", help="checkpoint folder to evaluate (sets evaluate.model)")
-    e.add_argument("--data", help="eval rows artifact / MMEB-V2 folder (sets evaluate.eval)")
-    e.add_argument("--modes", metavar="A,B", help="modes, e.g. direct,reason,adaptive")
-    e.add_argument("--out", help="output folder (sets evaluate.out)")
-    e.add_argument("--run-dir", help="run directory")
-    e.add_argument("--force", action="store_true", help="recompute even if cached")
-    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value")
-    _prefect_timeout_option(e)
-    e.set_defaults(fn=cmd_eval)
-
-    m = sub.add_parser("embed", help="embed a Parquet/JSONL of inputs with a trained model",
-                       description="Embed inputs (columns text/instruction/image, or MMEB's "
-                       "qry_text/qry_inst/qry_img_path; optional id) and write an "
-                       "'embeddings' artifact folder (Parquet + manifest).")
-    m.add_argument("--model", required=True, help="checkpoint folder (e.g. runs/demo/gate/"
-                   "policy)")
-    m.add_argument("--input", required=True, help=".parquet file, artifact folder or .jsonl")
-    m.add_argument("--output", required=True, help="output artifact folder")
-    m.add_argument("--mode", default="adaptive", choices=("direct", "reason", "adaptive"),
-                   help="direct: never reason; reason: always; adaptive: the model's gate "
-                   "decides (default)")
-    m.add_argument("--batch-size", type=int, default=16, help="inputs per forward pass")
-    m.add_argument("--image-root", help="folder image paths are relative to")
-    m.add_argument("--budget", type=int, help="max reasoning tokens (default: the model's "
-                   "mmemb_gate.json, else 64)")
-    m.add_argument("--threshold", type=float, help="reason when p(<think>) > threshold")
-    m.set_defaults(fn=cmd_embed)
-
-    u = sub.add_parser("ui", help="start the MLflow UI over a run directory",
-                       description="Start the MLflow UI (mlflow server) on the run "
-                       "directory's SQLite store; Ctrl-C stops it and its helpers.")
-    u.add_argument("--run-dir", default="runs/demo", help="run directory (default runs/demo)")
-    u.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; "
-                   "anything else exposes the UI to the network)")
-    u.add_argument("--port", type=int, default=5000, help="port (default 5000)")
-    u.add_argument("--backend-store-uri", help="another tracking store instead")
-    u.add_argument("--workers", type=int, default=1, help="server worker processes")
-    u.add_argument("--timeout", type=_seconds, default=DEFAULT_UI_TIMEOUT_S,
-                   metavar="SECONDS", help="how long to wait for the server to answer "
-                   f"(default {DEFAULT_UI_TIMEOUT_S}; a busy machine can need minutes)")
-    u.set_defaults(fn=cmd_ui)
-
-    t = sub.add_parser("status", help="show which stages are cached in a run directory",
-                       description="Per stage: ok, STALE (an output part is gone or changed, "
-                       "an input differs from the one it was built from, or its upstream "
-                       "stage is stale) or INTERRUPTED (a run did not finish).")
-    t.add_argument("--run-dir", default="runs/demo", help="run directory")
-    t.add_argument("--verify", action="store_true", help="also hash every output part and "
-                   "model file")
-    t.set_defaults(fn=cmd_status)
-
-    c = sub.add_parser("config", help="print the resolved (wired, validated) config",
-                       description="Load a pipeline YAML, fill the wired paths and print it; "
-                       "with --stage only that stage's section, which is a valid YAML for "
-                       "`python -m mmemb.stages.NAME --config FILE`.")
-    c.add_argument("config", help="pipeline YAML")
-    c.add_argument("--stage", choices=STAGE_NAMES, help="print only this stage's section")
-    c.add_argument("--run-dir", help="run directory (default: the config's run.run_dir)")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set generate.replica=1")
-    c.set_defaults(fn=cmd_config)
-
-    y = sub.add_parser("sync", help="send MLflow records spooled while the store was down",
-                       description="Replay <run_dir>/_mlflow_spool/*.json to the tracking "
-                       "store (MLFLOW_TRACKING_URI, --tracking-uri or the run dir's SQLite).")
-    y.add_argument("--run-dir", default="runs/demo", help="run directory")
-    y.add_argument("--config", help="pipeline YAML (for tracking.uri and experiment)")
-    y.add_argument("--tracking-uri", help="tracking store to send to")
-    y.add_argument("--experiment", help="experiment name (default mmemb)")
-    y.set_defaults(fn=cmd_sync)
+    for name, (fn, help_, description, options) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=description)
+        groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+        for flags, kw in options:
+            kw = dict(kw)
+            group = kw.pop("group", None)
+            if group and group not in groups:
+                groups[group] = sp.add_mutually_exclusive_group()
+            (groups[group] if group else sp).add_argument(*flags, **kw)
+        sp.set_defaults(fn=fn)
     return p
 
 

@@ -27,12 +27,7 @@ from mmemb.configs.base import ConfigError
 from mmemb.configs.pipeline import STAGES, PipelineConfig, StageName
 from tasks import cache
 from tasks.launch import disk_full_hint
-from tasks.stages import (
-    MissingInput,
-    check_inputs,
-    stage_available,
-    stage_task_for,
-)
+from tasks.stages import stage_task_for
 from tasks.tracking import (
     ENV_PARENT,
     StageRecord,
@@ -229,26 +224,9 @@ def pipeline(config: PipelineConfig | None = None, from_stage: StageName | None 
     print(f"[pipeline] {config.run.name}: {' -> '.join(s for s, _ in steps)} in {run_dir}"
           + (f"; MLflow parent run {parent}" if parent else ""), flush=True)
     payloads: dict[str, dict] = {}
-    not_run: set[str] = set()
     status = "FINISHED"
     try:
         for stage, forced in steps:
-            ok, why = stage_available(stage)
-            if not ok:
-                print(f"[{stage}] not available yet: {why}", flush=True)
-                payloads[stage] = {"stage": stage, "status": "unavailable", "reason": why}
-                not_run.add(stage)
-                continue
-            if not_run:
-                try:
-                    check_inputs(stage, config.section(stage), run_dir)
-                except MissingInput as e:
-                    why = (f"blocked: needs the output of {', '.join(sorted(not_run))} "
-                           f"({e})")
-                    print(f"[{stage}] {why}", flush=True)
-                    payloads[stage] = {"stage": stage, "status": "blocked", "reason": why}
-                    not_run.add(stage)
-                    continue
             upstream = {s: {"key": p.get("key"), "outputs": p.get("outputs")}
                         for s, p in payloads.items() if p.get("key")}
             payloads[stage] = stage_task_for(config, stage)(

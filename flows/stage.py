@@ -22,10 +22,10 @@ from prefect import flow
 from mmemb.configs.pipeline import (
     STAGES,
     LaunchConfig,
-    PendingSection,
     PipelineConfig,
     RunSection,
     config_class,
+    load_stage,
 )
 
 
@@ -48,25 +48,15 @@ def resolve_stage_inputs(stage: str, config: Any = None, config_path: str | None
     """(stage config, run section, launch) from a config object or a YAML path.
 
     A pipeline YAML gives all three (its ``run`` and ``launch.<stage>`` too); a stage-only
-    YAML gives the stage config, with the default run section.
+    YAML gives the stage config, with the default run section (:func:`load_stage`).
     """
-    import yaml
-
     from mmemb.configs.base import ConfigError
-    from tasks.stages import load_stage_config
 
     if config is None:
         if not config_path:
             raise ConfigError(f"stage {stage!r}: give a config (the form) or a config_path")
-        config = load_stage_config(stage, config_path, run_dir=run_dir, overrides=overrides)
-        try:
-            data = yaml.safe_load(open(config_path)) or {}
-        except OSError:
-            data = {}
-        if isinstance(data, dict) and isinstance(data.get("run"), dict):
-            pc = PipelineConfig.load(config_path, run_dir=run_dir, overrides=overrides)
-            run = run or pc.run
-            launch = launch or pc.launch.get(stage)
+        loaded = load_stage(stage, config_path, overrides=overrides, run_dir=run_dir)
+        config, run, launch = loaded.config, run or loaded.run, launch or loaded.launch
     if run is None:
         run = RunSection(run_dir=run_dir) if run_dir else RunSection()
     elif run_dir:
@@ -78,7 +68,7 @@ def make_stage_flow(stage: str):
     """The Prefect flow of one stage; its ``config`` parameter is the stage's config class."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
-    cls = config_class(stage) or PendingSection
+    cls = config_class(stage)
 
     def stage_flow(config=None, config_path: str | None = None, run_dir: str | None = None,
                    run: RunSection | None = None, launch: LaunchConfig | None = None,
@@ -101,8 +91,7 @@ def make_stage_flow(stage: str):
             link_flow_run(tracker, parent)
         out = stage_task_for(pc, stage)(pc, stage, force=force, parent_run_id=parent,
                                         verify=verify)
-        print(f"[{stage}] {out['status']}: {out.get('summary') or out.get('reason', '')}",
-              flush=True)
+        print(f"[{stage}] {out['status']}: {out.get('summary', '')}", flush=True)
         return out
 
     stage_flow.__annotations__ = {
@@ -129,14 +118,9 @@ def run_stage_from_file(stage: str, config_path: str, run_dir: str | None = None
     from flows.startup import prefect_startup
     from flows.startup import prefect_timeout as startup_wait
 
+    # secrets are refused by the loader, before the values become the flow's parameters
     config, run, launch = resolve_stage_inputs(stage, None, config_path, run_dir, None, None,
                                                overrides)
-    # secrets refused here, before the values become the flow's parameters
-    from mmemb.configs.pipeline import refuse_secrets
-
-    refuse_secrets({"run": run.model_dump(mode="json"), stage: config.model_dump(mode="json"),
-                    "launch": {stage: launch.model_dump(mode="json")} if launch else {}},
-                   config_path)
     flow_obj = flow_obj or make_stage_flow(stage)
     with prefect_startup(*startup_wait(prefect_timeout, run.prefect_startup_timeout_s)):
         return flow_obj(config=config, run=run, launch=launch, force=force,
@@ -150,8 +134,9 @@ def main(stage: str, argv: list[str] | None = None) -> dict:
                     "is used) or a YAML with only this stage's settings")
     ap.add_argument("--run-dir", help="run directory (default: the config's run.run_dir)")
     ap.add_argument("--force", action="store_true", help="recompute even if cached")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help=f"override a config value, e.g. --set {stage}.seed=1")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                    help=f"override a config value, e.g. --set {stage}.seed=1 (in a stage-only "
+                    "YAML also --set seed=1)")
     ap.add_argument("--parent-run-id", help="MLflow run to nest under")
     a = ap.parse_args(argv)
     return run_stage_from_file(stage, a.config, a.run_dir, a.force, a.set, a.parent_run_id)

@@ -178,8 +178,7 @@ class _Preflight:
         self.cfg = config
         self.prep = config.prepare
         wanted = set(stages)
-        self.stages = [s for s in STAGES if s in wanted
-                       and (s == "prepare" or config.available(s))]
+        self.stages = [s for s in STAGES if s in wanted]
         self.problems: list[Problem] = []
         self.models: dict[Path | str, _Use] = {}
         self.folders: dict[Path, _Use] = {}

@@ -10,27 +10,18 @@ payload (artifact references, metrics, paths), never data or models.
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import inspect
 import re
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from data_contracts import io
 from data_contracts.io import ContractError
-from mmemb.configs.base import ConfigError, StageConfig
-from mmemb.configs.pipeline import (
-    STAGES,
-    WIRING,
-    PendingSection,
-    PipelineConfig,
-    config_class,
-)
+from mmemb.configs.base import StageConfig
+from mmemb.configs.pipeline import STAGES, WIRING, PipelineConfig, load_stage_config
 from mmemb.stages.base import StageResult
 from tasks import cache
 from tasks.launch import StageFailed, is_transient, launch
@@ -49,10 +40,6 @@ REGISTER_STAGES = {"train", "gate"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class StageUnavailable(RuntimeError):
-    transient = False
-
-
 class MissingInput(ContractError):
     """An input a stage needs is not there (its upstream stage has not run)."""
 
@@ -63,54 +50,11 @@ def stage_module(stage: str) -> str:
     return f"mmemb.stages.{stage}"
 
 
-def stage_available(stage: str) -> tuple[bool, str]:
-    """Can this stage run in this checkout? (False, why) while its code has not landed."""
-    if stage not in STAGES:
-        return False, f"unknown stage {stage!r}; known: {', '.join(STAGES)}"
-    mod = stage_module(stage)
-    if importlib.util.find_spec(mod) is None:
-        return False, f"stage {stage!r} is not available yet ({mod.replace('.', '/')}.py " \
-                      "does not exist in this checkout)"
-    if config_class(stage) is None:
-        return False, f"stage {stage!r} has no config class yet (mmemb/configs/{stage}.py)"
-    return True, ""
-
-
-def load_stage_config(stage: str, path: str | Path, run_dir: str | None = None,
-                      overrides: list[str] | None = None) -> StageConfig:
-    """A stage's config from a pipeline YAML (its wired section) or a stage-only YAML."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) if path.is_file() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if data is None and not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    cls = config_class(stage)
-    if cls is None:
-        raise StageUnavailable(stage_available(stage)[1])
-    is_pipeline = isinstance(data, dict) and ("run" in data or stage in data) and not (
-        set(data) <= set(cls.model_fields))
-    if is_pipeline:
-        pc = PipelineConfig.load(path, run_dir=run_dir, overrides=overrides)
-        sec = pc.section(stage)
-        return sec
-    over = dict(o.split("=", 1) for o in overrides or [])
-    return cls.from_yaml(path, overrides={k: yaml.safe_load(v) for k, v in over.items()})
-
-
 def call_stage(stage: str, cfg: StageConfig, log=None) -> StageResult:
-    """Import the stage and call ``run(cfg[, log=...])`` in this process."""
-    module = importlib.import_module(stage_module(stage))
-    run = module.run
-    kw = {}
-    if log is not None:
-        params = inspect.signature(run).parameters
-        for name in ("log", "step_logger", "logger"):
-            if name in params:
-                kw[name] = log
-                break
-    res = run(cfg, **kw)
+    """Import the stage and call ``run(cfg, log=...)`` in this process (every stage's
+    ``run`` takes its step logger as ``log``)."""
+    run = importlib.import_module(stage_module(stage)).run
+    res = run(cfg) if log is None else run(cfg, log=log)
     if not isinstance(res, StageResult):
         raise TypeError(f"{stage_module(stage)}.run returned {type(res).__name__}, expected "
                         "StageResult")
@@ -217,14 +161,7 @@ def execute_stage(pcfg: PipelineConfig, stage: str, *, force: bool = False,
 
     ``verify``: reuse a cached result only after hashing every output part and model file
     (without it: every part must exist with its recorded size)."""
-    ok, why = stage_available(stage)
-    if not ok:
-        print(f"[{stage}] skipped: {why}", flush=True)
-        return _payload(stage, "unavailable", reason=why)
     cfg = pcfg.section(stage)
-    if isinstance(cfg, PendingSection):
-        raise ConfigError(f"section {stage!r} was loaded before its config class existed; "
-                          "reload the config")
     run_dir = pcfg.run_dir
     state_dir = run_dir / stage
     check_inputs(stage, cfg, run_dir)
@@ -358,5 +295,5 @@ def stage_task_for(config: PipelineConfig, stage: str):
                                    timeout_seconds=lc.timeout_s)
 
 
-__all__ = ["MissingInput", "StageFailed", "StageUnavailable", "call_stage", "execute_stage",
-           "load_stage_config", "stage_available", "stage_task", "stage_task_for"]
+__all__ = ["MissingInput", "StageFailed", "call_stage", "execute_stage", "load_stage_config",
+           "stage_task", "stage_task_for"]

@@ -1,4 +1,6 @@
-"""One pydantic config per stage (one file each) plus the pipeline's config."""
+"""One pydantic config per stage (one file each), the pipeline's config and its one loader
+(:mod:`mmemb.configs.pipeline`), and the stage command lines generated from them
+(:mod:`mmemb.configs.cli`)."""
 
 from mmemb.configs.base import ConfigError, StageConfig
 

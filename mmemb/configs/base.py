@@ -78,42 +78,14 @@ class StageConfig(BaseModel):
     @classmethod
     def from_yaml(cls: type[T], path: str | Path, section: str | None = None,
                   overrides: dict[str, Any] | None = None) -> T:
+        """This class from a YAML mapping (or its ``section``) exactly as written: no
+        wiring, no pipeline rule; a standalone stage run loads through
+        :func:`mmemb.configs.pipeline.load_stage` instead."""
         data = read_yaml(path)
         if section is not None:
             data = data.get(section) or {}
         data = {**data, **(overrides or {})}
         return cls.from_dict(data, where=f"{path}" + (f" [{section}]" if section else ""))
-
-    @classmethod
-    def from_any_yaml(cls: type[T], path: str | Path, section: str,
-                      overrides: dict[str, Any] | None = None) -> T:
-        """A stage's config for a standalone run (``python -m mmemb.stages.X --config F``).
-
-        A pipeline YAML (it has ``run:`` or ``prepare:``) gives its ``section``, with the
-        paths the pipeline would wire from the run dir filled in; only that section is
-        validated, so an unrelated broken section cannot block a standalone run. Any other
-        YAML is the section's fields (or has them under ``section``). ``overrides``
-        (command-line flags) win.
-        """
-        data = read_yaml(path)
-        over = overrides or {}
-        if "run" in data or "prepare" in data:
-            from mmemb.configs.pipeline import wire
-
-            data = {**data, section: {**(data.get(section) or {}), **over}}
-            return cls.from_dict(wire(data).get(section) or {}, where=f"{path} [{section}]")
-        if isinstance(data.get(section), dict):
-            return cls.from_dict({**data[section], **over}, where=f"{path} [{section}]")
-        return cls.from_dict({**data, **over}, where=str(path))
-
-    @classmethod
-    def from_args(cls: type[T], config: str | None, section: str,
-                  overrides: dict[str, Any]) -> T:
-        """A stage command's config: ``--config`` through :meth:`from_any_yaml`, else the
-        command-line flags alone."""
-        if config:
-            return cls.from_any_yaml(config, section, overrides)
-        return cls.from_dict(overrides, where="command line")
 
     @classmethod
     def from_dict(cls: type[T], data: dict, where: str = "<config>") -> T:

@@ -31,8 +31,10 @@ class EvaluateConfig(ImageResolution):
                                   description="inference modes to score, side by side")
     tasks: list[str] | None = Field(None, description="task names (default: every task in "
                                     "the data / all 78 of MMEB-V2)")
-    categories: list[str] | None = None
-    modalities: list[Literal["image", "video", "visdoc"]] | None = None
+    categories: list[str] | None = Field(None, description="MMEB-V2 task categories to "
+                                         "keep (default: all)")
+    modalities: list[Literal["image", "video", "visdoc"]] | None = Field(
+        None, description="MMEB-V2 modalities to keep (default: all)")
     max_queries: int | None = Field(None, ge=1, description="first N queries per task (a "
                                     "quick subset; the corpus of global tasks stays whole)")
     skip_missing: bool = Field(False, description="MMEB root: skip tasks whose files are "
@@ -43,7 +45,8 @@ class EvaluateConfig(ImageResolution):
                                  "published model) or an earlier run's results folder")
     baseline_mode: ModeName | None = Field(None, description="which mode of a results-folder "
                                            "baseline (default: direct)")
-    baseline_name: str = "baseline"
+    baseline_name: str = Field("baseline", description="the baseline's column name in "
+                               "the report")
 
     reason_on_candidates: bool = Field(
         False, description="embed candidates in the query's mode instead of direct; the gate "
@@ -62,14 +65,15 @@ class EvaluateConfig(ImageResolution):
     generation: Literal["hf", "vllm"] = Field(
         "hf", description="who writes the rationales: transformers generate, or a vLLM "
         "engine on the same checkpoint (the gate and the embedding pass stay in transformers)")
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="rationale nucleus sampling; 1 = off")
     chunk_size: int = runtime_field(256, ge=1, description="inputs per cache chunk (resume unit)")
     cache_dir: str | None = Field(None, description="embedding cache; default <out>/cache")
     image_cache: str | None = Field(None, description="where visdoc page images are written; "
                                     "default <MMEB root>/visdoc-tasks/_images")
     device: str | None = runtime_field(None, description="default: cuda when available, else cpu")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    seed: int = 0
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="model dtype; auto: bfloat16 on cuda, float32 on cpu")
+    seed: int = Field(0, description="seed of rationale sampling (and every RNG)")
 
     @model_validator(mode="after")
     def _check(self) -> EvaluateConfig:

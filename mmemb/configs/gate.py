@@ -21,11 +21,13 @@ class RewardConfig(StageConfig):
     retrieval reward to be worth it.
     """
 
-    w_hit: float = 1.0
-    w_margin: float = 1.0
-    lambda_cost: float = Field(0.2, ge=0)
-    format_penalty: float = Field(0.5, ge=0)  # a rationale that never closes </think>
-    pool_size: int = Field(8, ge=2)  # positive + negatives from the same task
+    w_hit: float = Field(1.0, description="weight of hit@1 in the reward")
+    w_margin: float = Field(1.0, description="weight of the cosine margin in the reward")
+    lambda_cost: float = Field(0.2, ge=0, description="price of reasoning per budget's worth "
+                               "of tokens")
+    format_penalty: float = Field(0.5, ge=0, description="subtracted when a rationale "
+                                  "never closes </think>")
+    pool_size: int = Field(8, ge=2, description="positive + negatives from the same task")
 
 
 class GateConfig(ImageResolution):
@@ -33,14 +35,14 @@ class GateConfig(ImageResolution):
 
     model: str = Field(..., description="stage-4 checkpoint (the policy's start)")
     data: str = Field(..., description="selections or pairs artifact (queries + positives)")
-    image_root: str | None = None
+    image_root: str | None = Field(None, description="folder image paths are relative to")
     eval: str | None = report_field(None, description="eval rows, for the per-family gate "
                                    "report")
     out: str = report_field("runs/gate", description="stage folder: the policy, the gate "
                             "report")
 
-    steps: int = Field(60, ge=1)
-    queries_per_step: int = Field(16, ge=1)
+    steps: int = Field(60, ge=1, description="GRPO steps (rollout batches)")
+    queries_per_step: int = Field(16, ge=1, description="queries per rollout batch")
     group_size: int = Field(4, ge=2, description="G rollouts per query")
     num_iterations: int = Field(1, ge=1, description="policy updates per rollout batch")
     budget: int = Field(48, ge=1, description="max reasoning tokens per rollout")
@@ -48,14 +50,16 @@ class GateConfig(ImageResolution):
                                "on the demo, reward 0.57 -> 0.66 vs 0.43 -> 0.54 at 1.0)")
     lr: float = Field(5e-4, gt=0, description="tiny-model default; real 2-8B: ~1e-6")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up, then constant")
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     beta: float = Field(0.1, ge=0, description="KL weight to the frozen reference")
-    eps_low: float = Field(0.2, gt=0)
-    eps_high: float = Field(0.2, gt=0)
-    aggregation: Literal["sequence", "token"] = "sequence"
-    scale_advantages: bool = True
-    reward: RewardConfig = RewardConfig()
+    eps_low: float = Field(0.2, gt=0, description="PPO clip below: ratio >= 1 - eps_low")
+    eps_high: float = Field(0.2, gt=0, description="PPO clip above: ratio <= 1 + eps_high")
+    aggregation: Literal["sequence", "token"] = Field(
+        "sequence", description="sequence: mean over a rollout's tokens, then rollouts "
+        "(GRPO); token: mean over all tokens")
+    scale_advantages: bool = Field(True, description="divide advantages by the group's std")
+    reward: RewardConfig = Field(RewardConfig(), description="the rollout reward")
     # The anchor (PPO-ptx style): the policy gradient moves shared weights, and with tied
     # input/output embeddings even the gate rows are the <emb> token's input vector, so
     # GRPO alone drifts the embedding space that its own reward is measured in (measured
@@ -72,11 +76,11 @@ class GateConfig(ImageResolution):
         "engine started once, weights synced in place after every update)")
     vllm_engine_kwargs: dict = Field(default_factory=dict, description="extra vllm.LLM "
                                      "arguments for the rollout engine")
-    zero_stage: Literal[0, 1, 2, 3] = 0
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage (0-2)")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 on a GPU, fp32 on CPU (as stage 4)")
-    grad_clip: float = 1.0
-    seed: int = 0
+    grad_clip: float = Field(1.0, description="global grad-norm clip")
+    seed: int = Field(0, description="query order and sampling seed")
     threshold: float = Field(0.5, ge=0, le=1, description="adaptive inference: reason if "
                              "p(<think>) > threshold")
 

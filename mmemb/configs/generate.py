@@ -54,7 +54,8 @@ class TeacherConfig(StageConfig):
     model: str | None = Field(None, description="checkpoint folder or hub id (vllm/hf); "
                               "oracle: optional tokenizer folder used to count tokens")
     k: int = Field(4, ge=1, le=64, description="candidates per instance")
-    sampling: SamplingConfig = SamplingConfig()
+    sampling: SamplingConfig = Field(SamplingConfig(), description="how the teacher "
+                                     "samples (vLLM SamplingParams / generate knobs)")
     seed: int | None = Field(None, description="default: the stage seed")
     prompt_version: str | None = Field(None, description="a key of mmemb.teachers.base."
                                        "PROMPT_TEMPLATES; default per side")
@@ -77,7 +78,8 @@ class TeacherConfig(StageConfig):
     dtype: str = Field("auto", description="engine dtype: auto | bfloat16 | float16 | float32")
     max_model_len: int = Field(2048, ge=64, description="prompt budget (hf and vllm): a "
                                "longer prompt is not submitted, its rows get status too_long")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of each "
+                                          "GPU's memory the vLLM engine may take")
     enforce_eager: bool | None = Field(None, description="None: eager on CPU (graph capture "
                                        "costs more than it saves there), graphs on GPU")
     engine_kwargs: dict = Field(default_factory=dict, description="extra vllm.LLM(...) args "
@@ -129,13 +131,14 @@ class GenerateConfig(StageConfig):
                                             "outside image_root (see run.images)")
     out: str = report_field("runs/generate", description="stage folder; rationales go to "
                      "<out>/rationales")
-    teachers: list[TeacherConfig] = Field(..., min_length=1)
+    teachers: list[TeacherConfig] = Field(..., min_length=1, description="the teachers "
+                                          "(TeacherConfig each: id, backend, model, k, ...)")
     sides: list[Literal["query", "target"]] = Field(
         default_factory=lambda: ["query"], description="query side by default (METHOD.md)")
     shard_size: int = Field(512, ge=1, description="pairs per shard: the unit of resumption "
                             "and the most prompts one engine call gets")
     limit: int | None = Field(None, ge=1, description="only the first N pairs (smoke runs)")
-    seed: int = 0
+    seed: int = Field(0, description="every teacher's seed unless it sets its own")
     torch_threads: int | None = runtime_field(
         None, ge=1, description="torch threads in this process (None: torch's default); 1 "
         "suits tiny models on shared CPU cores")

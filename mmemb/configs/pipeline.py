@@ -15,43 +15,44 @@ A value the YAML does give wins, and ``{run_dir}`` inside any string is replaced
 can point one stage elsewhere without touching the rest. Wiring happens before validation,
 so the loaded config is complete and every stage's section also runs alone.
 
-Stage config classes are imported lazily: a stage whose module has not landed yet keeps its
-section as a permissive placeholder (:class:`PendingSection`) and the pipeline reports it as
-not available instead of failing to load.
+Loading has one home, here: :func:`read_yaml` reads every file, :func:`is_pipeline_yaml` is
+the one rule for what a pipeline file is, :func:`parse_overrides` the one ``KEY.PATH=VALUE``
+syntax, :func:`wire` the one wiring; :meth:`PipelineConfig.load` loads a whole run and
+:func:`load_stage` one stage of it (or a stage-only file) for a standalone run.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from mmemb.configs.base import ConfigError, StageConfig, read_yaml
+from mmemb.configs.evaluate import EvaluateConfig
+from mmemb.configs.gate import GateConfig
+from mmemb.configs.generate import GenerateConfig, TeacherConfig
 from mmemb.configs.prepare import PrepareConfig
+from mmemb.configs.score import ScoreConfig
+from mmemb.configs.select import SelectConfig
+from mmemb.configs.train import TrainConfig
 from mmemb.model.images import DEFAULT_MAX_DECODE_PIXELS
 from mmemb.redact import find_secrets
 
-#: Stage order. ``prepare`` is stage 0 (base model + data), then the method's five stages
+#: The stages, in pipeline order, with their config classes: the one place stage names are
+#: written. ``prepare`` is stage 0 (base model + data), then the method's five stages
 #: (generate, score, select, train, gate) and the evaluation.
-STAGES: tuple[str, ...] = ("prepare", "generate", "score", "select", "train", "gate",
-                           "evaluate")
-StageName = Literal["prepare", "generate", "score", "select", "train", "gate", "evaluate"]
-
-#: stage -> (config module, config class).
-CONFIG_CLASSES: dict[str, tuple[str, str]] = {
-    "prepare": ("mmemb.configs.prepare", "PrepareConfig"),
-    "generate": ("mmemb.configs.generate", "GenerateConfig"),
-    "score": ("mmemb.configs.score", "ScoreConfig"),
-    "select": ("mmemb.configs.select", "SelectConfig"),
-    "train": ("mmemb.configs.train", "TrainConfig"),
-    "gate": ("mmemb.configs.gate", "GateConfig"),
-    "evaluate": ("mmemb.configs.evaluate", "EvaluateConfig"),
+CONFIG_CLASSES: dict[str, type[StageConfig]] = {
+    "prepare": PrepareConfig, "generate": GenerateConfig, "score": ScoreConfig,
+    "select": SelectConfig, "train": TrainConfig, "gate": GateConfig,
+    "evaluate": EvaluateConfig,
 }
+STAGES: tuple[str, ...] = tuple(CONFIG_CLASSES)
+StageName = Literal[STAGES]  # type: ignore[valid-type]  # the same names, as a type
 
 #: stage -> {field: template}. Templates use ``{run_dir}`` and the prepare stage's outputs
 #: ``{base_model}``, ``{pairs}``, ``{eval}``, ``{image_root}``. Only fields the stage's config
@@ -77,22 +78,12 @@ WIRING: dict[str, dict[str, str]] = {
 OUTPUT_FIELDS = frozenset({"out", "model_out"})
 
 
-def config_class(stage: str) -> type[StageConfig] | None:
-    """The stage's config class, or None while its module does not exist yet."""
-    mod, cls = CONFIG_CLASSES[stage]
+def config_class(stage: str) -> type[StageConfig]:
+    """The stage's config class; an unknown name is a :class:`ConfigError` listing them."""
     try:
-        module = importlib.import_module(mod)
-    except ModuleNotFoundError as e:
-        if e.name == mod:
-            return None
-        raise
-    return getattr(module, cls, None)
-
-
-class PendingSection(StageConfig):
-    """Placeholder for the section of a stage whose code has not landed: keeps any keys."""
-
-    model_config = ConfigDict(extra="allow")
+        return CONFIG_CLASSES[stage]
+    except KeyError:
+        raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}") from None
 
 
 class TrackingConfig(StageConfig):
@@ -202,10 +193,6 @@ class LaunchConfig(StageConfig):
         return self
 
 
-def _section_type(stage: str) -> Any:
-    return config_class(stage) or PendingSection
-
-
 _PLACEHOLDER = re.compile(r"^\{(run_dir|base_model|pairs|eval|image_root)\}")
 
 
@@ -228,11 +215,8 @@ def _wire_resolution(stage: str, raw: dict, fields: set[str], res: dict) -> None
     full = {k: res.get(k, ResolutionConfig.model_fields[k].default)
             for k in ("max_pixels", "min_pixels")}
     targets = [raw] if "max_pixels" in fields else []
-    if stage == "generate":
-        from mmemb.configs.generate import TeacherConfig
-
-        if "max_pixels" in TeacherConfig.model_fields:
-            targets += [t for t in raw.get("teachers") or [] if isinstance(t, dict)]
+    if stage == "generate" and "max_pixels" in TeacherConfig.model_fields:
+        targets += [t for t in raw.get("teachers") or [] if isinstance(t, dict)]
     for t in targets:
         for k, v in full.items():
             t.setdefault(k, v)
@@ -275,8 +259,7 @@ def wire(data: dict[str, Any]) -> dict[str, Any]:
             data[stage] = None
             continue
         raw = _fmt(dict(data.get(stage) or {}), vars_)
-        cls = config_class(stage)
-        fields = set(cls.model_fields) if cls is not None else set()
+        fields = set(CONFIG_CLASSES[stage].model_fields)
         for k, template in WIRING[stage].items():
             if k in fields and k not in raw:
                 val = _fmt(template, vars_)
@@ -302,12 +285,12 @@ class PipelineConfig(StageConfig):
     run: RunSection = RunSection()
     prepare: PrepareConfig = PrepareConfig()
     # None: the stage is not in run.stages and the YAML has no section for it.
-    generate: _section_type("generate") | None = None
-    score: _section_type("score") | None = None
-    select: _section_type("select") | None = None
-    train: _section_type("train") | None = None
-    gate: _section_type("gate") | None = None
-    evaluate: _section_type("evaluate") | None = None
+    generate: GenerateConfig | None = None
+    score: ScoreConfig | None = None
+    select: SelectConfig | None = None
+    train: TrainConfig | None = None
+    gate: GateConfig | None = None
+    evaluate: EvaluateConfig | None = None
     launch: dict[StageName, LaunchConfig] = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -357,11 +340,6 @@ class PipelineConfig(StageConfig):
             raise ConfigError(f"the config has no '{stage}' section and run.stages does not "
                               f"include it; add a '{stage}:' section (it may be empty)")
         return sec
-
-    def available(self, stage: str) -> bool:
-        """True when the stage's config class exists (its section is not a placeholder)."""
-        return config_class(stage) is not None and not isinstance(getattr(self, stage),
-                                                                   PendingSection)
 
     def launch_for(self, stage: str) -> LaunchConfig:
         return self.launch.get(stage) or LaunchConfig()
@@ -414,21 +392,28 @@ def _secrets_message(keys: list[str]) -> str:
             "export MLFLOW_TRACKING_URI (or MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD)")
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
-    """``["train.lr=1e-4", "run.stages=[prepare,generate]"]`` -> nested keys; values are YAML."""
+Overrides = list[str] | tuple[str, ...] | dict[str, Any]
+
+
+def parse_overrides(overrides: Overrides | None) -> list[tuple[str, Any]]:
+    """The one override syntax: ``KEY.PATH=VALUE`` (``train.lr=1e-4``,
+    ``run.stages=[prepare,gate]``), the value read as YAML; a mapping is taken as parsed."""
+    if isinstance(overrides, dict):
+        return list(overrides.items())
+    pairs = []
+    for o in overrides or ():
+        if "=" not in o:
+            raise ConfigError(f"override {o!r}: write KEY.PATH=VALUE, e.g. train.lr=1e-4")
+        k, v = o.split("=", 1)
+        # "{run_dir}/x" is a placeholder string, not a YAML flow mapping
+        pairs.append((k.strip(), v if _PLACEHOLDER.match(v.strip()) else yaml.safe_load(v)))
+    return pairs
+
+
+def apply_overrides(data: dict[str, Any], overrides: Overrides | None) -> dict[str, Any]:
+    """``data`` with each override set at its dotted key path (missing levels created)."""
     data = copy.deepcopy(data)
-    items = overrides.items() if isinstance(overrides, dict) else []
-    if isinstance(overrides, list):
-        pairs = []
-        for o in overrides:
-            if "=" not in o:
-                raise ConfigError(f"override {o!r}: write KEY.PATH=VALUE, e.g. train.lr=1e-4")
-            k, v = o.split("=", 1)
-            # "{run_dir}/x" is a placeholder string, not a YAML flow mapping
-            val = v if _PLACEHOLDER.match(v.strip()) else yaml.safe_load(v)
-            pairs.append((k.strip(), val))
-        items = pairs
-    for key, value in items:
+    for key, value in parse_overrides(overrides):
         node = data
         parts = key.split(".")
         for p in parts[:-1]:
@@ -437,3 +422,98 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
             node = node[p]
         node[parts[-1]] = value
     return data
+
+
+def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, mapping into mapping (a nested flag keeps its siblings)."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+#: The top-level keys that place a run: its directory, its launchers, its data and model.
+PIPELINE_KEYS = frozenset({"run", "launch", "prepare"})
+
+
+def is_pipeline_yaml(data: Any, stage: str | None = None) -> bool:
+    """The one rule for "is this a pipeline YAML?".
+
+    A pipeline YAML is a mapping with a top-level ``run``, ``launch`` or ``prepare`` key
+    holding a mapping: what wiring needs (the run directory, prepare's outputs) or what only
+    a pipeline has (launchers); for ``stage``, a file whose keys are all fields of that
+    stage's config is that stage's own file however its keys are named. Anything else is a
+    stage-only YAML: the stage's fields at the top, or under one section key (``train:``),
+    used as written. Its paths are not wired, since it does not say where the run is.
+    """
+    if not isinstance(data, dict):
+        return False
+    if stage is not None and set(data) <= set(config_class(stage).model_fields):
+        return False
+    return any(k in PIPELINE_KEYS and isinstance(v, dict) for k, v in data.items())
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """What a standalone stage run is given: its config, the run, its launcher (if set)."""
+
+    config: StageConfig
+    run: RunSection
+    launch: LaunchConfig | None = None
+
+
+def _section_key(key: str, stage: str, section: str, pipeline: bool) -> str:
+    """An override's key in the file: in a pipeline YAML a bare ``steps`` is
+    ``<section>.steps``; in a stage-only YAML ``train.steps`` and ``steps`` are both the
+    stage's ``steps``."""
+    head, _, rest = key.partition(".")
+    if pipeline:
+        return key if head in {*PIPELINE_KEYS, *STAGES, section} else f"{section}.{key}"
+    return rest if head in (stage, section) and rest else key
+
+
+def load_stage(stage: str, path: str | Path, *, section: str | None = None,
+               overrides: Overrides | None = None, fields: dict[str, Any] | None = None,
+               run_dir: str | None = None) -> StageInputs:
+    """One stage's config for a standalone run (a stage command, a stage flow, a worker).
+
+    ``path`` is a pipeline YAML (:func:`is_pipeline_yaml`): its ``section`` (default: the
+    stage's name) is wired exactly as the pipeline would, and its ``run`` and
+    ``launch.<stage>`` come along; only those are validated, so an unrelated broken section
+    cannot block the run. Or it is a stage-only YAML, read as written with the default run
+    section. ``overrides`` (``KEY.PATH=VALUE``, see :func:`_section_key` for the stage's own
+    keys), then ``fields`` (command-line flags, nested per config) win over the file;
+    ``run_dir`` over ``run.run_dir``. Secrets are refused before anything else sees them.
+    """
+    cls, section = config_class(stage), section or stage
+    data = read_yaml(path)
+    pipeline = is_pipeline_yaml(data, stage)
+    keyed = [(_section_key(k, stage, section, pipeline), v)
+             for k, v in parse_overrides(overrides)]
+    where = f"{path} [{section}]"
+    if not pipeline:
+        nested = isinstance(data.get(section), dict) and section not in cls.model_fields
+        body = merge(apply_overrides(data[section] if nested else data, dict(keyed)), fields or {})
+        refuse_secrets(body, str(path))
+        run = RunSection(run_dir=run_dir) if run_dir else RunSection()
+        return StageInputs(cls.from_dict(body, where=where if nested else str(path)), run)
+    data = apply_overrides(data, dict(keyed))
+    if run_dir is not None:
+        data["run"] = {**(data.get("run") or {}), "run_dir": str(run_dir)}
+    refuse_secrets(data, str(path))
+    data[stage] = merge(data.get(section) or {}, fields or {})
+    wired = wire(data)
+    launch = (wired.get("launch") or {}).get(stage)
+    return StageInputs(
+        cls.from_dict(wired[stage], where=where),
+        RunSection.from_dict(wired.get("run") or {}, where=f"{path} [run]"),
+        None if launch is None else LaunchConfig.from_dict(launch,
+                                                           where=f"{path} [launch.{stage}]"))
+
+
+def load_stage_config(stage: str, path: str | Path, run_dir: str | None = None,
+                      overrides: Overrides | None = None, *, section: str | None = None,
+                      fields: dict[str, Any] | None = None) -> StageConfig:
+    """The stage config alone of :func:`load_stage`."""
+    return load_stage(stage, path, section=section, overrides=overrides, fields=fields,
+                      run_dir=run_dir).config

@@ -30,9 +30,10 @@ class PrepareConfig(StageConfig):
     source: Literal["tiny", "existing"] = Field(
         "tiny", description="'tiny': build the embedded default; 'existing': use the paths below")
     # --- tiny
-    arch: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"] = "qwen2_vl"
+    arch: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"] = Field(
+        "qwen2_vl", description="tiny: which Qwen-VL family the tiny model is built as")
     size: Literal["smoke", "demo"] = Field("demo", description="synthetic dataset size")
-    seed: int = 0
+    seed: int = Field(0, description="tiny: seed of the synthetic data and the tiny model")
     out: str = report_field("runs/demo/data",
                             description="tiny: folder for pairs, eval rows, images")
     model_out: str = report_field("runs/demo/base_model", description="tiny: folder of the model; "

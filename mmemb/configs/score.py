@@ -19,7 +19,7 @@ class ScoreConfig(ImageResolution):
     rationales: str = Field(..., description="stage-1 output (contract 'rationales')")
     model: str = Field(..., description="reference embedder checkpoint; the pipeline wires "
                        "the student's base model (prepare's model)")
-    image_root: str | None = None
+    image_root: str | None = Field(None, description="folder image paths are relative to")
     out: str = report_field("runs/score", description="stage folder; scores go to <out>/scores")
 
     pool_size: int = Field(8, ge=2, description="positive + negatives per pair")

@@ -23,4 +23,4 @@ class SelectConfig(StageConfig):
                           "reason")
     max_rationale_tokens: int = Field(256, ge=1, description="over-long filter: candidates "
                                       "with more tokens are dropped")
-    plots: bool = True
+    plots: bool = Field(True, description="also draw the selection plots into out/")

@@ -46,11 +46,12 @@ class LoraSettings(StageConfig):
     (with the trained token rows, when ``train_token_rows``: they are part of the adapter).
     """
 
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r)")
     dropout: float = Field(0.0, ge=0, lt=1, description="0 keeps the forward deterministic, "
                            "which gradient caching needs (no RNG replay)")
-    target_modules: list[str] = Field(default_factory=lambda: list(LM_LINEAR))
+    target_modules: list[str] = Field(default_factory=lambda: list(LM_LINEAR),
+                                      description="names of the adapted linear layers")
     train_token_rows: bool = Field(
         True, description="also train the embedding rows of <think>, </think> and <emb> (and "
         "their LM-head rows; shared when the head is tied) through peft's "
@@ -90,16 +91,17 @@ class TrainConfig(ImageResolution):
     lr: float = Field(1e-3, gt=0, description="peak LR (tiny default; real 4B: 2e-5 full, "
                       "1e-4 LoRA)")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final LR / peak LR")
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="decay after the warm-up, down to min_lr_ratio x lr")
     warmup_steps: int = Field(10, ge=0, description="linear warm-up; capped at steps - 1 for "
                               "short runs")
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     grad_clip: float = Field(1.0, ge=0, description="global grad-norm clip; 0 disables")
-    seed: int = 0
+    seed: int = Field(0, description="data order and initialisation seed")
 
     # --- objective
-    tau: float = Field(0.02, gt=0)
+    tau: float = Field(0.02, gt=0, description="InfoNCE temperature")
     alpha: float = Field(1.0, ge=0, description="weight of the direct-mode NCE on rows that "
                          "have a rationale (rows without one always train in direct mode); 0 "
                          "= each row trains only in the mode stage 3 chose for it")
@@ -112,7 +114,7 @@ class TrainConfig(ImageResolution):
     gradcache: bool = Field(True, description="GradCache: the contrastive batch is embedded "
                             "in chunks, so it can exceed what one forward with a graph fits")
     chunk_size: int = Field(8, ge=1, description="inputs per forward under gradcache")
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 on a GPU, fp32 on CPU")
     gradient_checkpointing: bool = Field(False, description="HF gradient checkpointing; "
@@ -121,7 +123,8 @@ class TrainConfig(ImageResolution):
     vision: Literal["frozen", "merger", "train"] = Field(
         "merger", description="frozen: the whole vision tower; merger: tower frozen, its "
         "projector (merger) trained; train: all of it")
-    lora: LoraSettings | None = None
+    lora: LoraSettings | None = Field(None, description="LoRA instead of full fine-tuning "
+                                      "(None: full)")
 
     # --- checkpoints / logging / eval
     save_every: int = report_field(100, ge=1, description="checkpoint every N optimizer steps")
@@ -132,7 +135,8 @@ class TrainConfig(ImageResolution):
     eval_before: bool = report_field(True, description="also evaluate the untrained model")
     eval_batch_size: int = report_field(64, ge=1, description="inputs per forward pass "
                                         "of the evaluation")
-    max_text_tokens: int = Field(2048, ge=8)
+    max_text_tokens: int = Field(2048, ge=8, description="longer texts are truncated to "
+                                 "this many tokens")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -18,8 +18,6 @@ Run alone::
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ import numpy as np
 from data_contracts import io
 from data_contracts.io import ContractError
 from data_contracts.schemas import EVAL_CORPUS, EVAL_ROWS
+from mmemb.configs.cli import stage_main
 from mmemb.configs.evaluate import EvaluateConfig
 from mmemb.eval import harness, report
 from mmemb.eval.baseline import load_baseline
@@ -213,33 +212,8 @@ def _metrics(res: harness.EvalRun) -> tuple[dict[str, float], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Evaluate a checkpoint (direct / reason / "
-                                 "adaptive) on eval rows or an MMEB-V2 download.")
-    ap.add_argument("--config", help="YAML: a pipeline config or an evaluate-only config")
-    ap.add_argument("--section", default=None, help="section of the YAML (pipeline: evaluate)")
-    for k in ("model", "eval", "corpus", "image-root", "out", "baseline", "baseline-mode",
-              "baseline-name", "cache-dir", "image-cache", "device", "dtype"):
-        ap.add_argument(f"--{k}")
-    for k in ("modes", "tasks", "categories", "modalities"):
-        ap.add_argument(f"--{k}", help="comma-separated")
-    for k in ("max-queries", "batch-size", "budget", "num-frames", "chunk-size", "max-pixels",
-              "seed"):
-        ap.add_argument(f"--{k}", type=int)
-    for k in ("threshold", "temperature", "top-p"):
-        ap.add_argument(f"--{k}", type=float)
-    ap.add_argument("--skip-missing", action="store_true", default=None)
-    ap.add_argument("--reason-on-candidates", action="store_true", default=None)
-    a = ap.parse_args(argv)
-    over = {}
-    for k, v in vars(a).items():
-        if k in ("config", "section") or v is None:
-            continue
-        if k in ("modes", "tasks", "categories", "modalities"):
-            v = [x.strip() for x in v.split(",") if x.strip()]
-        over[k] = v
-    cfg = EvaluateConfig.from_args(a.config, a.section or "evaluate", over)
-    res = run(cfg)
-    print(json.dumps(res.to_dict(), indent=2, default=str))
+    """``python -m mmemb.stages.evaluate``: flags generated from its config class."""
+    stage_main("evaluate", run, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Run alone on the embedded default (after stage 4)::
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -31,6 +30,7 @@ import torch
 
 from data_contracts import io
 from data_contracts.schemas import EVAL_ROWS, PAIRS, SELECTIONS
+from mmemb.configs.cli import stage_main
 from mmemb.configs.gate import GateConfig
 from mmemb.inference import AdaptiveEncoder, Rollout
 from mmemb.losses.grpo import GRPOLossOutput, group_advantages, grpo_loss
@@ -567,18 +567,8 @@ def stage_result(metrics: dict[str, float], after: dict[str, float], skipped: Sk
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Stage 5: GRPO training of the reasoning gate.")
-    ap.add_argument("--config", help="YAML config file")
-    ap.add_argument("--section", default="gate", help="section of the YAML to read")
-    for k in ("model", "data", "image-root", "eval", "out"):
-        ap.add_argument(f"--{k}")
-    ap.add_argument("--steps", type=int)
-    a = ap.parse_args(argv)
-    over = {k.replace("-", "_"): v for k, v in {
-        "model": a.model, "data": a.data, "image-root": a.image_root, "eval": a.eval,
-        "out": a.out, "steps": a.steps}.items() if v is not None}
-    cfg = GateConfig.from_args(a.config, a.section, over)
-    print(run(cfg).summary)
+    """``python -m mmemb.stages.gate``: flags generated from its config class."""
+    stage_main("gate", run, argv)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ Data-parallel on N GPUs: the same command with ``--replica i --replicas N`` per 
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections import Counter
@@ -38,6 +37,7 @@ from pathlib import Path
 
 from data_contracts import io
 from data_contracts.schemas import PAIRS, RATIONALES
+from mmemb.configs.cli import stage_main
 from mmemb.configs.generate import GenerateConfig, TeacherConfig
 from mmemb.model.prompts import EmbedInput
 from mmemb.sharding import fingerprint, input_digest, run_sharded, split, torch_threads
@@ -223,42 +223,38 @@ def report(cfg: GenerateConfig, res, out: Path, n_pairs: int
     return {"rationales": res.ref}, metrics, summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Stage 1: candidate rationales from teachers.")
-    ap.add_argument("--config", help="YAML config file")
-    ap.add_argument("--section", default=None, help="section of the YAML (e.g. generate)")
-    ap.add_argument("--pairs")
-    ap.add_argument("--image-root")
-    ap.add_argument("--out")
-    ap.add_argument("--model", help="no config: a vLLM teacher 'vllm' with this model")
-    ap.add_argument("--backend", default="vllm", choices=["vllm", "hf"],
-                    help="no config: backend of the --model teacher (hf = fallback)")
-    ap.add_argument("--k", type=int, default=4, help="no config: samples per instance")
-    ap.add_argument("--max-tokens", type=int, default=96)
-    ap.add_argument("--oracle-k", type=int, default=0,
-                    help="no config: add the synthetic oracle with this K (synthetic data)")
-    ap.add_argument("--limit", type=int)
-    ap.add_argument("--shard-size", type=int)
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--replica", type=int)
-    ap.add_argument("--replicas", type=int)
-    a = ap.parse_args(argv)
-    over = {k: v for k, v in {"pairs": a.pairs, "image_root": a.image_root, "out": a.out,
-                              "limit": a.limit, "shard_size": a.shard_size, "seed": a.seed,
-                              "replica": a.replica, "replicas": a.replicas}.items()
-            if v is not None}
-    if a.config:
-        cfg = GenerateConfig.from_any_yaml(a.config, a.section or "generate", over)
-    else:
+def _teacher_flags(ap):
+    """``--model``/``--oracle-k`` and friends: one teacher without writing ``--teachers``
+    JSON (the TeacherConfig/SamplingConfig defaults apply to what is left out)."""
+    g = ap.add_argument_group("teacher shorthands (given, they replace the teachers)")
+    g.add_argument("--model", help="a teacher with this checkpoint (backend --backend)")
+    g.add_argument("--backend", choices=["vllm", "hf"], help="backend of the --model teacher "
+                   "(default vllm; hf = the transformers fallback)")
+    g.add_argument("--k", type=int, help="samples per instance of the --model teacher")
+    g.add_argument("--max-tokens", type=int, help="max_tokens of the --model teacher")
+    g.add_argument("--oracle-k", type=int, help="add the synthetic oracle with this K "
+                   "(synthetic data)")
+
+    def expand(extra: dict, fields: dict) -> dict:
         teachers = []
-        if a.model:
-            teachers.append({"id": a.backend, "backend": a.backend, "model": a.model,
-                             "k": a.k, "sampling": {"max_tokens": a.max_tokens}})
-        if a.oracle_k:
-            teachers.append({"id": "oracle", "backend": "oracle", "k": a.oracle_k})
-        cfg = GenerateConfig.from_dict({**over, "teachers": teachers})
-    res = run(cfg)
-    print(json.dumps(res.to_dict(), indent=2))
+        if extra.get("model"):
+            backend = extra.get("backend") or "vllm"
+            t = {"id": backend, "backend": backend, "model": extra["model"]}
+            if extra.get("k") is not None:
+                t["k"] = extra["k"]
+            if extra.get("max_tokens") is not None:
+                t["sampling"] = {"max_tokens": extra["max_tokens"]}
+            teachers.append(t)
+        if extra.get("oracle_k"):
+            teachers.append({"id": "oracle", "backend": "oracle", "k": extra["oracle_k"]})
+        return {**fields, "teachers": teachers} if teachers else fields
+
+    return expand
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m mmemb.stages.generate``: flags generated from GenerateConfig."""
+    stage_main("generate", run, argv, _teacher_flags)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Run alone::
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 from data_contracts import io
 from data_contracts.io import ArtifactRef, ContractError
 from data_contracts.schemas import EVAL_ROWS, PAIRS, Contract
+from mmemb.configs.cli import stage_main
 from mmemb.configs.prepare import PrepareConfig
 from mmemb.sharding import fingerprint
 from mmemb.stages.base import StageResult, StepLogger, null_logger
@@ -290,18 +290,8 @@ def _check_existing(cfg: PrepareConfig
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Stage 0: build or check the base model and data.")
-    ap.add_argument("--config", help="YAML config file")
-    ap.add_argument("--section", default="prepare", help="section of the YAML to read")
-    for k in ("source", "out", "model-out", "model", "pairs", "eval", "image-root", "size"):
-        ap.add_argument(f"--{k}")
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--pretrain-steps", type=int)
-    a = ap.parse_args(argv)
-    over = {k: v for k, v in vars(a).items() if k not in ("config", "section") and v is not None}
-    cfg = PrepareConfig.from_args(a.config, a.section, over)
-    res = run(cfg)
-    print(json.dumps(res.to_dict(), indent=2))
+    """``python -m mmemb.stages.prepare``: flags generated from its config class."""
+    stage_main("prepare", run, argv)
 
 
 if __name__ == "__main__":

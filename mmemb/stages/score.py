@@ -25,8 +25,6 @@ Run alone on the embedded default (after stage 1)::
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import random
 import time
@@ -39,6 +37,7 @@ import torch
 from data_contracts import io
 from data_contracts.io import ContractError
 from data_contracts.schemas import PAIRS, RATIONALES, SCORES
+from mmemb.configs.cli import stage_main
 from mmemb.configs.score import ScoreConfig
 from mmemb.model.prompts import EmbedInput
 from mmemb.sharding import fingerprint, input_digest, run_sharded, split, torch_threads
@@ -390,21 +389,8 @@ def stage_result(cfg: ScoreConfig, data: ScoreInputs, res, out: Path, seconds: f
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Stage 2: counterfactual scoring of rationales.")
-    ap.add_argument("--config", help="YAML config file")
-    ap.add_argument("--section", default=None, help="section of the YAML (e.g. score)")
-    for k in ("pairs", "rationales", "model", "image-root", "out", "device"):
-        ap.add_argument(f"--{k}")
-    ap.add_argument("--pool-size", type=int)
-    ap.add_argument("--tau", type=float)
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--shard-size", type=int)
-    a = ap.parse_args(argv)
-    over = {k: v for k, v in vars(a).items() if k not in ("config", "section") and v is not None}
-    cfg = ScoreConfig.from_args(a.config, a.section or "score", over)
-    res = run(cfg)
-    print(json.dumps(res.to_dict(), indent=2))
+    """``python -m mmemb.stages.score``: flags generated from its config class."""
+    stage_main("score", run, argv)
 
 
 if __name__ == "__main__":

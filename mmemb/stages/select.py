@@ -29,7 +29,6 @@ Run alone on the embedded default (after stage 2)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -39,6 +38,7 @@ from pathlib import Path
 from data_contracts import io
 from data_contracts.io import ContractError
 from data_contracts.schemas import PAIRS, RATIONALES, SCORES, SELECTIONS
+from mmemb.configs.cli import stage_main
 from mmemb.configs.select import SelectConfig
 from mmemb.stages.base import StageResult, StepLogger, null_logger
 from mmemb.teachers.base import normalize_text, reserved_in
@@ -318,18 +318,8 @@ def summary_line(summary: dict, cfg: SelectConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Stage 3: pair-aware rationale selection.")
-    ap.add_argument("--config", help="YAML config file")
-    ap.add_argument("--section", default=None, help="section of the YAML (e.g. select)")
-    for k in ("pairs", "rationales", "scores", "out"):
-        ap.add_argument(f"--{k}")
-    ap.add_argument("--margin", type=float)
-    ap.add_argument("--max-rationale-tokens", type=int)
-    a = ap.parse_args(argv)
-    over = {k: v for k, v in vars(a).items() if k not in ("config", "section") and v is not None}
-    cfg = SelectConfig.from_args(a.config, a.section or "select", over)
-    res = run(cfg)
-    print(json.dumps(res.to_dict(), indent=2))
+    """``python -m mmemb.stages.select``: flags generated from its config class."""
+    stage_main("select", run, argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ embedding config beside it), ``out/train_summary.json``, ``out/steps.jsonl``,
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from mmemb.configs.cli import stage_main
 from mmemb.configs.train import TrainConfig
 from mmemb.losses.gradcache import gradcache_step, plain_step
 from mmemb.losses.objective import Stage4Objective
@@ -837,23 +837,21 @@ def stage_result(state: RunState, total: int, skipped: SkipReport, student: Path
                        models={"student": student}, summary=summary)
 
 
+def _direct_only(ap):
+    """``--pairs`` without ``--data``: a direct-only run on plain pairs, not the selections a
+    pipeline YAML would wire."""
+    del ap
+
+    def expand(extra: dict, fields: dict) -> dict:
+        del extra
+        return {"data": None, **fields} if "pairs" in fields else fields
+
+    return expand
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Stage 4: contrastive training with DeepSpeed.")
-    ap.add_argument("--config", help="YAML config (a pipeline file with --section, or a "
-                    "stage-only file)")
-    ap.add_argument("--section", default="train", help="section of the YAML to read")
-    for k in ("model", "data", "pairs", "image-root", "eval", "out"):
-        ap.add_argument(f"--{k}")
-    ap.add_argument("--steps", type=int)
-    ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    a = ap.parse_args(argv)
-    over = {k.replace("-", "_"): v for k, v in {
-        "model": a.model, "data": a.data, "pairs": a.pairs, "image-root": a.image_root,
-        "eval": a.eval, "out": a.out, "steps": a.steps}.items() if v is not None}
-    if a.pairs and not a.data:
-        over["data"] = None  # explicit pairs: a direct-only run, not the wired selections
-    cfg = TrainConfig.from_args(a.config, a.section, over)
-    run(cfg)
+    """``python -m mmemb.stages.train``: flags generated from TrainConfig."""
+    stage_main("train", run, argv, _direct_only)
 
 
 if __name__ == "__main__":

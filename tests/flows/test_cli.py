@@ -17,15 +17,45 @@ def _subparsers():
     return action.choices
 
 
+#: Every command's options (the parser is generated from a table; none may go missing).
+OPTIONS = {
+    "run": {"config", "--run-dir", "--from", "--only", "--force", "--stages", "--set",
+            "--no-tracking", "--json", "--prefect-timeout", "--verify", "--skip-preflight"},
+    "stage": {"name", "config", "--run-dir", "--force", "--set", "--parent-run-id",
+              "--prefect-timeout", "--verify"},
+    "eval": {"config", "--model", "--data", "--modes", "--out", "--run-dir", "--force", "--set",
+             "--prefect-timeout"},
+    "embed": {"--model", "--input", "--output", "--mode", "--batch-size", "--image-root",
+              "--budget", "--threshold"},
+    "ui": {"--run-dir", "--host", "--port", "--backend-store-uri", "--workers", "--timeout"},
+    "status": {"--run-dir", "--verify"},
+    "config": {"config", "--stage", "--run-dir", "--set"},
+    "sync": {"--run-dir", "--config", "--tracking-uri", "--experiment"},
+}
+
+
 def test_every_option_of_every_command_has_help():
     subs = _subparsers()
-    assert {"run", "stage", "eval", "embed", "ui", "status", "sync"} <= set(subs)
+    assert set(subs) == set(OPTIONS)
+    top = build_parser().format_help()
     for name, sp in subs.items():
-        assert sp.description or sp.format_usage(), name
+        # a description of its own (a sentence, not the one-line help) and the usage
+        # naming every option
+        assert sp.description and len(sp.description) > 40, name
+        assert sp.description.split(".")[0] not in top, name
+        usage = sp.format_usage()
+        opts = {(a.option_strings or [a.dest])[0] for a in sp._actions if a.dest != "help"}
+        assert opts == OPTIONS[name], name
+        for opt in opts:
+            assert opt in usage or not opt.startswith("-"), (name, opt)
         for a in sp._actions:
             if a.dest == "help":
                 continue
             assert a.help and len(a.help) > 8, f"mmemb {name}: option {a.dest} has no help"
+    run = subs["run"]
+    assert run.parse_args(["c.yaml", "--from", "train"]).from_stage == "train"
+    with pytest.raises(SystemExit):  # --from and --only exclude each other
+        run.parse_args(["c.yaml", "--from", "train", "--only", "gate"])
 
 
 def test_console_entry_point_help():

@@ -10,7 +10,6 @@ from mmemb.configs.base import ConfigError
 from mmemb.configs.pipeline import (
     STAGES,
     LaunchConfig,
-    PendingSection,
     PipelineConfig,
     apply_overrides,
     config_class,
@@ -100,8 +99,9 @@ def test_shipped_configs_load_and_say_their_command(name):
     assert c.run_dir == Path("runs/x")
     assert set(c.run.stages) <= set(STAGES)
     for s in c.run.stages:
-        assert c.section(s) is not None
-        assert not isinstance(c.section(s), PendingSection) or config_class(s) is None
+        assert type(c.section(s)) is config_class(s), s
+        out = c.section(s).out  # every section wires its output folder under the run dir
+        assert out == f"runs/x/{s}" or (s == "prepare" and out == "runs/x/data"), (s, out)
 
 
 def test_gate_anchor_takes_stage4_alpha_and_tau_unless_set():
@@ -115,15 +115,19 @@ def test_gate_anchor_takes_stage4_alpha_and_tau_unless_set():
 
 def test_stage_yaml_loading_errors_name_the_file(tmp_path):
     from mmemb.configs.base import ConfigError
+    from mmemb.configs.cli import parse_stage_args
+    from mmemb.configs.pipeline import load_stage_config
     from mmemb.configs.select import SelectConfig
 
     bad = tmp_path / "list.yaml"
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="list.yaml: expected a mapping of keys, got list"):
-        SelectConfig.from_any_yaml(bad, "select")
+        load_stage_config("select", bad)
     stage_only = tmp_path / "sel.yaml"
     stage_only.write_text("pairs: P\nrationales: R\nscores: S\nmargin: 0.3\n")
-    cfg = SelectConfig.from_args(str(stage_only), "select", {"out": "O"})
+    cfg = load_stage_config("select", stage_only, fields={"out": "O"})
+    assert isinstance(cfg, SelectConfig)
     assert (cfg.margin, cfg.out, cfg.pairs) == (0.3, "O", "P")
     with pytest.raises(ConfigError, match="command line"):
-        SelectConfig.from_args(None, "select", {"margin": "x"})
+        parse_stage_args("select", ["--pairs", "P", "--rationales", "R", "--scores", "S",
+                                    "--margin", "x"])

@@ -1,5 +1,5 @@
 """The Prefect flows for real (test harness): payloads, MLflow nesting and links, the stage
-cache across flow runs, --from/--only/--force, retries, unavailable stages, launching."""
+cache across flow runs, --from/--only/--force, retries, launching."""
 
 from __future__ import annotations
 
@@ -119,21 +119,6 @@ def test_stage_flow_alone_nests_under_the_last_pipeline(pipeline_run):
     assert out["status"] == "cached"
     child = _client(run_dir).get_run(out["mlflow_run_id"])
     assert child.data.tags["mlflow.parentRunId"] == last_parent
-
-
-def test_unavailable_stage_is_reported_and_dependents_blocked(pipeline_run, monkeypatch):
-    import flows.pipeline as fp
-
-    real = fp.stage_available
-    monkeypatch.setattr(fp, "stage_available", lambda s: (
-        (False, "stage 'train' is not available yet (test)") if s == "train" else real(s)))
-    cfg = fast_config(pipeline_run["run_dir"], stages=("prepare", "train", "gate"))
-    out = fp.pipeline(cfg)["stages"]
-    assert out["prepare"]["status"] == "cached"
-    assert out["train"] == {"stage": "train", "status": "unavailable",
-                            "reason": "stage 'train' is not available yet (test)"}
-    assert out["gate"]["status"] == "blocked"
-    assert "train/student" in out["gate"]["reason"]
 
 
 def test_bad_input_fails_once_without_retry(prefect_harness, tmp_path, monkeypatch):

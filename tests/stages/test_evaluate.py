@@ -117,11 +117,13 @@ def test_adaptive_encoder_plugs_into_the_stage(tiny_model, synth, tmp_path):
 
 
 def test_config_from_pipeline_yaml_is_wired():
-    cfg = EvaluateConfig.from_any_yaml(str(REPO / "configs" / "demo.yaml"), "evaluate", {})
+    from mmemb.configs.pipeline import load_stage_config
+
+    cfg = load_stage_config("evaluate", REPO / "configs" / "demo.yaml")
     assert (cfg.model, cfg.eval, cfg.image_root, cfg.out) == (
         "runs/demo/gate/policy", "runs/demo/data/eval", "runs/demo/data", "runs/demo/evaluate")
-    cfg = EvaluateConfig.from_any_yaml(str(REPO / "configs" / "demo.yaml"), "evaluate",
-                       {"modes": ["direct"], "out": "elsewhere"})
+    cfg = load_stage_config("evaluate", REPO / "configs" / "demo.yaml",
+                            fields={"modes": ["direct"], "out": "elsewhere"})
     assert cfg.modes == ["direct"] and cfg.out == "elsewhere"
 
 

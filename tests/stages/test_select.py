@@ -196,16 +196,15 @@ def test_cli_runs_alone_with_flags_and_reads_a_pipeline_yaml(hand, tmp_path, cap
     rows = io.read(out["outputs"]["selections"]["uri"], SELECTIONS).to_pylist()
     assert [r["pair_id"] for r in rows] == list(ids)
     # A pipeline YAML: the section's paths are wired from run.run_dir, flags still win.
-    from mmemb.configs.generate import GenerateConfig
-    from mmemb.configs.score import ScoreConfig
+    from mmemb.configs.pipeline import load_stage_config
 
     y = tmp_path / "pipe.yaml"
     y.write_text("run: {run_dir: R}\nprepare: {source: tiny}\nselect: {margin: 0.3}\n"
                  "score: {tau: 0.02}\ngenerate: {teachers: [{id: o, backend: oracle}]}\n"
                  "train: {no_such_key: 1}\n")  # an invalid other section does not matter
-    sel = SelectConfig.from_any_yaml(str(y), "select", {"out": "X"})
+    sel = load_stage_config("select", y, fields={"out": "X"})
     assert (sel.scores, sel.rationales, sel.pairs, sel.out, sel.margin) == (
         "R/score/scores", "R/generate/rationales", "R/data/pairs", "X", 0.3)
-    sc = ScoreConfig.from_any_yaml(str(y), "score", {})
+    sc = load_stage_config("score", y)
     assert (sc.model, sc.image_root, sc.tau) == ("R/base_model", "R/data", 0.02)
-    assert GenerateConfig.from_any_yaml(str(y), "generate", {}).out == "R/generate"
+    assert load_stage_config("generate", y).out == "R/generate"

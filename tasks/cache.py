@@ -20,14 +20,20 @@ import hashlib
 import importlib.util
 import json
 import os
-import re
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from data_contracts import io
-from data_contracts.files import atomic_write_json, sha256_file
+from data_contracts.files import (
+    DigestMemo,
+    atomic_write_json,
+    checkpoint_digest,
+    is_checkpoint,
+    json_digest,
+    sha256_file,
+)
 from data_contracts.io import ArtifactRef
 from mmemb.configs.base import StageConfig
 from mmemb.configs.pipeline import OUTPUT_FIELDS, WIRING
@@ -89,54 +95,11 @@ def code_version(module: str) -> str:
     """sha256 over the sources of :func:`code_files` (renames of unrelated modules ignored)."""
     h = hashlib.sha256()
     for name, path in sorted(code_files(module).items()):
-        h.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+        h.update(name.encode() + b"\0" + bytes.fromhex(sha256_file(path)))
     return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- input digests
-
-class DigestMemo:
-    """Remembers file digests by (path, size, mtime) so a 16 GB checkpoint is hashed once."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        self.data: dict[str, list] = {}
-        if path is not None and path.is_file():
-            try:
-                self.data = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                self.data = {}
-        self.dirty = False
-
-    def file(self, p: Path) -> str:
-        st = p.stat()
-        k = str(p.resolve())
-        hit = self.data.get(k)
-        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-            return hit[2]
-        d = sha256_file(p)
-        self.data[k] = [st.st_size, st.st_mtime_ns, d]
-        self.dirty = True
-        return d
-
-    def save(self) -> None:
-        if self.path is not None and self.dirty:
-            atomic_write_json(self.path, self.data)
-
-
-#: The files of a checkpoint that decide what it computes. Anything else in the folder
-#: (training logs, timing notes such as mmemb_pretrain.json, checkpoints of a resumable
-#: trainer) is not part of its digest, so rewriting a log does not invalidate later stages.
-_MODEL_SUFFIXES = (".safetensors", ".bin", ".model", ".tiktoken", ".jinja")
-_MODEL_NAMES = re.compile(r"^(config|generation_config|preprocessor_config|processor_config|"
-                          r"video_preprocessor_config|tokenizer(_config)?|special_tokens_map|"
-                          r"added_tokens|vocab|merges|chat_template|mmemb_embedding|mmemb_gate|"
-                          r"adapter_config|model\.safetensors\.index)\.(json|txt)$")
-
-
-def model_file(name: str) -> bool:
-    return name.endswith(_MODEL_SUFFIXES) or bool(_MODEL_NAMES.match(name))
-
 
 def path_digest(path: str | Path, memo: DigestMemo | None = None) -> str | None:
     """Content digest of an input: artifact manifest digest, file hash or folder hash.
@@ -153,14 +116,7 @@ def path_digest(path: str | Path, memo: DigestMemo | None = None) -> str | None:
         return "artifact:" + io.ref(p).digest
     if p.is_file():
         return "file:" + memo.file(p)
-    top = [f for f in p.iterdir() if f.is_file()]
-    if any(f.name == "config.json" or f.suffix == ".safetensors" for f in top):
-        files = sorted(f for f in p.rglob("*") if f.is_file() and model_file(f.name))
-        h = hashlib.sha256()
-        for f in files:
-            h.update(str(f.relative_to(p)).encode() + b"\0" + memo.file(f).encode())
-        return "dir:" + h.hexdigest()
-    return None
+    return "dir:" + checkpoint_digest(p, memo) if is_checkpoint(p) else None
 
 
 def input_fields(stage: str, cfg: StageConfig) -> dict[str, str]:
@@ -205,10 +161,8 @@ def input_digests(stage: str, cfg: StageConfig, memo: DigestMemo | None = None
 
 
 def cache_key(stage: str, cfg: StageConfig, inputs: dict[str, str | None], code: str) -> str:
-    conf = cfg.digest_view("cache")
-    blob = json.dumps({"stage": stage, "config": conf, "inputs": inputs, "code": code},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return json_digest({"stage": stage, "config": cfg.digest_view("cache"), "inputs": inputs,
+                        "code": code})
 
 
 # --------------------------------------------------------------------------- state file

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_contracts.files import atomic_write_json
 from mmemb.configs.base import ConfigError
 from mmemb.redact import REDACTED, redact, redact_obj, redact_text  # noqa: F401 - re-exported
 
@@ -527,9 +528,7 @@ class Tracker:
         record["params"] = redact_params(record["params"])
         body = redact_obj({"uri": redact_uri(self.uri), "experiment": self.experiment,
                            "record": record})
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(body, indent=2, default=str))
-        os.replace(tmp, path)
+        atomic_write_json(path, body)
         self._say(f"[mlflow] {rec.stage}: tracking record spooled to {path}")
         return path
 

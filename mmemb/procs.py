@@ -64,6 +64,8 @@ def stop_tree(target: int | subprocess.Popen, timeout: float = 10.0, *,
     ``target``: a pid or a :class:`subprocess.Popen` (which is then reaped, so its
     ``returncode`` is set). A process that is already gone is no error.
     """
+    if isinstance(target, subprocess.Popen) and target.poll() is not None:
+        return []  # reaped: its pid may already belong to an unrelated process
     popen = target if isinstance(target, subprocess.Popen) and include_root else None
     pid = target.pid if isinstance(target, subprocess.Popen) else int(target)
     tree = _tree(pid, include_root and popen is None)

@@ -79,3 +79,12 @@ def test_reaping_stops_what_the_block_started_even_on_error():
         assert before.poll() is None  # a process from before the block is left alone
     finally:
         procs.stop_tree(before)
+
+
+def test_a_launched_stage_past_its_timeout_leaves_no_process():
+    from tasks.launch import StageFailed, _wait
+
+    root, pids = _start_tree(stubborn=False)
+    with pytest.raises(StageFailed, match="ran past timeout_s=1"):
+        _wait(root, "train", 1)
+    assert all(_gone(p) for p in pids)  # torchrun's ranks would otherwise keep the GPUs

@@ -32,7 +32,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_contracts.files import atomic_write_json, fsync_path, sha256_file, temp_beside
+from data_contracts.files import (
+    DigestMemo,
+    atomic_write_json,
+    checkpoint_digest,
+    fsync_path,
+    is_checkpoint,
+    sha256_file,
+    temp_beside,
+)
 from data_contracts.schemas import META_NAME, META_VERSION, RESERVED_MARKUP, Contract
 
 MANIFEST = "_manifest.json"
@@ -213,6 +221,24 @@ def content_digest(path: str | Path) -> str:
     return ref(path).digest if path.is_dir() else sha256_file(path)
 
 
+def path_digest(path: str | Path, memo: DigestMemo | None = None) -> str | None:
+    """The digest of any input path, saying what it is: ``artifact:`` (manifest digest),
+    ``file:`` (sha256) or ``dir:`` (a checkpoint's model files); ``memo`` skips unchanged
+    files. None for a path that does not exist, and for a folder that is neither an
+    artifact nor a checkpoint (an image root): it is identified by its path, which the
+    config holds, since hashing a million images on every run would cost more than a stage.
+    """
+    memo = memo or DigestMemo(None)
+    p = Path(path)
+    if not p.exists():
+        return None
+    if p.is_dir() and (p / MANIFEST).is_file():
+        return "artifact:" + ref(p).digest
+    if p.is_file():
+        return "file:" + memo.file(p)
+    return "dir:" + checkpoint_digest(p, memo) if is_checkpoint(p) else None
+
+
 def ref(path: str | Path) -> ArtifactRef:
     """The :class:`ArtifactRef` of a complete artifact folder, from its manifest."""
     m = _manifest(Path(path))
@@ -271,6 +297,20 @@ def _check_manifest(mpath: Path, m: object) -> None:
                             "manifest was modified or corrupted.", fix=fix)
 
 
+def part_problem(folder: Path, part: dict, verify: bool = False) -> str:
+    """What is wrong with one part its manifest lists, '' when nothing: it is missing, has
+    another size than recorded (one ``stat``), or, with ``verify``, other bytes."""
+    f = folder / part["file"]
+    if not f.is_file():
+        return "is missing"
+    if verify:
+        ok = sha256_file(f) == part["sha256"]
+        return "" if ok else "has other bytes than recorded (content digest differs)"
+    if "bytes" in part and f.stat().st_size != int(part["bytes"]):
+        return f"is {f.stat().st_size} bytes, the manifest says {part['bytes']}"
+    return ""
+
+
 def read(path: str | Path, contract: Contract, *, check_paths: bool = False,
          image_root: str | Path | None = None, verify_digest: bool = True,
          allow_outside_root: bool = False) -> pa.Table:
@@ -291,16 +331,8 @@ def read(path: str | Path, contract: Contract, *, check_paths: bool = False,
                                 f"{contract.name!r}.", fix="point to the right artifact.")
         files = [path / p["file"] for p in m["parts"]]
         for p, f in zip(m["parts"], files, strict=True):
-            if not f.is_file():
-                raise ContractError(f, "listed in the manifest but missing.",
-                                    fix="rerun the stage that produces it.")
-            if verify_digest:
-                if sha256_file(f) != p["sha256"]:
-                    raise ContractError(f, "content digest differs from the manifest: the "
-                                        "file was modified or corrupted.", fix="rerun the stage.")
-            elif "bytes" in p and f.stat().st_size != int(p["bytes"]):
-                raise ContractError(f, f"is {f.stat().st_size} bytes, the manifest says "
-                                    f"{p['bytes']}: the file was truncated or replaced.",
+            if why := part_problem(path, p, verify_digest):
+                raise ContractError(f, f"{why}: the part was removed, truncated or modified.",
                                     fix="rerun the stage that produces it.")
     else:
         files = [path]
@@ -317,6 +349,8 @@ def read(path: str | Path, contract: Contract, *, check_paths: bool = False,
 
 
 def _read_file(f: Path, contract: Contract) -> pa.Table:
+    """One Parquet file, its declared contract and version checked from the footer before
+    the data is read, conformed to the contract."""
     try:
         schema = pq.read_schema(f)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files

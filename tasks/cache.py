@@ -26,15 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from data_contracts import io
-from data_contracts.files import (
-    DigestMemo,
-    atomic_write_json,
-    checkpoint_digest,
-    is_checkpoint,
-    json_digest,
-    sha256_file,
-)
-from data_contracts.io import ArtifactRef
+from data_contracts.files import DigestMemo, atomic_write_json, json_digest, sha256_file
+from data_contracts.io import ArtifactRef, path_digest
 from mmemb.configs.base import StageConfig
 from mmemb.configs.pipeline import OUTPUT_FIELDS, WIRING
 from mmemb.stages.base import StageResult
@@ -100,24 +93,6 @@ def code_version(module: str) -> str:
 
 
 # --------------------------------------------------------------------------- input digests
-
-def path_digest(path: str | Path, memo: DigestMemo | None = None) -> str | None:
-    """Content digest of an input: artifact manifest digest, file hash or folder hash.
-
-    A folder that is neither an artifact nor a model (an image root) is identified by its
-    path only, which the config already holds: hashing a million images on every run would
-    cost more than the stage. Returns None for a path that does not exist.
-    """
-    memo = memo or DigestMemo(None)
-    p = Path(path)
-    if not p.exists():
-        return None
-    if p.is_dir() and (p / io.MANIFEST).is_file():
-        return "artifact:" + io.ref(p).digest
-    if p.is_file():
-        return "file:" + memo.file(p)
-    return "dir:" + checkpoint_digest(p, memo) if is_checkpoint(p) else None
-
 
 def input_fields(stage: str, cfg: StageConfig) -> dict[str, str]:
     """The inputs of a stage config (dotted field -> path): its wired input fields, plus any
@@ -304,16 +279,8 @@ def artifact_intact(path: Path, verify: bool = False) -> str:
         m = io._manifest(path)
     except ValueError as e:
         return str(e)
-    for p in m["parts"]:
-        f = path / p["file"]
-        if not f.is_file():
-            return f"part {p['file']} is missing"
-        if "bytes" in p and f.stat().st_size != int(p["bytes"]):
-            return (f"part {p['file']} is {f.stat().st_size} bytes, the manifest says "
-                    f"{p['bytes']}")
-        if verify and sha256_file(f) != p["sha256"]:
-            return f"part {p['file']}: content digest differs from the manifest"
-    return ""
+    return next((f"part {p['file']} {why}" for p in m["parts"]
+                 if (why := io.part_problem(path, p, verify))), "")
 
 
 def outputs_intact(res: StageResult, models: dict[str, str | None] | None = None,

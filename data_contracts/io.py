@@ -26,14 +26,21 @@ import json
 import math
 import os
 import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_contracts.files import sha256_file  # noqa: F401 - re-exported
+from data_contracts.files import (
+    DigestMemo,
+    atomic_write_json,
+    checkpoint_digest,
+    fsync_path,
+    is_checkpoint,
+    sha256_file,
+    temp_beside,
+)
 from data_contracts.schemas import META_NAME, META_VERSION, RESERVED_MARKUP, Contract
 
 MANIFEST = "_manifest.json"
@@ -139,18 +146,15 @@ def _castable(src: pa.DataType, dst: pa.DataType) -> bool:
 
 
 def atomic_write_parquet(table: pa.Table, path: str | Path) -> str:
-    """Write one Parquet file atomically (temp file in the same folder + rename).
-
-    Returns the file's sha256. Used for resumable shards, which must appear whole or not
-    at all.
-    """
+    """Write one Parquet file atomically (unique temp file in the same folder, fsynced,
+    renamed). Returns the file's sha256. Used for resumable shards, which must appear whole
+    or not at all."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = temp_beside(path)
     try:
         pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -169,7 +173,7 @@ def write(table: pa.Table | list[dict], path: str | Path, contract: Contract, *,
     if validate_rows:
         validate(table, contract, str(path))
     table = _with_meta(table, contract)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = temp_beside(path)
     tmp.mkdir(parents=True)
     try:
         n_parts = max(1, math.ceil(table.num_rows / shard_rows))
@@ -178,17 +182,20 @@ def write(table: pa.Table | list[dict], path: str | Path, contract: Contract, *,
             part = table.slice(i * shard_rows, shard_rows)
             name = f"part-{i:05d}.parquet"
             pq.write_table(part, tmp / name, compression="zstd")
+            fsync_path(tmp / name)
             parts.append({"file": name, "rows": part.num_rows, "bytes": (tmp / name).stat().st_size,
                           "sha256": sha256_file(tmp / name)})
         digest = total_digest(parts)
         manifest = {"contract": contract.name, "schema_version": contract.version,
                     "rows": table.num_rows, "digest": digest, "parts": parts}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        atomic_write_json(tmp / MANIFEST, manifest)
+        fsync_path(tmp)
         old = None
         if path.exists():
-            old = path.with_name(f".{path.name}.{uuid.uuid4().hex}.old")
+            old = temp_beside(path).with_suffix(".old")
             os.replace(path, old)
         os.replace(tmp, path)
+        fsync_path(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -204,6 +211,32 @@ def exists(path: str | Path) -> bool:
     """True when ``path`` holds a complete artifact (its manifest was written last)."""
     path = Path(path)
     return (path / MANIFEST).is_file() or (path.is_file() and path.suffix == ".parquet")
+
+
+def content_digest(path: str | Path) -> str:
+    """The content digest of an input: an artifact folder's (from its checked manifest, no
+    part is re-read) or a plain file's sha256. Resume fingerprints and the training data
+    digest use it, so a rewritten input changes them and a re-read one does not."""
+    path = Path(path)
+    return ref(path).digest if path.is_dir() else sha256_file(path)
+
+
+def path_digest(path: str | Path, memo: DigestMemo | None = None) -> str | None:
+    """The digest of any input path, saying what it is: ``artifact:`` (manifest digest),
+    ``file:`` (sha256) or ``dir:`` (a checkpoint's model files); ``memo`` skips unchanged
+    files. None for a path that does not exist, and for a folder that is neither an
+    artifact nor a checkpoint (an image root): it is identified by its path, which the
+    config holds, since hashing a million images on every run would cost more than a stage.
+    """
+    memo = memo or DigestMemo(None)
+    p = Path(path)
+    if not p.exists():
+        return None
+    if p.is_dir() and (p / MANIFEST).is_file():
+        return "artifact:" + ref(p).digest
+    if p.is_file():
+        return "file:" + memo.file(p)
+    return "dir:" + checkpoint_digest(p, memo) if is_checkpoint(p) else None
 
 
 def ref(path: str | Path) -> ArtifactRef:
@@ -264,6 +297,20 @@ def _check_manifest(mpath: Path, m: object) -> None:
                             "manifest was modified or corrupted.", fix=fix)
 
 
+def part_problem(folder: Path, part: dict, verify: bool = False) -> str:
+    """What is wrong with one part its manifest lists, '' when nothing: it is missing, has
+    another size than recorded (one ``stat``), or, with ``verify``, other bytes."""
+    f = folder / part["file"]
+    if not f.is_file():
+        return "is missing"
+    if verify:
+        ok = sha256_file(f) == part["sha256"]
+        return "" if ok else "has other bytes than recorded (content digest differs)"
+    if "bytes" in part and f.stat().st_size != int(part["bytes"]):
+        return f"is {f.stat().st_size} bytes, the manifest says {part['bytes']}"
+    return ""
+
+
 def read(path: str | Path, contract: Contract, *, check_paths: bool = False,
          image_root: str | Path | None = None, verify_digest: bool = True,
          allow_outside_root: bool = False) -> pa.Table:
@@ -284,16 +331,8 @@ def read(path: str | Path, contract: Contract, *, check_paths: bool = False,
                                 f"{contract.name!r}.", fix="point to the right artifact.")
         files = [path / p["file"] for p in m["parts"]]
         for p, f in zip(m["parts"], files, strict=True):
-            if not f.is_file():
-                raise ContractError(f, "listed in the manifest but missing.",
-                                    fix="rerun the stage that produces it.")
-            if verify_digest:
-                if sha256_file(f) != p["sha256"]:
-                    raise ContractError(f, "content digest differs from the manifest: the "
-                                        "file was modified or corrupted.", fix="rerun the stage.")
-            elif "bytes" in p and f.stat().st_size != int(p["bytes"]):
-                raise ContractError(f, f"is {f.stat().st_size} bytes, the manifest says "
-                                    f"{p['bytes']}: the file was truncated or replaced.",
+            if why := part_problem(path, p, verify_digest):
+                raise ContractError(f, f"{why}: the part was removed, truncated or modified.",
                                     fix="rerun the stage that produces it.")
     else:
         files = [path]
@@ -310,6 +349,8 @@ def read(path: str | Path, contract: Contract, *, check_paths: bool = False,
 
 
 def _read_file(f: Path, contract: Contract) -> pa.Table:
+    """One Parquet file, its declared contract and version checked from the footer before
+    the data is read, conformed to the contract."""
     try:
         schema = pq.read_schema(f)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
@@ -341,28 +382,47 @@ def validate(table: pa.Table, contract: Contract, where: str = "<memory>", *,
     ``allow_outside_root``; ``check_paths``: they must also be regular files.
     """
     _check_nulls(table, contract, where)
+    for rule in (_check_non_empty, _check_enums, _check_finite_if_ok, _check_no_markup,
+                 _check_unique_key, _check_same_length):
+        rule(table, contract, where)
+    if image_root is not None and not allow_outside_root:
+        _check_confined(table, contract, where, image_root)
+    if check_paths:
+        _check_paths_exist(table, contract, where, Path(image_root) if image_root else Path("."))
+
+
+def _check_non_empty(table: pa.Table, contract: Contract, where: str) -> None:
     for name in contract.non_empty:
         col = table.column(name)
         if pa.types.is_string(col.type):
-            vals = col.to_pylist()
-            for i, v in enumerate(vals):
+            for i, v in enumerate(col.to_pylist()):
                 if v is not None and not v.strip():
                     raise ContractError(where, "empty value in a required column", column=name,
                                         row=i, fix="give every row a non-empty value.")
+
+
+def _check_enums(table: pa.Table, contract: Contract, where: str) -> None:
     for name, allowed in contract.enums.items():
         for i, v in enumerate(table.column(name).to_pylist()):
             if v is not None and v not in allowed:
                 raise ContractError(where, f"value {v!r} not one of {list(allowed)}",
                                     column=name, row=i)
-    if contract.finite_if_ok:
-        ok = [s == "ok" for s in table.column("status").to_pylist()]
-        for name in contract.finite_if_ok:
-            for i, v in enumerate(table.column(name).to_pylist()):
-                if ok[i] and (v is None or not math.isfinite(v)):
-                    raise ContractError(where, f"{v!r} in a row with status 'ok': a scored "
-                                        f"row needs a finite {name}", column=name, row=i,
-                                        fix="give the row status 'error' with the reason, "
-                                        "or rerun the stage that wrote it.")
+
+
+def _check_finite_if_ok(table: pa.Table, contract: Contract, where: str) -> None:
+    if not contract.finite_if_ok:
+        return
+    ok = [s == "ok" for s in table.column("status").to_pylist()]
+    for name in contract.finite_if_ok:
+        for i, v in enumerate(table.column(name).to_pylist()):
+            if ok[i] and (v is None or not math.isfinite(v)):
+                raise ContractError(where, f"{v!r} in a row with status 'ok': a scored "
+                                    f"row needs a finite {name}", column=name, row=i,
+                                    fix="give the row status 'error' with the reason, "
+                                    "or rerun the stage that wrote it.")
+
+
+def _check_no_markup(table: pa.Table, contract: Contract, where: str) -> None:
     for name in contract.no_markup:
         for i, v in enumerate(table.column(name).to_pylist()):
             bad = [t for t in RESERVED_MARKUP if v and t in v]
@@ -372,16 +432,23 @@ def validate(table: pa.Table, contract: Contract, where: str = "<memory>", *,
                                     "pooling position", column=name, row=i,
                                     fix="drop the row's rationale (null) or rerun stage 3, "
                                     "which filters such candidates as malformed.")
-    if contract.key:
-        seen: dict[tuple, int] = {}
-        cols = [table.column(k).to_pylist() for k in contract.key]
-        for i, key in enumerate(zip(*cols, strict=True)):
-            if key in seen:
-                dup = dict(zip(contract.key, key, strict=True))
-                raise ContractError(where, f"duplicate key {dup} "
-                                    f"(first at row {seen[key]})", column=contract.key[-1],
-                                    row=i, fix="keys must be unique; de-duplicate the input.")
-            seen[key] = i
+
+
+def _check_unique_key(table: pa.Table, contract: Contract, where: str) -> None:
+    if not contract.key:
+        return
+    seen: dict[tuple, int] = {}
+    cols = [table.column(k).to_pylist() for k in contract.key]
+    for i, key in enumerate(zip(*cols, strict=True)):
+        if key in seen:
+            dup = dict(zip(contract.key, key, strict=True))
+            raise ContractError(where, f"duplicate key {dup} (first at row {seen[key]})",
+                                column=contract.key[-1], row=i,
+                                fix="keys must be unique; de-duplicate the input.")
+        seen[key] = i
+
+
+def _check_same_length(table: pa.Table, contract: Contract, where: str) -> None:
     for group in contract.same_length:
         lengths = [[len(v) if v is not None else 0 for v in table.column(c).to_pylist()]
                    for c in group]
@@ -390,19 +457,18 @@ def validate(table: pa.Table, contract: Contract, where: str = "<memory>", *,
                 raise ContractError(where, f"list columns {list(group)} have lengths {list(ls)}",
                                     column=group[1], row=i,
                                     fix="every list in the group needs one entry per item.")
-    if image_root is not None and not allow_outside_root:
-        _check_confined(table, contract, where, image_root)
-    if check_paths:
-        root = Path(image_root) if image_root else Path(".")
-        for name in contract.path_columns:
-            for i, v in enumerate(table.column(name).to_pylist()):
-                for p in (v if isinstance(v, list) else [v]):
-                    if p and not (root / p).is_file():
-                        what = ("is not a regular file (a FIFO, device or folder)"
-                                if (root / p).exists() else "does not exist")
-                        raise ContractError(where, f"image {str(root / p)!r} {what}",
-                                            column=name, row=i,
-                                            fix="fix the path or the image_root setting.")
+
+
+def _check_paths_exist(table: pa.Table, contract: Contract, where: str, root: Path) -> None:
+    for name in contract.path_columns:
+        for i, v in enumerate(table.column(name).to_pylist()):
+            for p in (v if isinstance(v, list) else [v]):
+                if p and not (root / p).is_file():
+                    what = ("is not a regular file (a FIFO, device or folder)"
+                            if (root / p).exists() else "does not exist")
+                    raise ContractError(where, f"image {str(root / p)!r} {what}",
+                                        column=name, row=i,
+                                        fix="fix the path or the image_root setting.")
 
 
 class _Confiner:

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -176,89 +174,13 @@ def cmd_embed(a: argparse.Namespace) -> int:
     return 0
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_ui(run_dir: str | Path, host: str = "127.0.0.1", port: int = 5000,
-             backend_store_uri: str | None = None, workers: int = 1,
-             log_file: str | Path | None = None) -> subprocess.Popen:
-    """Start ``mlflow server`` over the run directory's store in its own process group."""
-    from tasks.tracking import artifact_root, default_tracking_uri
-
-    run_dir = Path(run_dir)
-    uri = backend_store_uri or default_tracking_uri(run_dir)
-    if uri.startswith("sqlite:") and not (run_dir / "mlflow.db").is_file():
-        raise FileNotFoundError(f"{run_dir / 'mlflow.db'}: no MLflow store here yet; run the "
-                                f"pipeline first (make demo RUN={run_dir})")
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-           "--default-artifact-root", artifact_root(run_dir), "--host", host,
-           "--port", str(port), "--workers", str(workers)]
-    out = open(log_file, "ab") if log_file else None  # noqa: SIM115 - owned by the process
-    return subprocess.Popen(cmd, start_new_session=True, stdout=out, stderr=out)
-
-
-def stop_ui(proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    """Stop the server and the job-runner children it started (its own process group)."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-    # Children (the job runner) may outlive the main process by a few seconds.
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.5)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def wait_healthy(url: str, timeout: float | None = None,
-                 proc: subprocess.Popen | None = None) -> float:
-    """Wait until ``url``/health answers 200; returns the seconds it took.
-
-    ``timeout`` (default :data:`flows.startup.DEFAULT_UI_TIMEOUT_S`, generous: the server
-    needed 106 s on a loaded 2-core machine). Raises :class:`TimeoutError` whose message
-    says how to wait longer, or :class:`RuntimeError` when ``proc`` exits first."""
-    import urllib.request
-
-    from flows.startup import ui_message
-
-    timeout = DEFAULT_UI_TIMEOUT_S if timeout is None else timeout
-    t0 = time.time()
-    deadline = t0 + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the MLflow server exited with status {proc.returncode} "
-                               "before it answered (port in use? its output is above)")
-        try:
-            with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=2) as r:  # noqa: S310
-                if r.status == 200:
-                    return time.time() - t0
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(ui_message(url, timeout))
-
-
 def cmd_ui(a: argparse.Namespace) -> int:
+    """Serve the MLflow UI over the run directory until Ctrl-C; exit 2 when there is no
+    store yet, 3 when the server does not come up in ``--timeout``."""
+    from tasks import mlflow_server as server
+
     try:
-        proc = start_ui(a.run_dir, a.host, a.port, a.backend_store_uri, a.workers)
+        proc = server.start_server(a.run_dir, a.host, a.port, a.backend_store_uri, a.workers)
     except FileNotFoundError as e:
         print(f"mmemb ui: {e}", file=sys.stderr)
         return 2
@@ -266,7 +188,7 @@ def cmd_ui(a: argparse.Namespace) -> int:
     print(f"starting the MLflow UI over {a.run_dir} on {url}; waiting up to {a.timeout:.0f}s "
           "for it (--timeout)", flush=True)
     try:
-        took = wait_healthy(url, timeout=a.timeout, proc=proc)
+        took = server.wait_healthy(url, timeout=a.timeout, proc=proc)
         print(f"MLflow UI over {a.run_dir}: {url}  (up in {took:.0f}s; Ctrl-C stops it)",
               flush=True)
         proc.wait()
@@ -276,7 +198,7 @@ def cmd_ui(a: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\nstopping the MLflow UI", flush=True)
     finally:
-        stop_ui(proc)
+        server.stop_server(proc)
     return 0
 
 

@@ -16,29 +16,25 @@ with it set, the flow run appears on that server.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from typing import Any
 
 from prefect import flow
 
+from data_contracts.files import atomic_write_text
 from mmemb.configs.base import ConfigError
 from mmemb.configs.pipeline import STAGES, PipelineConfig, StageName
-from tasks import cache
 from tasks.launch import disk_full_hint
+from tasks.parent_run import open_parent
 from tasks.stages import stage_task_for
 from tasks.tracking import (
-    ENV_PARENT,
     StageRecord,
     Tracker,
     install_log_redaction,
-    redact_obj,
+    link_in_prefect,
     redact_text,
     redact_uri,
 )
-
-PIPELINE_STATE = "_pipeline.json"
 
 
 def plan(config: PipelineConfig, from_stage: str | None = None, only: str | None = None,
@@ -57,82 +53,6 @@ def plan(config: PipelineConfig, from_stage: str | None = None, only: str | None
     start = stages.index(from_stage) if from_stage else len(stages)
     forced = set(force or [])
     return [(s, i >= start or s in forced) for i, s in enumerate(stages)]
-
-
-# --------------------------------------------------------------------------- parent run
-
-def _prefect_ids() -> dict[str, str]:
-    from prefect.runtime import flow_run
-
-    out = {}
-    for k, v in (("prefect.flow_run_id", flow_run.id), ("prefect.flow_run_name", flow_run.name),
-                 ("prefect.flow_run_url", flow_run.ui_url), ("prefect.api_url",
-                                                             flow_run.api_url)):
-        if v and not str(v).startswith("None"):  # no URL without a Prefect server
-            out[k] = str(v)
-    return out
-
-
-def link_flow_run(tracker: Tracker, parent_run_id: str | None) -> None:
-    """Label the Prefect flow run with the MLflow parent run (and attach a link to it)."""
-    from prefect.runtime import flow_run
-
-    if not parent_run_id or not flow_run.id:
-        return
-    try:
-        from prefect.artifacts import create_link_artifact
-        from prefect.client.orchestration import get_client
-
-        with get_client(sync_client=True) as client:
-            client.update_flow_run_labels(flow_run.id, {
-                "mlflow.run_id": parent_run_id,
-                "mlflow.experiment_id": str(tracker.experiment_id),
-                "mlflow.tracking_uri": redact_uri(tracker.uri)})
-        create_link_artifact(link=tracker.ui_url(parent_run_id), key="mlflow-pipeline",
-                             link_text="MLflow parent run",
-                             description=f"MLflow run {parent_run_id} (all stages nest here)")
-    except Exception as e:  # noqa: BLE001 - linking is a convenience
-        print(f"[pipeline] could not link the Prefect flow run to MLflow: {e}", flush=True)
-
-
-def open_parent(config: PipelineConfig, tracker: Tracker, kind: str = "pipeline",
-                name: str | None = None) -> str | None:
-    """The MLflow parent run (created now); a placeholder id when the store is unreachable."""
-    tags = {"mmemb.kind": kind, "mmemb.run_dir": str(config.run_dir.resolve()),
-            **_prefect_ids()}
-    run_id = tracker.start_run(name or config.run.name, None, tags)
-    params = {}
-    for sec in ("run", *STAGES):
-        obj = getattr(config, sec)
-        if obj is not None:
-            params.update(obj.flat_params(prefix=sec))
-    if run_id:
-        tracker.log_params(run_id, params)
-    elif tracker.enabled:
-        placeholder = f"pending-{time.time_ns()}"
-        tracker.spool(StageRecord(stage="pipeline", run_name=name or config.run.name,
-                                  tags={**tags, "mmemb.placeholder_id": placeholder},
-                                  params=params))
-        run_id = placeholder
-    cache.atomic_write_json(config.run_dir / PIPELINE_STATE, redact_obj({
-        "parent_run_id": run_id, "tracking_uri": redact_uri(tracker.uri),
-        "experiment": tracker.experiment, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}))
-    return run_id
-
-
-def parent_for_stage(config: PipelineConfig, explicit: str | None) -> str | None:
-    """A stage run alone nests under: the given id, env, or the run dir's last pipeline."""
-    if explicit:
-        return explicit
-    if os.environ.get(ENV_PARENT):
-        return os.environ[ENV_PARENT]
-    p = config.run_dir / PIPELINE_STATE
-    if p.is_file():
-        try:
-            return json.loads(p.read_text()).get("parent_run_id")
-        except (OSError, json.JSONDecodeError):
-            return None
-    return None
 
 
 # --------------------------------------------------------------------------- summary
@@ -158,6 +78,8 @@ def _f(v, fmt=".3f") -> str:
 
 def format_summary(config: PipelineConfig, payloads: dict[str, dict], duration_s: float,
                    tracker: Tracker, parent_run_id: str | None) -> str:
+    """The run's summary: one line per stage, the modes table, where to see it in MLflow
+    and how to rerun."""
     lines = [f"== mmemb pipeline '{config.run.name}' in {config.run_dir} "
              f"({duration_s / 60:.1f} min) =="]
     for stage, p in payloads.items():
@@ -194,6 +116,87 @@ def format_summary(config: PipelineConfig, payloads: dict[str, dict], duration_s
 
 # --------------------------------------------------------------------------- the flow
 
+def _config_of(config: PipelineConfig | None, config_path: str | None, run_dir: str | None,
+               overrides: list[str] | None) -> PipelineConfig:
+    """The flow's config: the form as given, or loaded from ``config_path``."""
+    if config is None:
+        if not config_path:
+            raise ConfigError("pipeline: give config (the form) or config_path (a YAML)")
+        return PipelineConfig.load(config_path, run_dir=run_dir, overrides=overrides)
+    if run_dir and run_dir != config.run.run_dir:
+        raise ConfigError("pipeline: run_dir goes with config_path; a config object was "
+                          "already wired to its run.run_dir")
+    return config
+
+
+def _run_stages(config: PipelineConfig, steps: list[tuple[str, bool]], parent: str | None,
+                verify: bool, payloads: dict[str, dict]) -> None:
+    """Each planned stage as a Prefect task, in order, filling ``payloads``; the upstream
+    payloads draw Prefect's dependency edges."""
+    for stage, forced in steps:
+        upstream = {s: {"key": p.get("key"), "outputs": p.get("outputs")}
+                    for s, p in payloads.items() if p.get("key")}
+        payloads[stage] = stage_task_for(config, stage)(
+            config, stage, force=forced, parent_run_id=parent, upstream=upstream,
+            verify=verify)
+
+
+def _report_failure(e: BaseException, steps: list[tuple[str, bool]], payloads: dict,
+                    run_dir, tracker: Tracker, parent: str | None) -> str:
+    """Say which stage failed and how to resume (kept stages are reused); tag the parent
+    run with it. Returns the parent run's final status."""
+    failed = next((s for s, _ in steps if s not in payloads), "?")
+    hint = disk_full_hint(e)
+    hint = f"\n[pipeline] {hint}" if hint and hint not in str(e) else ""
+    print(redact_text(f"[pipeline] stage {failed!r} failed: {type(e).__name__}: {e}{hint}\n"
+                      f"[pipeline] finished stages are kept; resume with: mmemb run "
+                      f"CONFIG --run-dir {run_dir} (cached stages are skipped) or --from "
+                      f"{failed}"), flush=True)
+    if parent and not parent.startswith("pending-"):
+        tracker.set_tags(parent, {"mmemb.failed_stage": failed,
+                                  "mmemb.error": f"{type(e).__name__}: {e}"[:8000]})
+    return "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+
+
+def _close_parent(config: PipelineConfig, tracker: Tracker, parent: str | None,
+                  payloads: dict[str, dict], duration: float, status: str) -> None:
+    """The parent run's totals and final status (spooled when the store went away)."""
+    if not parent or parent.startswith("pending-"):
+        return
+    m = {"pipeline_duration_s": duration,
+         **{f"{s}_duration_s": p["duration_s"] for s, p in payloads.items()
+            if p.get("duration_s") is not None},
+         "stages_ran": sum(p["status"] == "ran" for p in payloads.values()),
+         "stages_cached": sum(p["status"] == "cached" for p in payloads.values())}
+    tracker.log_metrics(parent, m)
+    tracker.end_run(parent, status)
+    if tracker.enabled and tracker.offline_reason is not None:
+        # The store went away during the run: spool the parent's metrics and final status
+        # like the stages' records, so `mmemb sync` closes it (else it would stay RUNNING,
+        # without its totals, once the store is back).
+        tracker.spool(StageRecord(stage="pipeline-end", run_name=config.run.name,
+                                  run_id=parent, metrics=m, status=status))
+
+
+def _publish_summary(config: PipelineConfig, payloads: dict[str, dict], duration: float,
+                     tracker: Tracker, parent: str | None) -> str:
+    """The summary text, written to the run directory and the Prefect UI (the command line
+    prints it itself, plain, on stdout: not twice to the console)."""
+    text = redact_text(format_summary(config, payloads, duration, tracker, parent))
+    print(f"[pipeline] finished in {duration:.0f}s: "
+          + ", ".join(f"{s} {p['status']}" for s, p in payloads.items())
+          + f"; summary in {config.run_dir / 'summary.txt'}", flush=True)
+    try:
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact("```\n" + text + "\n```", key="pipeline-summary",
+                                 description="stage results and the three-mode table")
+    except Exception:  # noqa: BLE001 - a summary artifact is a convenience
+        pass
+    atomic_write_text(config.run_dir / "summary.txt", text + "\n")
+    return text
+
+
 @flow(name="mmemb-pipeline", log_prints=True, persist_result=False)
 def pipeline(config: PipelineConfig | None = None, from_stage: StageName | None = None,
              only: StageName | None = None, force: list[StageName] | None = None,
@@ -207,75 +210,27 @@ def pipeline(config: PipelineConfig | None = None, from_stage: StageName | None 
     """
     t0 = time.perf_counter()
     install_log_redaction()
-    if config is None:
-        if not config_path:
-            raise ConfigError("pipeline: give config (the form) or config_path (a YAML)")
-        config = PipelineConfig.load(config_path, run_dir=run_dir, overrides=overrides)
-    elif run_dir and run_dir != config.run.run_dir:
-        raise ConfigError("pipeline: run_dir goes with config_path; a config object was "
-                          "already wired to its run.run_dir")
-    run_dir = config.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    config = _config_of(config, config_path, run_dir, overrides)
+    config.run_dir.mkdir(parents=True, exist_ok=True)
     steps = plan(config, from_stage, only, force)
-    tracker = Tracker.from_config(config.run.tracking, run_dir)
+    tracker = Tracker.from_config(config.run.tracking, config.run_dir)
     tracker.replay()
     parent = open_parent(config, tracker)
-    link_flow_run(tracker, parent)
-    print(f"[pipeline] {config.run.name}: {' -> '.join(s for s, _ in steps)} in {run_dir}"
-          + (f"; MLflow parent run {parent}" if parent else ""), flush=True)
+    link_in_prefect(tracker, parent)
+    print(f"[pipeline] {config.run.name}: {' -> '.join(s for s, _ in steps)} in "
+          f"{config.run_dir}" + (f"; MLflow parent run {parent}" if parent else ""), flush=True)
     payloads: dict[str, dict] = {}
     status = "FINISHED"
     try:
-        for stage, forced in steps:
-            upstream = {s: {"key": p.get("key"), "outputs": p.get("outputs")}
-                        for s, p in payloads.items() if p.get("key")}
-            payloads[stage] = stage_task_for(config, stage)(
-                config, stage, force=forced, parent_run_id=parent, upstream=upstream,
-                verify=verify)
+        _run_stages(config, steps, parent, verify, payloads)
     except BaseException as e:
-        status = "FAILED" if not isinstance(e, KeyboardInterrupt) else "KILLED"
-        failed = next((s for s, _ in steps if s not in payloads), "?")
-        hint = disk_full_hint(e)
-        hint = f"\n[pipeline] {hint}" if hint and hint not in str(e) else ""
-        print(redact_text(f"[pipeline] stage {failed!r} failed: {type(e).__name__}: {e}{hint}\n"
-                          f"[pipeline] finished stages are kept; resume with: mmemb run "
-                          f"CONFIG --run-dir {run_dir} (cached stages are skipped) or --from "
-                          f"{failed}"), flush=True)
-        if parent and not parent.startswith("pending-"):
-            tracker.set_tags(parent, {"mmemb.failed_stage": failed,
-                                      "mmemb.error": f"{type(e).__name__}: {e}"[:8000]})
+        status = _report_failure(e, steps, payloads, config.run_dir, tracker, parent)
         raise
     finally:
         duration = time.perf_counter() - t0
-        if parent and not parent.startswith("pending-"):
-            m = {"pipeline_duration_s": duration,
-                 **{f"{s}_duration_s": p["duration_s"] for s, p in payloads.items()
-                    if p.get("duration_s") is not None},
-                 "stages_ran": sum(p["status"] == "ran" for p in payloads.values()),
-                 "stages_cached": sum(p["status"] == "cached" for p in payloads.values())}
-            tracker.log_metrics(parent, m)
-            tracker.end_run(parent, status)
-            if tracker.enabled and tracker.offline_reason is not None:
-                # The store went away during the run: spool the parent's metrics and final
-                # status like the stages' records, so `mmemb sync` closes it (else it
-                # would stay RUNNING, without its totals, once the store is back).
-                tracker.spool(StageRecord(stage="pipeline-end", run_name=config.run.name,
-                                          run_id=parent, metrics=m, status=status))
-    text = redact_text(format_summary(config, payloads, duration, tracker, parent))
-    # The command line prints the summary itself (plain, on stdout); here it goes to the
-    # run directory and to the Prefect UI (a markdown artifact), not twice to the console.
-    print(f"[pipeline] finished in {duration:.0f}s: "
-          + ", ".join(f"{s} {p['status']}" for s, p in payloads.items())
-          + f"; summary in {run_dir / 'summary.txt'}", flush=True)
-    try:
-        from prefect.artifacts import create_markdown_artifact
-
-        create_markdown_artifact("```\n" + text + "\n```", key="pipeline-summary",
-                                 description="stage results and the three-mode table")
-    except Exception:  # noqa: BLE001 - a summary artifact is a convenience
-        pass
-    (run_dir / "summary.txt").write_text(text + "\n")
-    return {"run_dir": str(run_dir), "parent_run_id": parent, "duration_s": duration,
+        _close_parent(config, tracker, parent, payloads, duration, status)
+    text = _publish_summary(config, payloads, duration, tracker, parent)
+    return {"run_dir": str(config.run_dir), "parent_run_id": parent, "duration_s": duration,
             "stages": payloads, "modes": mode_table(payloads), "summary": text,
             "tracking_uri": redact_uri(tracker.uri), "experiment_id": tracker.experiment_id}
 

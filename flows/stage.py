@@ -74,9 +74,9 @@ def make_stage_flow(stage: str):
                    run: RunSection | None = None, launch: LaunchConfig | None = None,
                    force: bool = False, parent_run_id: str | None = None,
                    overrides: list[str] | None = None, verify: bool = False) -> dict:
-        from flows.pipeline import link_flow_run, open_parent, parent_for_stage
+        from tasks.parent_run import open_parent, parent_for_stage
         from tasks.stages import stage_task_for
-        from tasks.tracking import Tracker, install_log_redaction
+        from tasks.tracking import Tracker, install_log_redaction, link_in_prefect
 
         install_log_redaction()
         config, run, launch = resolve_stage_inputs(stage, config, config_path, run_dir, run,
@@ -88,7 +88,7 @@ def make_stage_flow(stage: str):
         parent = parent_for_stage(pc, parent_run_id)
         if parent is None:
             parent = open_parent(pc, tracker, kind="stage-run", name=f"{pc.run.name}:{stage}")
-            link_flow_run(tracker, parent)
+            link_in_prefect(tracker, parent)
         out = stage_task_for(pc, stage)(pc, stage, force=force, parent_run_id=parent,
                                         verify=verify)
         print(f"[{stage}] {out['status']}: {out.get('summary', '')}", flush=True)

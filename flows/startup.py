@@ -8,7 +8,8 @@
   ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``. The server is started before the
   flow (:func:`prefect_startup`), so the console says what it is waiting for and how long
   it took, and a failure is a :class:`StartupTimeout` whose message says what to set.
-* The MLflow UI (``mmemb ui``, :func:`flows.cli.wait_healthy`): same default, ``--timeout``.
+* The MLflow UI (``mmemb ui``, :func:`tasks.mlflow_server.wait_healthy`): same default,
+  ``--timeout``.
 
 Nothing here imports Prefect at module level (``mmemb --help`` stays light).
 """
@@ -20,12 +21,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from tasks.mlflow_server import DEFAULT_UI_TIMEOUT_S  # noqa: F401 - listed with the others
+
 #: Prefect's own setting (prefect/settings/models/server/ephemeral.py, Prefect 3.7).
 PREFECT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 #: Generous: the slowest start measured on a loaded 2-core machine was 331 s.
 DEFAULT_PREFECT_TIMEOUT_S = 600
-#: ``mmemb ui``'s wait for ``/health`` (the MLflow server needed 106 s under load).
-DEFAULT_UI_TIMEOUT_S = 600
 _PREFECT_TIMEOUT_TEXT = "Timed out while attempting to connect to ephemeral Prefect API server"
 
 
@@ -121,10 +122,3 @@ def prefect_startup(timeout: int = DEFAULT_PREFECT_TIMEOUT_S, source: str = "the
             os.environ.pop(PREFECT_ENV, None)
         else:
             os.environ[PREFECT_ENV] = old
-
-
-def ui_message(url: str, timeout: float, log_hint: str = "") -> str:
-    return (f"the MLflow server at {url} did not answer {url.rstrip('/')}/health within "
-            f"{timeout:.0f}s, so it was stopped. On a busy machine it can need minutes (106 s "
-            f"was measured on a loaded 2-core machine): rerun with a longer wait, e.g. "
-            f"mmemb ui --timeout {max(2 * int(timeout), 1200)}{log_hint}")

@@ -25,7 +25,6 @@ assembles the final artifact, once every shard exists; a later single-process re
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
 import time
@@ -38,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_contracts import io
+from data_contracts.files import atomic_write_json, json_digest
 from data_contracts.io import ArtifactRef, ContractError
 from data_contracts.schemas import Contract
 
@@ -70,20 +70,12 @@ def torch_threads(n: int | None):
 
 def fingerprint(*parts: Any) -> str:
     """A stable digest of JSON-able parts (configs, input digests)."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()
+    return json_digest(list(parts))
 
 
 def input_digest(path: str | Path) -> str:
     """The digest of an input artifact (its manifest's) or plain Parquet file (hashed)."""
-    path = Path(path)
-    if path.is_dir():
-        return io.ref(path).digest
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return io.content_digest(path)
 
 
 @dataclass
@@ -114,7 +106,7 @@ class ShardedWriter:
                          f"({why})")
                 shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": self.fp}))
+        atomic_write_json(self.dir / FINGERPRINT_FILE, {"fingerprint": self.fp}, indent=None)
 
     def _stored_fp(self) -> str | None:
         try:
@@ -149,8 +141,8 @@ class ShardedWriter:
         ref = io.write(table, self.out, self.contract)
         # After io.write: a crash here leaves a complete artifact without _run.json, which a
         # rerun recomputes (safe), never the reverse.
-        (self.out / RUN_FILE).write_text(json.dumps(
-            {"fingerprint": self.fp, "shards": len(names), **(extra or {})}, indent=2))
+        atomic_write_json(self.out / RUN_FILE,
+                          {"fingerprint": self.fp, "shards": len(names), **(extra or {})})
         return ref
 
 

@@ -20,15 +20,14 @@ import hashlib
 import importlib.util
 import json
 import os
-import re
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from data_contracts import io
-from data_contracts.files import atomic_write_json, sha256_file
-from data_contracts.io import ArtifactRef
+from data_contracts.files import DigestMemo, atomic_write_json, json_digest, sha256_file
+from data_contracts.io import ArtifactRef, path_digest
 from mmemb.configs.base import StageConfig
 from mmemb.configs.pipeline import OUTPUT_FIELDS, WIRING
 from mmemb.stages.base import StageResult
@@ -89,79 +88,11 @@ def code_version(module: str) -> str:
     """sha256 over the sources of :func:`code_files` (renames of unrelated modules ignored)."""
     h = hashlib.sha256()
     for name, path in sorted(code_files(module).items()):
-        h.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+        h.update(name.encode() + b"\0" + bytes.fromhex(sha256_file(path)))
     return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- input digests
-
-class DigestMemo:
-    """Remembers file digests by (path, size, mtime) so a 16 GB checkpoint is hashed once."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        self.data: dict[str, list] = {}
-        if path is not None and path.is_file():
-            try:
-                self.data = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                self.data = {}
-        self.dirty = False
-
-    def file(self, p: Path) -> str:
-        st = p.stat()
-        k = str(p.resolve())
-        hit = self.data.get(k)
-        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-            return hit[2]
-        d = sha256_file(p)
-        self.data[k] = [st.st_size, st.st_mtime_ns, d]
-        self.dirty = True
-        return d
-
-    def save(self) -> None:
-        if self.path is not None and self.dirty:
-            atomic_write_json(self.path, self.data)
-
-
-#: The files of a checkpoint that decide what it computes. Anything else in the folder
-#: (training logs, timing notes such as mmemb_pretrain.json, checkpoints of a resumable
-#: trainer) is not part of its digest, so rewriting a log does not invalidate later stages.
-_MODEL_SUFFIXES = (".safetensors", ".bin", ".model", ".tiktoken", ".jinja")
-_MODEL_NAMES = re.compile(r"^(config|generation_config|preprocessor_config|processor_config|"
-                          r"video_preprocessor_config|tokenizer(_config)?|special_tokens_map|"
-                          r"added_tokens|vocab|merges|chat_template|mmemb_embedding|mmemb_gate|"
-                          r"adapter_config|model\.safetensors\.index)\.(json|txt)$")
-
-
-def model_file(name: str) -> bool:
-    return name.endswith(_MODEL_SUFFIXES) or bool(_MODEL_NAMES.match(name))
-
-
-def path_digest(path: str | Path, memo: DigestMemo | None = None) -> str | None:
-    """Content digest of an input: artifact manifest digest, file hash or folder hash.
-
-    A folder that is neither an artifact nor a model (an image root) is identified by its
-    path only, which the config already holds: hashing a million images on every run would
-    cost more than the stage. Returns None for a path that does not exist.
-    """
-    memo = memo or DigestMemo(None)
-    p = Path(path)
-    if not p.exists():
-        return None
-    if p.is_dir() and (p / io.MANIFEST).is_file():
-        return "artifact:" + io.ref(p).digest
-    if p.is_file():
-        return "file:" + memo.file(p)
-    top = [f for f in p.iterdir() if f.is_file()]
-    if any(f.name == "config.json" or f.suffix == ".safetensors" for f in top):
-        files = sorted(f for f in p.rglob("*") if f.is_file() and model_file(f.name))
-        h = hashlib.sha256()
-        for f in files:
-            h.update(str(f.relative_to(p)).encode() + b"\0" + memo.file(f).encode())
-        return "dir:" + h.hexdigest()
-    return None
-
 
 def input_fields(stage: str, cfg: StageConfig) -> dict[str, str]:
     """The inputs of a stage config (dotted field -> path): its wired input fields, plus any
@@ -205,10 +136,8 @@ def input_digests(stage: str, cfg: StageConfig, memo: DigestMemo | None = None
 
 
 def cache_key(stage: str, cfg: StageConfig, inputs: dict[str, str | None], code: str) -> str:
-    conf = cfg.digest_view("cache")
-    blob = json.dumps({"stage": stage, "config": conf, "inputs": inputs, "code": code},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return json_digest({"stage": stage, "config": cfg.digest_view("cache"), "inputs": inputs,
+                        "code": code})
 
 
 # --------------------------------------------------------------------------- state file
@@ -350,16 +279,8 @@ def artifact_intact(path: Path, verify: bool = False) -> str:
         m = io._manifest(path)
     except ValueError as e:
         return str(e)
-    for p in m["parts"]:
-        f = path / p["file"]
-        if not f.is_file():
-            return f"part {p['file']} is missing"
-        if "bytes" in p and f.stat().st_size != int(p["bytes"]):
-            return (f"part {p['file']} is {f.stat().st_size} bytes, the manifest says "
-                    f"{p['bytes']}")
-        if verify and sha256_file(f) != p["sha256"]:
-            return f"part {p['file']}: content digest differs from the manifest"
-    return ""
+    return next((f"part {p['file']} {why}" for p in m["parts"]
+                 if (why := io.part_problem(path, p, verify))), "")
 
 
 def outputs_intact(res: StageResult, models: dict[str, str | None] | None = None,

@@ -31,6 +31,7 @@ from pathlib import Path
 from data_contracts.io import ContractError
 from mmemb.configs.base import ConfigError, StageConfig
 from mmemb.configs.pipeline import LaunchConfig
+from mmemb.procs import stop_tree
 from mmemb.redact import redact_text
 from mmemb.stages.base import StageResult
 
@@ -197,6 +198,21 @@ def _prepare_paths(state_dir: Path, tag: str = "") -> tuple[Path, Path]:
     return config_path, result_path
 
 
+def _wait(proc: subprocess.Popen, stage: str, timeout_s: float | None) -> int:
+    """Wait for a launched process; on a time-out, an interrupt or any error, stop it *and
+    every process it started* (torchrun's ranks, an engine's workers) before raising:
+    stopping only ``proc`` would leave them holding the GPUs and ports."""
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        stop_tree(proc)
+        raise StageFailed(f"stage {stage!r} ran past timeout_s={timeout_s}",
+                          transient=False, kind="timeout") from e
+    except BaseException:
+        stop_tree(proc)
+        raise
+
+
 def launch(launch_cfg: LaunchConfig, stage: str, cfg: StageConfig, state_dir: Path,
            env: dict[str, str] | None = None) -> tuple[StageResult, int]:
     """Run the stage in fresh process(es); returns its result and the live-logged step count."""
@@ -209,14 +225,9 @@ def launch(launch_cfg: LaunchConfig, stage: str, cfg: StageConfig, state_dir: Pa
     cmd = build_command(launch_cfg, stage, config_path, result_path)
     print(redact_text(f"[{stage}] launching: {shlex.join(cmd)}"), flush=True)
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, env=_env(launch_cfg, env), timeout=launch_cfg.timeout_s,
-                              check=False)
-    except subprocess.TimeoutExpired as e:
-        raise StageFailed(f"stage {stage!r} ran past timeout_s={launch_cfg.timeout_s}",
-                          transient=False, kind="timeout") from e
-    if proc.returncode != 0 or not result_path.is_file():
-        raise _failure(stage, proc.returncode, result_path, time.perf_counter() - t0)
+    rc = _wait(subprocess.Popen(cmd, env=_env(launch_cfg, env)), stage, launch_cfg.timeout_s)
+    if rc != 0 or not result_path.is_file():
+        raise _failure(stage, rc, result_path, time.perf_counter() - t0)
     body = json.loads(result_path.read_text())
     return result_from_state(body["result"]), int(body.get("steps_logged", 0))
 
@@ -235,22 +246,26 @@ def launch_replicas(launch_cfg: LaunchConfig, stage: str, cfg: StageConfig, stat
         raise ConfigError(f"launcher='replicas': stage {stage!r} has no replica/replicas "
                           "settings; use 'subprocess' or 'torchrun'")
     n, g = launch_cfg.nproc_per_node, launch_cfg.gpus_per_replica
-    procs = []
+    procs: list[tuple[subprocess.Popen, Path]] = []
     t0 = time.perf_counter()
-    for i in range(n):
-        config_path, result_path = _prepare_paths(state_dir, f".r{i}")
-        cfg.model_copy(update={"replica": i, "replicas": n}).to_yaml(config_path)
-        cmd = [sys.executable, *worker_command(stage, config_path, result_path)]
-        e = _env(launch_cfg, env)
-        if g:
-            e["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in range(i * g, (i + 1) * g))
-        print(f"[{stage}] replica {i}/{n}: {shlex.join(cmd)}", flush=True)
-        procs.append((subprocess.Popen(cmd, env=e), result_path))
-    failed = None
-    for proc, result_path in procs:
-        rc = proc.wait(timeout=launch_cfg.timeout_s)
-        if (rc != 0 or not result_path.is_file()) and failed is None:
-            failed = _failure(stage, rc, result_path, time.perf_counter() - t0)
+    try:
+        for i in range(n):
+            config_path, result_path = _prepare_paths(state_dir, f".r{i}")
+            cfg.model_copy(update={"replica": i, "replicas": n}).to_yaml(config_path)
+            cmd = [sys.executable, *worker_command(stage, config_path, result_path)]
+            e = _env(launch_cfg, env)
+            if g:
+                e["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in range(i * g, (i + 1) * g))
+            print(f"[{stage}] replica {i}/{n}: {shlex.join(cmd)}", flush=True)
+            procs.append((subprocess.Popen(cmd, env=e), result_path))
+        failed = None
+        for proc, result_path in procs:
+            rc = _wait(proc, stage, launch_cfg.timeout_s)
+            if (rc != 0 or not result_path.is_file()) and failed is None:
+                failed = _failure(stage, rc, result_path, time.perf_counter() - t0)
+    finally:  # one replica failing to start or timing out stops the others too
+        for proc, _ in procs:
+            stop_tree(proc)
     if failed is not None:
         raise failed
     from tasks.stages import call_stage

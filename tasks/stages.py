@@ -19,6 +19,7 @@ from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from data_contracts import io
+from data_contracts.files import atomic_write_json
 from data_contracts.io import ContractError
 from mmemb.configs.base import StageConfig
 from mmemb.configs.pipeline import STAGES, WIRING, PipelineConfig, load_stage_config
@@ -31,6 +32,8 @@ from tasks.tracking import (
     Tracker,
     artifact_entries,
     dataset_entries,
+    link_in_prefect,
+    prefect_tags,
     redact_text,
 )
 
@@ -125,6 +128,8 @@ def _alias(s: str) -> str:
 def build_record(pcfg: PipelineConfig, stage: str, cfg: StageConfig, res: StageResult,
                  digests: dict, *, parent_run_id: str | None, tags: dict[str, str],
                  cached_from: dict | None = None) -> StageRecord:
+    """The MLflow record of a stage result: params, launch settings, metrics, datasets;
+    for a run (not a cache hit, ``cached_from``) also step curves, artifacts and models."""
     tr = pcfg.run.tracking
     rec = StageRecord(stage=stage, run_name=stage, parent_run_id=parent_run_id,
                       tags={"mmemb.stage": stage, "mmemb.kind": "stage",
@@ -154,6 +159,79 @@ def build_record(pcfg: PipelineConfig, stage: str, cfg: StageConfig, res: StageR
     return rec
 
 
+def _stage_key(stage: str, cfg: StageConfig, run_dir: Path) -> tuple[dict, str, str]:
+    """(input digests, code version, cache key) of a stage as configured now; its inputs
+    must exist (:func:`check_inputs`)."""
+    check_inputs(stage, cfg, run_dir)
+    memo = cache.digest_memo(run_dir)
+    digests = cache.input_digests(stage, cfg, memo)
+    memo.save()
+    code = cache.code_version(stage_module(stage))
+    return digests, code, cache.cache_key(stage, cfg, digests, code)
+
+
+def _reuse_cached(pcfg: PipelineConfig, stage: str, cfg: StageConfig, digests: dict, key: str,
+                  tracker: Tracker, parent_run_id: str | None, tags: dict[str, str],
+                  verify: bool) -> dict | None:
+    """The payload of the stage's cached result (recorded in MLflow as a cached run), or
+    None, having said why it must run."""
+    res, reason = cache.lookup(pcfg.run_dir, stage, key, verify=verify)
+    if res is None:
+        print(f"[{stage}] running: {reason}", flush=True)
+        return None
+    st = cache.read_state(pcfg.run_dir, stage) or {}
+    print(f"[{stage}] cached: inputs, config and code unchanged (key {key[:12]}); "
+          f"{res.summary}", flush=True)
+    rec = build_record(pcfg, stage, cfg, res, digests, parent_run_id=parent_run_id, tags=tags,
+                       cached_from=st)
+    run_id = tracker.log_record(rec)
+    return _payload(stage, "cached", res, key=key, mlflow_run_id=run_id, duration_s=0.0,
+                    original_duration_s=st.get("duration_s"))
+
+
+def _compute(pcfg: PipelineConfig, stage: str, cfg: StageConfig, key: str, tracker: Tracker,
+             run_id: str | None) -> tuple[StageResult, int, str]:
+    """Run the stage in this process or in launched ones; returns (result, steps logged
+    live, attempt id). A failure is noted on the running marker and the MLflow run."""
+    run_dir, launch_cfg = pcfg.run_dir, pcfg.launch_for(stage)
+    # From here until write_state the stage has no record: one that described the outputs
+    # it is about to replace would outlive them if the process died in between.
+    attempt = cache.begin_run(run_dir, stage, key)
+    try:
+        if launch_cfg.launcher == "inprocess":
+            record_steps = StageRecord(stage, stage)
+            res = call_stage(stage, cfg, tracker.step_logger(run_id, record_steps))
+            return res, record_steps.steps_logged, attempt
+        env = {ENV_RUN: run_id, "MLFLOW_TRACKING_URI": tracker.uri} if run_id else {}
+        res, steps_live = launch(launch_cfg, stage, cfg, run_dir / stage, env)
+        return res, steps_live, attempt
+    except BaseException as e:
+        cache.fail_run(run_dir, stage, attempt, redact_text(f"{type(e).__name__}: {e}"))
+        tracker.set_tags(run_id, {"mmemb.error": f"{type(e).__name__}: {e}"[:8000],
+                                  "mmemb.transient": str(is_transient(e))})
+        tracker.end_run(run_id, "FAILED")
+        raise
+
+
+def _record(pcfg: PipelineConfig, stage: str, cfg: StageConfig, res: StageResult,
+            digests: dict, rec_tags: dict[str, str], tracker: Tracker, run_id: str | None,
+            parent_run_id: str | None, steps_live: int, duration: float) -> str | None:
+    """Send the finished stage's MLflow record (after its state file: outputs first);
+    returns the MLflow run id it ended up under (a new one if the store came back)."""
+    rec = build_record(pcfg, stage, cfg, res, digests, parent_run_id=parent_run_id,
+                       tags=rec_tags)
+    rec.run_id = run_id
+    rec.steps_logged = steps_live if run_id else 0
+    rec.metrics["stage_duration_s"] = duration
+    logged = tracker.log_record(rec)
+    if logged and logged != run_id:
+        st = cache.read_state(pcfg.run_dir, stage)
+        if st is not None:
+            st["mlflow_run_id"] = logged
+            atomic_write_json(cache.state_path(pcfg.run_dir, stage), st)
+    return logged
+
+
 def execute_stage(pcfg: PipelineConfig, stage: str, *, force: bool = False,
                   parent_run_id: str | None = None, tracker: Tracker | None = None,
                   tags: dict[str, str] | None = None, verify: bool = False) -> dict:
@@ -163,71 +241,25 @@ def execute_stage(pcfg: PipelineConfig, stage: str, *, force: bool = False,
     (without it: every part must exist with its recorded size)."""
     cfg = pcfg.section(stage)
     run_dir = pcfg.run_dir
-    state_dir = run_dir / stage
-    check_inputs(stage, cfg, run_dir)
-    memo = cache.DigestMemo(run_dir / "_digests.json")
-    digests = cache.input_digests(stage, cfg, memo)
-    memo.save()
-    code = cache.code_version(stage_module(stage))
-    key = cache.cache_key(stage, cfg, digests, code)
+    digests, code, key = _stage_key(stage, cfg, run_dir)
     tracker = tracker or Tracker.from_config(pcfg.run.tracking, run_dir)
     tags = dict(tags or {})
-    if not force:
-        res, reason = cache.lookup(run_dir, stage, key, verify=verify)
-        if res is not None:
-            st = cache.read_state(run_dir, stage) or {}
-            print(f"[{stage}] cached: inputs, config and code unchanged (key {key[:12]}); "
-                  f"{res.summary}", flush=True)
-            rec = build_record(pcfg, stage, cfg, res, digests, parent_run_id=parent_run_id,
-                               tags=tags, cached_from=st)
-            run_id = tracker.log_record(rec)
-            return _payload(stage, "cached", res, key=key, mlflow_run_id=run_id,
-                            duration_s=0.0, original_duration_s=st.get("duration_s"))
-        print(f"[{stage}] running: {reason}", flush=True)
-    else:
+    if force:
         print(f"[{stage}] running: forced", flush=True)
-
+    elif (hit := _reuse_cached(pcfg, stage, cfg, digests, key, tracker, parent_run_id, tags,
+                               verify)) is not None:
+        return hit
     rec_tags = {"mmemb.stage": stage, "mmemb.kind": "stage", "mmemb.cache_key": key,
                 "mmemb.code_version": code[:12], **tags}
     run_id = tracker.start_run(stage, parent_run_id, rec_tags)
-    launch_cfg = pcfg.launch_for(stage)
-    # From here until write_state the stage has no record: one that described the outputs
-    # it is about to replace would outlive them if the process died in between.
-    attempt = cache.begin_run(run_dir, stage, key)
     t0 = time.perf_counter()
-    steps_live = 0
-    try:
-        if launch_cfg.launcher == "inprocess":
-            record_steps = StageRecord(stage, stage)
-            res = call_stage(stage, cfg, tracker.step_logger(run_id, record_steps))
-            steps_live = record_steps.steps_logged
-        else:
-            env = {ENV_RUN: run_id} if run_id else {}
-            if run_id:
-                env["MLFLOW_TRACKING_URI"] = tracker.uri
-            res, steps_live = launch(launch_cfg, stage, cfg, state_dir, env)
-    except BaseException as e:
-        cache.fail_run(run_dir, stage, attempt, redact_text(f"{type(e).__name__}: {e}"))
-        tracker.set_tags(run_id, {"mmemb.error": f"{type(e).__name__}: {e}"[:8000],
-                                  "mmemb.transient": str(is_transient(e))})
-        tracker.end_run(run_id, "FAILED")
-        raise
+    res, steps_live, attempt = _compute(pcfg, stage, cfg, key, tracker, run_id)
     duration = time.perf_counter() - t0
-    # Outputs first: the stage's result is on disk before anything talks to MLflow.
     cache.write_state(run_dir, stage, key, res, inputs=digests, code=code,
                       config=cfg.model_dump(mode="json"), duration_s=duration,
                       extra={"mlflow_run_id": run_id}, attempt=attempt)
-    rec = build_record(pcfg, stage, cfg, res, digests, parent_run_id=parent_run_id,
-                       tags=rec_tags)
-    rec.run_id = run_id
-    rec.steps_logged = steps_live if run_id else 0
-    rec.metrics["stage_duration_s"] = duration
-    logged = tracker.log_record(rec)
-    if logged and logged != run_id:
-        st = cache.read_state(run_dir, stage)
-        if st is not None:
-            st["mlflow_run_id"] = logged
-            cache.atomic_write_json(cache.state_path(run_dir, stage), st)
+    logged = _record(pcfg, stage, cfg, res, digests, rec_tags, tracker, run_id,
+                     parent_run_id, steps_live, duration)
     print(f"[{stage}] done in {duration:.1f}s: {res.summary}", flush=True)
     return _payload(stage, "ran", res, key=key, mlflow_run_id=logged or run_id,
                     duration_s=duration)
@@ -248,32 +280,6 @@ def retry_condition(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's 
     return False
 
 
-def _prefect_tags() -> dict[str, str]:
-    from prefect.runtime import flow_run, task_run
-
-    tags = {}
-    for k, v in (("prefect.flow_run_id", flow_run.id), ("prefect.flow_run_name", flow_run.name),
-                 ("prefect.task_run_id", task_run.id), ("prefect.flow_run_url", flow_run.ui_url),
-                 ("prefect.api_url", flow_run.api_url)):
-        if v and not str(v).startswith("None"):  # no URL without a Prefect server
-            tags[k] = str(v)
-    return tags
-
-
-def link_in_prefect(stage: str, tracker: Tracker, run_id: str | None) -> None:
-    """A link artifact on the Prefect flow run pointing at the MLflow run (the other way)."""
-    if not run_id:
-        return
-    try:
-        from prefect.artifacts import create_link_artifact
-
-        create_link_artifact(link=tracker.ui_url(run_id), link_text=f"MLflow run ({stage})",
-                             key=f"mlflow-{stage}",
-                             description=f"MLflow run {run_id} of stage {stage}")
-    except Exception as e:  # noqa: BLE001 - a missing link must not fail the stage
-        print(f"[{stage}] could not attach the MLflow link to the Prefect run: {e}")
-
-
 @task(name="stage", task_run_name="{stage}", cache_policy=NO_CACHE, persist_result=False,
       retry_condition_fn=retry_condition, log_prints=True)
 def stage_task(config: PipelineConfig, stage: str, force: bool = False,
@@ -283,8 +289,8 @@ def stage_task(config: PipelineConfig, stage: str, force: bool = False,
     del upstream
     tracker = Tracker.from_config(config.run.tracking, config.run_dir)
     out = execute_stage(config, stage, force=force, parent_run_id=parent_run_id,
-                        tracker=tracker, tags=_prefect_tags(), verify=verify)
-    link_in_prefect(stage, tracker, out.get("mlflow_run_id"))
+                        tracker=tracker, tags=prefect_tags(), verify=verify)
+    link_in_prefect(tracker, out.get("mlflow_run_id"), stage)
     return out
 
 

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_contracts.files import atomic_write_json
 from mmemb.configs.base import ConfigError
 from mmemb.redact import REDACTED, redact, redact_obj, redact_text  # noqa: F401 - re-exported
 
@@ -242,6 +243,8 @@ def _schema_of(uri: str):
 
 
 def _dataset_input(d: dict):
+    """An MLflow dataset input for one artifact: its source, digest, rows and schema show
+    in the run's Datasets panel (the data itself stays where it is)."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
@@ -446,6 +449,9 @@ class Tracker:
         return None
 
     def _send(self, rec: StageRecord) -> str:
+        """Send ``rec`` whole (creating its run if it has none): tags, params, metrics and
+        the steps not logged live, datasets, artifacts, models; then end the run. Raises
+        when the store fails, so the caller can spool the record."""
         from mlflow.entities import Metric, Param, RunTag
 
         c = self.client
@@ -486,6 +492,8 @@ class Tracker:
         return run_id
 
     def _log_model(self, run_id: str, m: dict) -> None:
+        """A model of a run: its path always; its files (as artifacts, or as a pyfunc model,
+        registered with aliases when asked) only when ``log_models`` and its size allow."""
         path = Path(m["path"])
         c = self.client
         c.set_tag(run_id, f"mmemb.model.{m['name']}.path", str(path.resolve()))
@@ -527,9 +535,7 @@ class Tracker:
         record["params"] = redact_params(record["params"])
         body = redact_obj({"uri": redact_uri(self.uri), "experiment": self.experiment,
                            "record": record})
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(body, indent=2, default=str))
-        os.replace(tmp, path)
+        atomic_write_json(path, body)
         self._say(f"[mlflow] {rec.stage}: tracking record spooled to {path}")
         return path
 
@@ -614,3 +620,47 @@ def artifact_entries(outputs: dict[str, dict], files: dict[str, str], upload_max
         elif p.is_file():
             arts.append([str(p), "files"])
     return arts, tags
+
+
+# --------------------------------------------------------------------------- Prefect links
+
+def prefect_tags() -> dict[str, str]:
+    """The current Prefect flow run (and task run, inside one) as MLflow tags, so an MLflow
+    run names the Prefect run that made it; empty outside Prefect."""
+    from prefect.runtime import flow_run, task_run
+
+    tags = {}
+    for k, v in (("prefect.flow_run_id", flow_run.id), ("prefect.flow_run_name", flow_run.name),
+                 ("prefect.task_run_id", task_run.id), ("prefect.flow_run_url", flow_run.ui_url),
+                 ("prefect.api_url", flow_run.api_url)):
+        if v and not str(v).startswith("None"):  # no URL without a Prefect server
+            tags[k] = str(v)
+    return tags
+
+
+def link_in_prefect(tracker: Tracker, run_id: str | None, stage: str | None = None) -> None:
+    """The other way round: a link artifact on the current Prefect flow run pointing at the
+    MLflow run of ``stage``, or (``stage`` None) at the pipeline's parent run, whose ids
+    also become the flow run's labels. A failed link is said, never raised."""
+    from prefect.runtime import flow_run
+
+    if not run_id or (stage is None and not flow_run.id):
+        return
+    try:
+        from prefect.artifacts import create_link_artifact
+
+        if stage is None:
+            from prefect.client.orchestration import get_client
+
+            with get_client(sync_client=True) as client:
+                client.update_flow_run_labels(flow_run.id, {
+                    "mlflow.run_id": run_id, "mlflow.experiment_id": str(tracker.experiment_id),
+                    "mlflow.tracking_uri": redact_uri(tracker.uri)})
+        create_link_artifact(
+            link=tracker.ui_url(run_id), key=f"mlflow-{stage or 'pipeline'}",
+            link_text=f"MLflow run ({stage})" if stage else "MLflow parent run",
+            description=f"MLflow run {run_id} " + (f"of stage {stage}" if stage
+                                                   else "(all stages nest here)"))
+    except Exception as e:  # noqa: BLE001 - a missing link must not fail the run
+        print(f"[{stage or 'pipeline'}] could not link the Prefect run to MLflow: {e}",
+              flush=True)

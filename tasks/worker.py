@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--result", required=True, help="where rank 0 writes the result JSON")
     a = ap.parse_args(argv)
 
-    from tasks.cache import atomic_write_json, result_to_state
+    from data_contracts.files import atomic_write_json
+    from tasks.cache import result_to_state
     from tasks.launch import is_transient
     from tasks.stages import call_stage, load_stage_config
     from tasks.tracking import ENV_RUN, Tracker, is_rank0

@@ -52,3 +52,16 @@ def real_layout(tmp_path_factory):
             built[family] = build_checkpoint(layout_dir(family), out, seed=0)
         return built[family]
     return get
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function returning a TCP port free on loopback now (for servers a test starts)."""
+    import socket
+
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return pick

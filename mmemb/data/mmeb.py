@@ -472,10 +472,9 @@ def _cache_image(ctx: _Ctx, cid: str, value, f: Path, i: int) -> str:
     ext = {"jpeg": "jpg"}.get(fmt, fmt)
     out = ctx.image_cache / ctx.task / f"{_safe_name(cid)}.{ext}"
     if not out.is_file():  # a rerun reuses the written pages
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, out)
+        from data_contracts.files import atomic_write_bytes
+
+        atomic_write_bytes(out, data)
     return str(out.resolve())
 
 

@@ -114,40 +114,24 @@ class EmbedderEncoder:
 # --------------------------------------------------------------------------- helpers
 
 def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    from data_contracts.files import json_digest
+
+    return json_digest(obj)
 
 
 def checkpoint_digest(path: str | Path, memo: str | Path | None = None) -> str:
-    """Content digest of a checkpoint folder (every file), memoised by (name, size, mtime)
-    in ``memo`` so a multi-GB checkpoint is hashed once, not on every evaluation."""
+    """Content digest of a checkpoint (its model files; see
+    :func:`data_contracts.files.checkpoint_digest`), memoised by (path, size, mtime) in
+    ``memo`` so a multi-GB checkpoint is hashed once, not on every evaluation."""
+    from data_contracts import files
+
     path = Path(path)
     if not path.exists():
         return _digest({"id": str(path)})  # a hub id: its name is all we can key on
-    files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file())
-    memo_path = Path(memo) if memo else None
-    table: dict[str, str] = {}
-    if memo_path and memo_path.is_file():
-        try:
-            table = json.loads(memo_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            table = {}
-    parts = []
-    for p in files:
-        st = p.stat()
-        key = f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-        if key not in table:
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                for chunk in iter(lambda f=f: f.read(1 << 20), b""):
-                    h.update(chunk)
-            table[key] = h.hexdigest()
-        parts.append((str(p.relative_to(path)) if path.is_dir() else p.name, table[key]))
-    if memo_path:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_name(f".{memo_path.name}.tmp")
-        tmp.write_text(json.dumps(table))
-        tmp.replace(memo_path)
-    return _digest(parts)
+    table = files.DigestMemo(memo)
+    digest = files.checkpoint_digest(path, table)
+    table.save()
+    return digest
 
 
 def _safe(name: str) -> str:

@@ -131,9 +131,9 @@ def loadable_dir(path: str | Path, work: str | Path | None = None) -> Path | str
             os.symlink(f.resolve(), link)
     d = json.loads((p / PREPROCESSOR_FILE).read_text())
     d["image_processor_type"] = old[d["image_processor_type"]]
-    tmp = shadow / f".{PREPROCESSOR_FILE}.tmp"
-    tmp.write_text(json.dumps(d, indent=2))
-    os.replace(tmp, shadow / PREPROCESSOR_FILE)
+    from data_contracts.files import atomic_write_json
+
+    atomic_write_json(shadow / PREPROCESSOR_FILE, d)
     warnings.warn(f"{p / PREPROCESSOR_FILE}: image_processor_type {list(old)[0]!r} is an old "
                   f"name, loaded as {list(old.values())[0]!r} (through {shadow}); re-save the "
                   "processor to silence this", stacklevel=2)

@@ -14,7 +14,6 @@ Run alone::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -43,11 +42,8 @@ def _file_ref(path: Path, contract: Contract) -> ArtifactRef:
         raise ContractError(path, f"not a readable Parquet file ({type(e).__name__}: {e}).",
                             fix="point to a Parquet file or an artifact folder.") from e
     io.check_columns(meta.schema.to_arrow_schema(), contract, str(path))
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return ArtifactRef(str(path), contract.name, contract.version, meta.num_rows, h.hexdigest())
+    return ArtifactRef(str(path), contract.name, contract.version, meta.num_rows,
+                       io.content_digest(path))
 
 
 def reference(path: str | Path, contract: Contract) -> ArtifactRef:

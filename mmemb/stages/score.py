@@ -215,13 +215,13 @@ def _load_embedder(cfg: ScoreConfig):
 
 
 def _model_stamp(model: str) -> list:
-    """Weights identity for the resume fingerprint: names, sizes and mtimes (no hashing of
-    multi-GB files); a hub id stands for itself."""
+    """Weights identity for the resume fingerprint: the checkpoint's content digest (model
+    files only; about one read of the weights, which the stage loads next anyway, so they
+    come from the page cache); a hub id stands for itself."""
+    from data_contracts.files import checkpoint_digest
+
     path = Path(model)
-    if not path.is_dir():
-        return [model]
-    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(path.glob("*.safetensors"))]
+    return [checkpoint_digest(path)] if path.is_dir() else [model]
 
 
 def run(cfg: ScoreConfig, log: StepLogger = null_logger) -> StageResult:

@@ -27,7 +27,6 @@ embedding config beside it), ``out/train_summary.json``, ``out/steps.jsonl``,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -251,17 +250,16 @@ def _fingerprint(t: torch.Tensor) -> tuple[float, float]:
 
 def _config_digest(cfg: TrainConfig) -> str:
     """Resume fingerprint: the fields declared to change what training computes."""
-    d = cfg.digest_view("resume")
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    from data_contracts.files import json_digest
+
+    return json_digest(cfg.digest_view("resume"))[:16]
 
 
 def _data_digest(path: str) -> str:
+    """The training data's content digest (artifact manifest or streamed file hash)."""
     from data_contracts import io
 
-    p = Path(path)
-    if p.is_dir():
-        return io.ref(p).digest
-    return hashlib.sha256(p.read_bytes()).hexdigest()
+    return io.content_digest(path)
 
 
 def _final_state_dict(engine, zero_stage: int) -> dict | None:

@@ -25,24 +25,12 @@ import shutil
 import time
 from pathlib import Path
 
+from data_contracts.files import atomic_write_json, fsync_path
 from mmemb.training.distributed import barrier, is_main
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 META = "meta.json"
 TAG = "state"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
@@ -67,6 +55,7 @@ def save_checkpoint(engine, root: str | Path, step: int, meta: dict,
                     client_state: dict | None = None, keep: int = 2) -> Path:
     """Collective: every rank calls it. Returns the final folder."""
     root = Path(root)
+    # One name every rank derives alike (they all write into it); stale ones are removed.
     tmp = root / f".tmp-step-{step:08d}"
     final = root / f"step-{step:08d}"
     if is_main():
@@ -79,13 +68,12 @@ def save_checkpoint(engine, root: str | Path, step: int, meta: dict,
                            save_latest=False)
     barrier()
     if is_main():
-        (tmp / META).write_text(json.dumps({**meta, "step": step, "time": time.time()},
-                                           indent=2))
-        _fsync_dir(tmp)
+        atomic_write_json(tmp / META, {**meta, "step": step, "time": time.time()})
+        fsync_path(tmp)
         if final.exists():  # a step re-done after a resume: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_path(root)
         for _, old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()

@@ -5,6 +5,7 @@ rerun resumes and produces the artifact an uninterrupted run produces."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from data_contracts import io
 from data_contracts.schemas import PAIRS, RATIONALES
+from tasks.launch import DISK_FULL_HINT
 from tests.faults.harness import REPO, audit, cli_command, fault_env, run_cli, write_config
 
 pytestmark = pytest.mark.faults
@@ -25,6 +27,14 @@ from data_contracts.schemas import PAIRS
 rows = io.read(sys.argv[1], PAIRS).to_pylist()
 io.write(rows, sys.argv[2], PAIRS)
 """
+
+
+def _rows_lost(reference, contract, got) -> int:
+    """Rows of the reference artifact that the recovered one lacks (compared whole)."""
+    def rows(uri):
+        return {json.dumps(r, sort_keys=True, default=str)
+                for r in io.read(uri, contract).to_pylist()}
+    return len(rows(reference) - rows(got))
 
 
 def _pairs(n: int) -> list[dict]:
@@ -50,16 +60,20 @@ def test_disk_full_while_replacing_an_artifact_keeps_the_old_one(tmp_path, fault
     assert r.returncode != 0 and "File too large" in r.stderr, r.stderr[-3000:]
     # the old artifact is untouched and still verifies; the temp folder was removed
     assert io.ref(tmp_path / "pairs") == old
-    assert io.read(tmp_path / "pairs", PAIRS).num_rows == 50
+    kept_lost = _rows_lost(old.uri, PAIRS, tmp_path / "pairs")
+    assert io.read(tmp_path / "pairs", PAIRS).num_rows == 50 and kept_lost == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs", "src"]
     # with room again, the same write succeeds and replaces it
     r = subprocess.run([sys.executable, "-c", _REPLACE, src.uri,
                         old.uri], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert io.ref(tmp_path / "pairs").digest == src.digest
-    fault_log.append({"kind": "disk-full", "where": "io.write", "recovered": True,
-                      "rows_lost": 0, "detail": f"EFBIG past {limit} B replacing an artifact; "
-                      "old one kept, rewrite succeeded"})
+    recovered = r.returncode == 0 and io.ref(tmp_path / "pairs").digest == src.digest
+    lost = kept_lost + (_rows_lost(src.uri, PAIRS, tmp_path / "pairs") if recovered
+                        else src.rows)
+    fault_log.append({"kind": "disk-full", "where": "io.write", "recovered": recovered,
+                      "rows_lost": lost, "detail": f"EFBIG past {limit} B replacing an "
+                      "artifact; old one kept, rewrite succeeded"})
+    assert recovered, r.stderr[-3000:]
+    assert lost == 0
 
 
 @pytest.mark.usefixtures("fault_root")  # the session's code snapshot runs the pipeline
@@ -93,7 +107,8 @@ def test_disk_full_in_a_launched_stage_then_rerun(tmp_path, fault_log):
     assert r.returncode != 0
     text = r.stdout
     assert "stage 'generate' failed" in text and "File too large" in text, text[-5000:]
-    assert "no space" in text.lower() or "disk" in text.lower(), text[-3000:]
+    # the hint that names the full disk and says what to do (not a word of the run's path)
+    assert DISK_FULL_HINT in text, text[-3000:]
     print("\n".join(line for line in text.splitlines() if "failed" in line or "disk" in line))
     assert text.count("launching:") == 1  # EFBIG/ENOSPC is not transient: no retry
     out = run / "generate" / "rationales"
@@ -104,8 +119,11 @@ def test_disk_full_in_a_launched_stage_then_rerun(tmp_path, fault_log):
     r = run_cli(cli_command(ok_cfg, run, "--stages", "prepare,generate", "--no-tracking"))
     assert r.returncode == 0, r.stdout[-4000:]
     assert f"resuming: {a.shards} of 8 shard(s) already done" in r.stdout
-    assert io.ref(out).digest == straight.outputs["rationales"].digest
+    want = straight.outputs["rationales"]
+    recovered = io.exists(out) and io.ref(out).digest == want.digest
+    lost = _rows_lost(want.uri, RATIONALES, out) if io.exists(out) else want.rows
+    fault_log.append({"kind": "disk-full", "where": "generate", "recovered": recovered,
+                      "rows_lost": lost, "detail": f"EFBIG past {limit} B in the launched "
+                      f"stage; {a.shards}/8 shards kept, rerun resumed them"})
+    assert recovered and lost == 0
     assert io.read(out, RATIONALES).num_rows == 240
-    fault_log.append({"kind": "disk-full", "where": "generate", "recovered": True,
-                      "rows_lost": 0, "detail": f"EFBIG past {limit} B in the launched stage; "
-                      f"{a.shards}/8 shards kept, rerun resumed them"})

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -26,30 +25,25 @@ pytestmark = pytest.mark.faults
 STAGES_0_3 = ("prepare", "generate", "score", "select")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _server(store, port: int, log) -> subprocess.Popen:
-    from flows.cli import start_ui, wait_healthy
+    from tasks.mlflow_server import start_server, wait_healthy
 
-    proc = start_ui(store, port=port, backend_store_uri=f"sqlite:///{store}/mlflow.db",
+    proc = start_server(store, port=port, backend_store_uri=f"sqlite:///{store}/mlflow.db",
                     log_file=log)
     wait_healthy(f"http://127.0.0.1:{port}", timeout=120, proc=proc)
     return proc
 
 
-def test_store_killed_mid_run_then_sync_records_every_stage(fault_root, tmp_path, fault_log):
+def test_store_killed_mid_run_then_sync_records_every_stage(fault_root, tmp_path, fault_log,
+                                                           free_port):
     from mlflow import MlflowClient
 
-    from flows.cli import stop_ui
+    from tasks.mlflow_server import stop_server
 
     store = tmp_path / "store"
     store.mkdir()
     MlflowClient(f"sqlite:///{store}/mlflow.db").search_experiments()  # create the store
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     cfg = write_config(tmp_path / "tracked.yaml",
                        generate={"shard_size": 16, "teachers": [
@@ -68,7 +62,7 @@ def test_store_killed_mid_run_then_sync_records_every_stage(fault_root, tmp_path
         r = run_cli_with([sys.executable, "-m", "flows.cli", "run", str(cfg), "--run-dir",
                           str(run)], "[score] running:", kill_server)
     finally:
-        stop_ui(server)
+        stop_server(server)
     text = r.stdout
     # the run finished, with every output, and said what happened and what to do
     assert r.returncode == 0, text[-6000:]
@@ -102,7 +96,7 @@ def test_store_killed_mid_run_then_sync_records_every_stage(fault_root, tmp_path
             assert x.info.status == "FINISHED" and x.data.metrics, s
         assert children["select"].data.metrics["pairs"] == 120
     finally:
-        stop_ui(server)
+        stop_server(server)
     fault_log.append({"kind": "mlflow-down", "where": "score", "recovered": True,
                       "rows_lost": 0, "detail": f"server SIGKILLed at score start; run "
                       f"finished, {len(spooled)} records spooled, all sent by mmemb sync"})

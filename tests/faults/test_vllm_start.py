@@ -81,8 +81,12 @@ def test_truncated_checkpoint_is_refused_before_the_engine_starts(fault_root, tm
         generate.run(cfg)
     assert not io.exists(tmp_path / "gen" / "rationales")
     assert not list((tmp_path / "gen").rglob("*.parquet"))
-    w.write_bytes(good)  # restored: the check passes (the engine start itself is tested above)
-    check_model("big-teacher", str(model))
+    # the check alone names the cut file; restored, it passes (returns None, raises nothing)
+    with pytest.raises(EngineStartError, match=r"model.safetensors: SafetensorError") as e:
+        check_model("big-teacher", str(model))
+    assert str(model) in str(e.value) and not e.value.transient
+    w.write_bytes(good)  # (the engine start itself is tested above)
+    assert check_model("big-teacher", str(model)) is None
     fault_log.append({"kind": "vllm-start", "where": "preflight", "recovered": True,
                       "rows_lost": 0, "detail": "truncated weights refused before the engine "
                       "starts, file named; accepted once restored"})

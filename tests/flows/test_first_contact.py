@@ -212,7 +212,8 @@ class _Health:
 
 
 def test_wait_healthy_waits_for_a_slow_server_and_explains_a_timeout():
-    from flows.cli import build_parser, wait_healthy
+    from flows.cli import build_parser
+    from tasks.mlflow_server import wait_healthy
 
     ui = build_parser().parse_args(["ui"])
     assert ui.timeout == 600
@@ -233,6 +234,7 @@ def test_wait_healthy_waits_for_a_slow_server_and_explains_a_timeout():
 
 def test_ui_timeout_prints_what_to_set_and_stops_the_server(tmp_path, monkeypatch, capsys):
     import flows.cli
+    import tasks.mlflow_server
 
     never = _Health(fail=10**9)
     procs = []
@@ -241,7 +243,7 @@ def test_ui_timeout_prints_what_to_set_and_stops_the_server(tmp_path, monkeypatc
         procs.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
                                       start_new_session=True))
         return procs[-1]
-    monkeypatch.setattr(flows.cli, "start_ui", fake_start)
+    monkeypatch.setattr(tasks.mlflow_server, "start_server", fake_start)
     try:
         rc = flows.cli.main(["ui", "--run-dir", str(tmp_path), "--port", str(never.port),
                              "--timeout", "1"])

@@ -27,12 +27,10 @@ def _as_postgres(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def postgres():
+def postgres(free_port):
     if PG_BIN is None:
         pytest.skip("PostgreSQL is not installed (`make test-slow` installs Debian's "
                     "postgresql with apt when it can)")
-    from flows.cli import _free_port
-
     # not under pytest's tmp dir: that one is private to root and postgres cannot enter it
     base = Path(tempfile.mkdtemp(prefix="mmemb-pg-"))
     data = base / "data"
@@ -40,7 +38,7 @@ def postgres():
     if os.geteuid() == 0:
         shutil.chown(base, "postgres")
         shutil.chown(data, "postgres")
-    port = _free_port()
+    port = free_port()
     _as_postgres([f"{PG_BIN}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres"])
     _as_postgres([f"{PG_BIN}/pg_ctl", "-D", str(data), "-l", str(base / "pg.log"), "-w",
                   "-o", f"-p {port} -h 127.0.0.1 -k {base}", "start"])
@@ -54,11 +52,11 @@ def postgres():
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(postgres, tmp_path_factory):
-    from flows.cli import _free_port, stop_ui, wait_healthy
+def mlflow_server(postgres, tmp_path_factory, free_port):
+    from tasks.mlflow_server import stop_server, wait_healthy
 
     art = tmp_path_factory.mktemp("artifacts")
-    port = _free_port()
+    port = free_port()
     log = open(art.parent / "mlflow-server.log", "ab")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres,
@@ -69,7 +67,7 @@ def mlflow_server(postgres, tmp_path_factory):
         wait_healthy(f"http://127.0.0.1:{port}", timeout=180, proc=proc)
         yield {"uri": f"http://127.0.0.1:{port}", "artifacts": art, "db": postgres}
     finally:
-        stop_ui(proc)
+        stop_server(proc)
         log.close()
 
 

@@ -33,17 +33,17 @@ def render(url: str, user_dir, budget_ms: int = 15000) -> str:
 
 
 @pytest.fixture(scope="module")
-def ui(pipeline_run, tmp_path_factory):
-    from flows.cli import _free_port, start_ui, stop_ui, wait_healthy
+def ui(pipeline_run, tmp_path_factory, free_port):
+    from tasks.mlflow_server import start_server, stop_server, wait_healthy
 
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("ui") / "ui.log"
-    proc = start_ui(pipeline_run["run_dir"], port=port, log_file=log)
+    proc = start_server(pipeline_run["run_dir"], port=port, log_file=log)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", timeout=120, proc=proc)
         yield f"http://127.0.0.1:{port}"
     finally:
-        stop_ui(proc)
+        stop_server(proc)
         assert proc.poll() is not None
 
 

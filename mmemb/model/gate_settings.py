@@ -55,6 +55,15 @@ class GateSettings:
                              f"{data!r}")
         return cls(budget, float(threshold), str(path), str(path))
 
+    def save(self, model: str | Path) -> Path:
+        """Write these settings beside ``model`` (the gate stage, for its policy): the one
+        writer of the file :meth:`load` reads."""
+        from data_contracts.files import atomic_write_json
+
+        path = Path(model) / GATE_FILE
+        atomic_write_json(path, {"threshold": self.threshold, "budget": self.budget})
+        return path
+
     def override(self, budget: int | None = None, threshold: float | None = None
                  ) -> GateSettings:
         """These settings with each explicitly given value (not None) in place of the gate's."""

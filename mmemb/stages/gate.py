@@ -37,7 +37,9 @@ from mmemb.losses.grpo import GRPOLossOutput, group_advantages, grpo_loss
 from mmemb.losses.lm import rationale_lm_loss
 from mmemb.losses.objective import ObjectiveOutput, Stage4Objective
 from mmemb.model.embedder import Embedder
+from mmemb.model.gate_settings import GateSettings
 from mmemb.model.prompts import EmbedInput
+from mmemb.procs import reaping
 from mmemb.stages.base import StageResult, StepLogger, null_logger
 from mmemb.training.data import (
     SkipReport,
@@ -270,13 +272,26 @@ def run(cfg: GateConfig, log: StepLogger = null_logger) -> StageResult:
     """Train the gate with GRPO; save the policy as the final adaptive model.
 
     Each step (TRL's split): :func:`rollouts` (no grad), :func:`score_rollouts` (rewards and
-    group advantages), :func:`policy_update` (GRPO surrogate + the stage-4 anchor)."""
+    group advantages), :func:`policy_update` (GRPO surrogate + the stage-4 anchor). However
+    the run ends (an error mid-step included), the vLLM engine is closed, the process group
+    torn down and any process the stage started stopped: an engine left behind would hold
+    the memory and the group the next stage needs."""
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)  # query order and reward pools
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data = load_gate_data(cfg, out)
-    pols = load_policies(cfg, out)
+    with reaping(timeout=30):
+        pols = load_policies(cfg, out)
+        try:
+            return train_gate(cfg, log, rng, out, data, pols)
+        finally:
+            release(pols)
+
+
+def train_gate(cfg: GateConfig, log: StepLogger, rng: random.Random, out: Path,
+               data: GateData, pols: Policies) -> StageResult:
+    """Report the gate before, run the GRPO steps, report it after, save the policy."""
     eval_rows, eval_skipped = load_eval_rows(cfg, data.check, out)
     before = gate_report(pols.enc, eval_rows, cfg.image_root)
     start_params = {n: p.detach().clone() for n, p in pols.policy.model.named_parameters()}
@@ -307,6 +322,19 @@ def run(cfg: GateConfig, log: StepLogger = null_logger) -> StageResult:
                **{f"before/{a}": b for a, b in before.items()},
                **{f"after/{a}": b for a, b in after.items()}}
     return stage_result(metrics, after, data.skipped, steps, policy_dir, out)
+
+
+def release(pols: Policies) -> None:
+    """Close the vLLM rollout engine (once) and tear the process group down, through
+    DeepSpeed so its cached groups are reset too."""
+    if pols.vllm is not None:
+        pols.vllm.close()
+        pols.vllm = None
+    import deepspeed.comm as ds_comm
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        ds_comm.destroy_process_group()
 
 
 def say_step(cfg: GateConfig, step: int, m: dict[str, float]) -> None:
@@ -522,20 +550,15 @@ def step_metrics(cfg: GateConfig, pols: Policies, batch: RolloutBatch,
 
 def save_policy(cfg: GateConfig, pols: Policies, start_params: dict[str, torch.Tensor],
                 out: Path) -> tuple[Path, int]:
-    """Close vLLM, save the policy with the gate's budget and threshold beside it, tear the
-    process group down; the policy folder and how many parameters moved."""
+    """Close vLLM (its memory back before the save), save the policy with the gate's
+    budget and threshold beside it; the policy folder and how many parameters moved."""
     if pols.vllm is not None:
         pols.vllm.close()
+        pols.vllm = None
     changed = sum(int(not torch.equal(start_params[n], p.detach()))
                   for n, p in pols.policy.model.named_parameters())
     policy_dir = pols.policy.save_pretrained(out / "policy")
-    (policy_dir / "mmemb_gate.json").write_text(json.dumps(
-        {"threshold": cfg.threshold, "budget": cfg.budget}, indent=2))
-    import deepspeed.comm as ds_comm
-    import torch.distributed as dist
-
-    if dist.is_initialized():  # through DeepSpeed, so its cached groups are reset too
-        ds_comm.destroy_process_group()
+    GateSettings(budget=cfg.budget, threshold=cfg.threshold).save(policy_dir)
     return policy_dir, changed
 
 

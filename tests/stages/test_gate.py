@@ -116,3 +116,36 @@ def test_grpo_follows_the_reward_when_reasoning_only_costs(tiny_model, synth, tm
     for fam in ("easy", "inference"):
         assert res.metrics[f"after/p_think/family/{fam}"] < \
             res.metrics[f"before/p_think/family/{fam}"]
+
+
+def test_a_failing_step_still_releases_the_engines(tiny_model, synth, tmp_path, monkeypatch):
+    """An error mid-run tears the process group down and closes the rollout engine (before:
+    only a run that reached the save did), so the next stage in the process can start."""
+    import torch.distributed as dist
+
+    closed = []
+
+    class Engine:  # stands in for the vLLM policy: only its close() is observed here
+        def close(self):
+            closed.append(True)
+
+    real_load = gate.load_policies
+
+    def load_with_engine(cfg, out):
+        pols = real_load(cfg, out)
+        pols.vllm = Engine()
+        return pols
+
+    def failing_update(*a, **kw):
+        assert dist.is_initialized()  # the DeepSpeed engine is up when the step fails
+        raise RuntimeError("step failed")
+
+    monkeypatch.setattr(gate, "load_policies", load_with_engine)
+    monkeypatch.setattr(gate, "policy_update", failing_update)
+    cfg = GateConfig(model=str(tiny_model), data=str(synth["pairs"]),
+                     image_root=str(synth["image_root"]), out=str(tmp_path / "gate"),
+                     steps=2, queries_per_step=2, group_size=2, budget=4)
+    with pytest.raises(RuntimeError, match="step failed"):
+        gate.run(cfg)
+    assert closed == [True]
+    assert not dist.is_initialized()

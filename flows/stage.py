@@ -74,6 +74,8 @@ def make_stage_flow(stage: str):
                    run: RunSection | None = None, launch: LaunchConfig | None = None,
                    force: bool = False, parent_run_id: str | None = None,
                    overrides: list[str] | None = None, verify: bool = False) -> dict:
+        """Resolve the stage's config, open (or reuse) the parent run, run the one stage
+        task; the flow's form is the stage's own config class."""
         from tasks.parent_run import open_parent, parent_for_stage
         from tasks.stages import stage_task_for
         from tasks.tracking import Tracker, install_log_redaction, link_in_prefect

@@ -24,6 +24,9 @@ import mmemb  # noqa: E402, F401
 
 
 def main(argv: list[str] | None = None) -> int:
+    """One launched rank: run the stage in this process from its resolved config, stream
+    step metrics to the MLflow run the environment names, and have rank 0 write the
+    result (or the error) JSON the launching task reads back."""
     ap = argparse.ArgumentParser(description="Run one stage in this process (a launched rank).")
     ap.add_argument("--stage", required=True)
     ap.add_argument("--config", required=True, help="the stage's resolved config (YAML)")

@@ -92,6 +92,8 @@ class TeacherConfig(StageConfig):
 
     @model_validator(mode="after")
     def _check(self) -> TeacherConfig:
+        """Refuse settings that run remote code behind the explicit switch, or that
+        contradict each other, at load time rather than when the engine starts."""
         if "trust_remote_code" in self.engine_kwargs:
             raise ValueError(f"teacher {self.id!r}: engine_kwargs.trust_remote_code is refused; "
                              "set the teacher's top-level trust_remote_code option instead "

@@ -454,7 +454,7 @@ def score_task(encoder: Encoder, td: TaskData, modes: Sequence[str],
         cand.computed = 0  # count a shared candidate encoding once
         out.append(TaskScore(spec, mode, per_query, qry.rows, _failures(qry, cand), computed,
                              family=td.rows[0].get("family") if td.rows else None,
-                             worst=worst_queries(td, items, lists, gains, mode, lowest)))
+                             worst=worst_queries(td, gains, mode, lowest)))
     return out
 
 
@@ -515,21 +515,18 @@ def lowest_queries(per_query: np.ndarray, rows_scores: Sequence[np.ndarray],
     return out
 
 
-def _cand_label(td: TaskData, items: list[EmbedItem], lists: list[list[int]], q: int,
-                pos: int) -> str:
-    """What a candidate is, for a reader: its text, else its image path, else its id."""
-    k = lists[q][pos]
-    if td.spec.ranking == "global":
-        c = td.corpus[k]
+def _cand_label(td: TaskData, q: int, pos: int) -> str | None:
+    """The candidate at position ``pos`` of query ``q``'s score row as the data names it:
+    its text, else its image path (as written in the rows), else its id."""
+    if td.spec.ranking == "global":  # the row is the whole corpus
+        c = td.corpus[pos]
         return c["cand_text"] or c["cand_img_path"] or c["cand_id"]
-    inp = items[k].inp
-    if inp is None:
-        return f"{items[k].id} ({items[k].error})"
-    return inp.text or (str(inp.images[0]) if inp.images else items[k].id)
+    r = td.rows[q]  # a local row's score row follows its targets (see _candidates)
+    return r["tgt_text"][pos] or r["tgt_img_path"][pos]
 
 
-def worst_queries(td: TaskData, items: list[EmbedItem], lists: list[list[int]], gains: list,
-                  mode: str, lowest: list[tuple[int, float, list[int]]]) -> list[dict]:
+def worst_queries(td: TaskData, gains: list, mode: str,
+                  lowest: list[tuple[int, float, list[int]]]) -> list[dict]:
     """The worst-queries preview rows of one (task, mode): the query, its score, its gold
     (first positive; ``(+n)`` more) and the top-ranked candidates, as text."""
     out = []
@@ -539,10 +536,10 @@ def worst_queries(td: TaskData, items: list[EmbedItem], lists: list[list[int]], 
         # global task's row is the whole corpus, so a position is a corpus index)
         pos = ([j for j, v in sorted(g.items(), key=lambda kv: -kv[1]) if v > 0]
                if isinstance(g, dict) else [j for j in np.argsort(-g, kind="stable") if g[j] > 0])
-        gold = _cand_label(td, items, lists, q, pos[0]) if pos else None
+        gold = _cand_label(td, q, pos[0]) if pos else None
         if gold is not None and len(pos) > 1:
             gold += f" (+{len(pos) - 1})"
-        labels = [_cand_label(td, items, lists, q, j) for j in top]
+        labels = [_cand_label(td, q, j) for j in top]
         labels += [None] * (WORST_TOP - len(labels))
         out.append({"task": td.spec.name, "mode": mode, "row_id": r["row_id"],
                     "query": r["qry_text"] or r["qry_img_path"] or r["row_id"], "score": score,

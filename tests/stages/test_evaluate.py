@@ -144,6 +144,20 @@ def test_stage_on_mmeb_download_layout(tiny_model, tmp_path):
     md = res.files["report"].read_text()
     assert "Partial run" in md and "(ndcg@5)" in md and "(hit@1)" in md
     assert "missing 37 tasks" in res.summary  # 18 video + 24 visdoc - 5
+    # Fewer than 5 queries per task: all are shown, so their mean is the task's score; a
+    # globally ranked task names its gold and top hits from the corpus.
+    worst = _preview(res.files["worst_queries"], WORST_COLUMNS)
+    for t, r in table.items():
+        got = [w["score"] for w in worst if w["task"] == t]
+        assert got == sorted(got) and len(got) == r["n_queries"]
+        assert np.mean(got) == pytest.approx(r["score"])
+    from data_contracts.schemas import EVAL_CORPUS
+
+    corpus = {c["cand_text"] or c["cand_img_path"] or c["cand_id"]
+              for c in io.read(tmp_path / "ev" / "data" / "eval_corpus", EVAL_CORPUS).to_pylist()
+              if c["task"] == "ViDoRe_arxivqa"}
+    for w in (w for w in worst if w["task"] == "ViDoRe_arxivqa"):
+        assert w["gold"].split(" (+")[0] in corpus and {w["top1"], w["top2"], w["top3"]} <= corpus
 
 
 def test_adaptive_encoder_plugs_into_the_stage(tiny_model, synth, tmp_path):

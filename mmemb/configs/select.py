@@ -24,3 +24,5 @@ class SelectConfig(StageConfig):
     max_rationale_tokens: int = Field(256, ge=1, description="over-long filter: candidates "
                                       "with more tokens are dropped")
     plots: bool = Field(True, description="also draw the selection plots into out/")
+    seed: int = report_field(0, description="seed of the sample of decisions written to "
+                             "out/decisions.table.json")

@@ -46,7 +46,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -364,6 +364,7 @@ class TaskScore:
     failures: list[str]
     computed: int  # inputs encoded in this run (0 = all cached)
     family: str | None = None  # the task's family (its first row's), for family means
+    worst: list[dict] = field(default_factory=list)  # the lowest queries (worst_queries)
 
     @property
     def score(self) -> float:
@@ -447,19 +448,21 @@ def score_task(encoder: Encoder, td: TaskData, modes: Sequence[str],
             cand_cache[cmode] = embed(items, "candidate", cmode)
         cand = cand_cache[cmode]
         qry = embed(queries, "query", mode)
-        per_query = _rank_and_score(spec, lists, gains, qry, cand)
+        lowest: list[tuple] = []
+        per_query = _rank_and_score(spec, lists, gains, qry, cand, lowest)
         computed = qry.computed + cand.computed
         cand.computed = 0  # count a shared candidate encoding once
         out.append(TaskScore(spec, mode, per_query, qry.rows, _failures(qry, cand), computed,
-                             family=td.rows[0].get("family") if td.rows else None))
+                             family=td.rows[0].get("family") if td.rows else None,
+                             worst=worst_queries(td, gains, mode, lowest)))
     return out
 
 
 def _rank_and_score(spec: TaskSpec, lists: list[list[int]], gains: list, qry: Embedded,
-                    cand: Embedded) -> np.ndarray:
+                    cand: Embedded, lowest: list | None = None) -> np.ndarray:
     """[Nq] metric per query: each query ranks its own candidates (local) or the corpus
     (global) by cosine; a candidate that failed can never rank first, a query that failed
-    is a miss."""
+    is a miss. ``lowest``, when given, receives :func:`lowest_queries` of the ranking."""
     if cand.emb.shape[1] != qry.emb.shape[1] and cand.ok.any() and qry.ok.any():
         raise ValueError(f"task {spec.name}: query dim {qry.emb.shape[1]} != candidate dim "
                          f"{cand.emb.shape[1]}")
@@ -488,7 +491,60 @@ def _rank_and_score(spec: TaskSpec, lists: list[list[int]], gains: list, qry: Em
     except ValueError as e:
         raise ValueError(f"task {spec.name}: {e}") from None
     per_query[~qry.ok] = 0.0  # a query that could not be embedded is a miss
+    if lowest is not None:
+        lowest.extend(lowest_queries(per_query, rows_scores))
     return per_query
+
+
+#: Queries per (task, mode) in the worst-queries preview, and candidates shown for each.
+WORST_N, WORST_TOP = 5, 3
+
+
+def lowest_queries(per_query: np.ndarray, rows_scores: Sequence[np.ndarray],
+                   n: int = WORST_N, top: int = WORST_TOP) -> list[tuple[int, float, list[int]]]:
+    """(query index, its score, the positions of its ``top`` best-ranked candidates in its
+    score row) for the ``n`` lowest-scoring queries, lowest first (ties in query order).
+    Read off the ranking already computed, so it costs a partial sort of ``n`` rows."""
+    out = []
+    for q in np.argsort(per_query, kind="stable")[:n]:  # [n]
+        row = np.asarray(rows_scores[q])  # [n_cand] or [Nc]
+        k = min(top, row.size)
+        best = np.argpartition(-row, k - 1)[:k] if k else np.zeros(0, dtype=int)  # [k]
+        best = best[np.argsort(-row[best], kind="stable")]  # [k] by similarity, descending
+        out.append((int(q), float(per_query[q]), [int(j) for j in best]))
+    return out
+
+
+def _cand_label(td: TaskData, q: int, pos: int) -> str | None:
+    """The candidate at position ``pos`` of query ``q``'s score row as the data names it:
+    its text, else its image path (as written in the rows), else its id."""
+    if td.spec.ranking == "global":  # the row is the whole corpus
+        c = td.corpus[pos]
+        return c["cand_text"] or c["cand_img_path"] or c["cand_id"]
+    r = td.rows[q]  # a local row's score row follows its targets (see _candidates)
+    return r["tgt_text"][pos] or r["tgt_img_path"][pos]
+
+
+def worst_queries(td: TaskData, gains: list, mode: str,
+                  lowest: list[tuple[int, float, list[int]]]) -> list[dict]:
+    """The worst-queries preview rows of one (task, mode): the query, its score, its gold
+    (first positive; ``(+n)`` more) and the top-ranked candidates, as text."""
+    out = []
+    for q, score, top in lowest:
+        r, g = td.rows[q], gains[q]
+        # positions of the positives in the query's score row, highest gain first (a
+        # global task's row is the whole corpus, so a position is a corpus index)
+        pos = ([j for j, v in sorted(g.items(), key=lambda kv: -kv[1]) if v > 0]
+               if isinstance(g, dict) else [j for j in np.argsort(-g, kind="stable") if g[j] > 0])
+        gold = _cand_label(td, q, pos[0]) if pos else None
+        if gold is not None and len(pos) > 1:
+            gold += f" (+{len(pos) - 1})"
+        labels = [_cand_label(td, q, j) for j in top]
+        labels += [None] * (WORST_TOP - len(labels))
+        out.append({"task": td.spec.name, "mode": mode, "row_id": r["row_id"],
+                    "query": r["qry_text"] or r["qry_img_path"] or r["row_id"], "score": score,
+                    "gold": gold, **{f"top{i + 1}": lb for i, lb in enumerate(labels)}})
+    return out
 
 
 def _failures(qry: Embedded, cand: Embedded) -> list[str]:
@@ -643,6 +699,7 @@ class EvalRun:
     files: dict[str, Path]
     suite: str
     computed: int  # inputs encoded in this run (0 = everything came from the cache)
+    worst: list[dict] = field(default_factory=list)  # worst_queries of every (task, mode)
 
 
 def evaluate(encoder: Encoder, rows: pa.Table, corpus: pa.Table | None, out: str | Path, *,
@@ -700,7 +757,8 @@ def evaluate(encoder: Encoder, rows: pa.Table, corpus: pa.Table | None, out: str
                          model_id=model_id)
     ref = io.write(results, out / "results", EVAL_RESULTS)
     files["results"] = Path(ref.uri)
-    return EvalRun(results, aggs, per_input, files, suite, sum(s.computed for s in scores))
+    return EvalRun(results, aggs, per_input, files, suite, sum(s.computed for s in scores),
+                   worst=[w for s in scores for w in s.worst])
 
 
 def _results_table(suite: str, scores: list[TaskScore]) -> pa.Table:

@@ -4,8 +4,9 @@ The data is either eval-rows artifacts (the synthetic benchmark, or MMEB-V2 conv
 ``python -m mmemb.data.mmeb eval``) or an MMEB-V2 download folder, loaded here by its layout.
 Both go through :func:`mmemb.eval.harness.evaluate`, so the demo's numbers come from the
 code that would score MMEB-V2. Outputs under ``out``: ``results/`` (EVAL_RESULTS Parquet),
-``report.md``, ``reasoning.md``, ``accuracy_latency.png``, ``aggregate.json`` and the
-resumable embedding cache ``cache/``.
+``report.md``, ``reasoning.md``, ``accuracy_latency.png``, ``aggregate.json``, the preview
+tables ``per_task.table.json`` and ``worst_queries.table.json`` (the lowest-scoring queries of
+each task and mode with what was retrieved) and the resumable embedding cache ``cache/``.
 
 Run alone::
 
@@ -34,6 +35,12 @@ from mmemb.eval.baseline import load_baseline
 from mmemb.model.gate_settings import GateSettings
 from mmemb.model.images import DEFAULT_MAX_DECODE_PIXELS
 from mmemb.stages.base import StageResult, StepLogger, null_logger
+from mmemb.tables import write_table
+
+PER_TASK_COLUMNS = ["task", "modality", "metric", "mode", "score", "n_queries",
+                    "reasoning_ratio", "mean_gen_tokens", "latency_mean_ms", "latency_p95_ms",
+                    "status"]
+WORST_COLUMNS = ["task", "mode", "row_id", "query", "score", "gold", "top1", "top2", "top3"]
 
 
 def _is_artifact(path: Path) -> bool:
@@ -178,8 +185,19 @@ def run(cfg: EvaluateConfig, log: StepLogger = null_logger) -> StageResult:
                + f"; report {res.files['report']}")
     print(f"[evaluate] {summary}", flush=True)
     files = {k: v for k, v in res.files.items() if k != "results"}
+    files.update(write_preview_tables(out, res))
     return StageResult("evaluate", outputs={"results": io.ref(res.files["results"])},
                        metrics=metrics, files=files, summary=summary)
+
+
+def write_preview_tables(out: Path, res: harness.EvalRun) -> dict[str, Path]:
+    """``per_task.table.json`` (one row per task and mode) and ``worst_queries.table.json``
+    (per task and mode the lowest-scoring queries, with their gold and what ranked first),
+    the evaluation's previews in the tracking UI (:mod:`mmemb.tables`)."""
+    return {"per_task": write_table(out / "per_task.table.json", res.results.to_pylist(),
+                                    PER_TASK_COLUMNS),
+            "worst_queries": write_table(out / "worst_queries.table.json", res.worst,
+                                         WORST_COLUMNS)}
 
 
 def _metrics(res: harness.EvalRun) -> tuple[dict[str, float], list[str]]:

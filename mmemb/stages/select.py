@@ -16,8 +16,10 @@ helps": the pair trains in direct mode). Output (contract ``selections``): one r
 with the pair's fields, the rationale (or null), its utility (the chosen delta; the best
 delta when none was chosen), teacher and index, and the candidate counts. Beside it,
 ``summary.json`` (shares selected overall / per task / per teacher / per family, delta
-quantiles, filter counts and, on oracle data, the selection rate by oracle label) and two
-plots.
+quantiles, filter counts and, on oracle data, the selection rate by oracle label), two
+plots and ``decisions.table.json``: a seeded sample of candidates stratified by verdict
+(selected, filtered with the filter, below margin, not best) with delta and text, the
+preview of what stage 3 decided (:mod:`mmemb.tables`).
 
 Run alone on the embedded default (after stage 2)::
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -41,10 +44,16 @@ from data_contracts.schemas import PAIRS, RATIONALES, SCORES, SELECTIONS
 from mmemb.configs.cli import stage_main
 from mmemb.configs.select import SelectConfig
 from mmemb.stages.base import StageResult, StepLogger, null_logger
+from mmemb.tables import write_table
 from mmemb.teachers.base import normalize_text, reserved_in
 
 FILTERS = ("status", "truncated", "malformed", "too_long", "duplicate", "unscored")
 PAIR_FIELDS = [f.name for f in PAIRS.schema]
+#: What select_pair decided for a candidate: chosen; failed a filter; its pair's best but
+#: not above the margin; kept but another candidate of its pair has a higher delta.
+VERDICTS = ("selected", "filtered", "below_margin", "not_best")
+DECISION_COLUMNS = ["pair_id", "task", "teacher_id", "cand_idx", "delta", "verdict", "reason",
+                    "text"]
 
 
 def filter_reason(cand: dict, seen: set[str], cfg: SelectConfig) -> str | None:
@@ -72,12 +81,18 @@ def filter_reason(cand: dict, seen: set[str], cfg: SelectConfig) -> str | None:
 
 def select_pair(cands: list[dict], cfg: SelectConfig, counts: Counter
                 ) -> tuple[dict | None, float | None, int]:
-    """(chosen candidate or None, utility, n_kept) for one pair's candidates."""
+    """(chosen candidate or None, utility, n_kept) for one pair's candidates.
+
+    Each candidate gets its ``filtered`` reason (or None) and its ``verdict`` (one of
+    :data:`VERDICTS`), recorded here where the rule is applied, so the decisions table
+    shows exactly what decided and nothing recomputes it.
+    """
     seen: set[str] = set()
     kept = []
     for c in sorted(cands, key=lambda c: (c["teacher_id"], c["cand_idx"])):
         why = filter_reason(c, seen, cfg)
         c["filtered"] = why
+        c["verdict"] = "filtered" if why else "not_best"
         if why:
             counts[why] += 1
         else:
@@ -86,7 +101,9 @@ def select_pair(cands: list[dict], cfg: SelectConfig, counts: Counter
         return None, None, 0
     best = max(kept, key=lambda c: c["delta"])  # first of equal maxima (stable order)
     if best["delta"] > cfg.margin:
+        best["verdict"] = "selected"
         return best, best["delta"], len(kept)
+    best["verdict"] = "below_margin"
     return None, best["delta"], len(kept)
 
 
@@ -252,6 +269,8 @@ def run(cfg: SelectConfig, log: StepLogger = null_logger) -> StageResult:
     ref = io.write(rows, out / "selections", SELECTIONS)
     summary = summarize(pairs, by_pair, chosen, counts, cfg)
     files = write_report(out, by_pair, summary, cfg)
+    files["decisions"] = write_table(out / "decisions.table.json",
+                                     decision_sample(pairs, by_pair, cfg), DECISION_COLUMNS)
     metrics = select_metrics(summary, len(pairs), time.perf_counter() - t0)
     text = summary_line(summary, cfg)
     print(f"[select] {text}", flush=True)
@@ -275,6 +294,50 @@ def select_all(pairs: list[dict], by_pair: dict[str, list[dict]], cfg: SelectCon
                      "cand_idx": best["cand_idx"] if best else None,
                      "n_candidates": len(cands), "n_kept": n_kept})
     return rows, chosen, counts
+
+
+def _reason(c: dict, best: dict | None, margin: float) -> str:
+    """Why ``c`` got its verdict, in words (its pair's best candidate is ``best``)."""
+    if c["verdict"] == "filtered":
+        err = f" ({c.get('error')})" if c["filtered"] == "status" and c.get("error") else ""
+        return c["filtered"] + err
+    if c["verdict"] == "selected":
+        return f"best delta, above margin {margin:g}"
+    if c["verdict"] == "below_margin":
+        return f"best delta, not above margin {margin:g}"
+    return (f"below the pair's best delta {best['delta']:.4g} "
+            f"({best['teacher_id']}/{best['cand_idx']})")
+
+
+def decision_sample(pairs: list[dict], by_pair: dict[str, list[dict]], cfg: SelectConfig,
+                    n: int = 50) -> list[dict]:
+    """About ``n`` candidates with the verdict :func:`select_pair` gave them, stratified by
+    outcome (selected, each filter, below margin, not best) so a rare outcome still shows,
+    drawn with the stage's seed so a rerun writes the same table. Run after select_all."""
+    task = {p["pair_id"]: p["dataset"] for p in pairs}
+    strata: dict[str, list[dict]] = defaultdict(list)
+    best: dict[str, dict] = {}
+    for pid in sorted(by_pair):
+        for c in sorted(by_pair[pid], key=lambda c: (c["teacher_id"], c["cand_idx"])):
+            v = c["verdict"]
+            strata[f"filtered:{c['filtered']}" if v == "filtered" else v].append(c)
+            if v in ("selected", "below_margin"):
+                best[pid] = c
+    order = [k for k in ("selected", *(f"filtered:{f}" for f in FILTERS), "below_margin",
+                         "not_best") if strata.get(k)]
+    rng = random.Random(cfg.seed)
+    pools = {k: rng.sample(strata[k], len(strata[k])) for k in order}
+    picked: list[dict] = []
+    while len(picked) < n and any(pools.values()):
+        for k in order:  # round-robin: each outcome gets an equal share while it lasts
+            if pools[k] and len(picked) < n:
+                picked.append(pools[k].pop())
+    picked.sort(key=lambda c: (VERDICTS.index(c["verdict"]), c["filtered"] or "",
+                               c["pair_id"], c["teacher_id"], c["cand_idx"]))
+    return [{"pair_id": c["pair_id"], "task": task.get(c["pair_id"]),
+             "teacher_id": c["teacher_id"], "cand_idx": c["cand_idx"], "delta": c.get("delta"),
+             "verdict": c["verdict"], "reason": _reason(c, best.get(c["pair_id"]), cfg.margin),
+             "text": c.get("text")} for c in picked]
 
 
 def write_report(out: Path, by_pair: dict[str, list[dict]], summary: dict, cfg: SelectConfig

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ from mmemb.configs.base import ConfigError
 from mmemb.configs.evaluate import EvaluateConfig
 from mmemb.model.embedder import Embedder
 from mmemb.model.prompts import EmbedInput
-from mmemb.stages.evaluate import run
+from mmemb.stages.evaluate import PER_TASK_COLUMNS, WORST_COLUMNS, run
+from mmemb.tables import cut
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,8 +30,13 @@ def _layout():
 
 
 def _independent_hit1(tiny_model, synth, task: str, batch_size: int) -> float:
-    """hit@1 of one task computed without the harness: same inputs, same batches, plain
-    numpy ranking (a hit needs the positive strictly above every negative)."""
+    """hit@1 of one task computed without the harness (:func:`_independent_hits`)."""
+    return float(np.mean(_independent_hits(tiny_model, synth, task, batch_size)))
+
+
+def _independent_hits(tiny_model, synth, task: str, batch_size: int) -> list[float]:
+    """Per-query hit@1 of one task computed without the harness: same inputs, same batches,
+    plain numpy ranking (a hit needs the positive strictly above every negative)."""
     emb = Embedder.from_pretrained(tiny_model)
     rows = [r for r in io.read(synth["eval"], EVAL_ROWS).to_pylist() if r["task"] == task]
     cands: dict[tuple, int] = {}
@@ -51,7 +58,16 @@ def _independent_hit1(tiny_model, synth, task: str, batch_size: int) -> float:
                                                              strict=True)]
         s = c[idx] @ q[k]
         hits.append(float(s[0] > s[1:].max()))
-    return float(np.mean(hits))
+    return hits
+
+
+def _preview(path: Path, columns: list[str]) -> list[dict]:
+    """A preview table's rows, after checking MLflow's split layout and JSON-scalar cells."""
+    t = json.loads(path.read_text())
+    assert set(t) == {"columns", "data"} and t["columns"] == columns
+    assert all(len(r) == len(columns) for r in t["data"])
+    assert all(v is None or isinstance(v, (str, int, float, bool)) for r in t["data"] for v in r)
+    return [dict(zip(columns, r, strict=True)) for r in t["data"]]
 
 
 def test_tiny_embedder_direct_on_smoke_synthetic(tiny_model, synth, tmp_path):
@@ -74,10 +90,40 @@ def test_tiny_embedder_direct_on_smoke_synthetic(tiny_model, synth, tmp_path):
     md = res.files["report"].read_text()
     assert "# Evaluation: synthetic" in md and f"{100 * scores['syn_qa_count']:.1f} (hit@1)" in md
     assert res.files["plot"].is_file()
+    _check_previews(res, table, tiny_model, synth)
     # Rerun: every task comes from the embedding cache, same numbers.
     again = run(cfg)
     assert again.metrics["inputs_embedded"] == 0
     assert again.metrics["direct.overall"] == res.metrics["direct.overall"]
+
+
+def _check_previews(res, table, tiny_model, synth) -> None:
+    """The per-task table repeats the results; the worst queries are the lowest per-query
+    scores (as computed without the harness), lowest first, with their gold and top hits."""
+    assert res.files["per_task"].name == "per_task.table.json"
+    per_task = _preview(res.files["per_task"], PER_TASK_COLUMNS)
+    assert [(r["task"], r["mode"], r["score"], r["n_queries"]) for r in per_task] == [
+        (r["task"], r["mode"], r["score"], r["n_queries"]) for r in table]
+    assert res.files["worst_queries"].name == "worst_queries.table.json"
+    worst = _preview(res.files["worst_queries"], WORST_COLUMNS)
+    assert len(worst) == 5 * len(table)  # 5 per task (12 queries each), one mode
+    for t in {r["task"] for r in table}:
+        got = [w["score"] for w in worst if w["task"] == t]
+        assert got == sorted(got)
+    task = "syn_qa_count"
+    hits = _independent_hits(tiny_model, synth, task, 16)
+    rows = [r for r in io.read(synth["eval"], EVAL_ROWS).to_pylist() if r["task"] == task]
+    mine = [w for w in worst if w["task"] == task]
+    assert [w["score"] for w in mine] == sorted(hits)[:5]
+    assert [w["row_id"] for w in mine] == [rows[k]["row_id"]
+                                           for k in np.argsort(hits, kind="stable")[:5]]
+    by_id = {r["row_id"]: r for r in rows}
+    for w in mine:
+        r = by_id[w["row_id"]]
+        assert w["mode"] == "direct" and w["query"] == cut(r["qry_text"])
+        assert w["gold"] == cut(r["tgt_text"][0])  # the positive is the first target
+        assert {w["top1"], w["top2"], w["top3"]} <= {cut(x) for x in r["tgt_text"]}
+        assert (w["top1"] == w["gold"]) == (w["score"] == 1.0)
 
 
 def test_stage_on_mmeb_download_layout(tiny_model, tmp_path):
@@ -98,6 +144,20 @@ def test_stage_on_mmeb_download_layout(tiny_model, tmp_path):
     md = res.files["report"].read_text()
     assert "Partial run" in md and "(ndcg@5)" in md and "(hit@1)" in md
     assert "missing 37 tasks" in res.summary  # 18 video + 24 visdoc - 5
+    # Fewer than 5 queries per task: all are shown, so their mean is the task's score; a
+    # globally ranked task names its gold and top hits from the corpus.
+    worst = _preview(res.files["worst_queries"], WORST_COLUMNS)
+    for t, r in table.items():
+        got = [w["score"] for w in worst if w["task"] == t]
+        assert got == sorted(got) and len(got) == r["n_queries"]
+        assert np.mean(got) == pytest.approx(r["score"])
+    from data_contracts.schemas import EVAL_CORPUS
+
+    corpus = {c["cand_text"] or c["cand_img_path"] or c["cand_id"]
+              for c in io.read(tmp_path / "ev" / "data" / "eval_corpus", EVAL_CORPUS).to_pylist()
+              if c["task"] == "ViDoRe_arxivqa"}
+    for w in (w for w in worst if w["task"] == "ViDoRe_arxivqa"):
+        assert w["gold"].split(" (+")[0] in corpus and {w["top1"], w["top2"], w["top3"]} <= corpus
 
 
 def test_adaptive_encoder_plugs_into_the_stage(tiny_model, synth, tmp_path):

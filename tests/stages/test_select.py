@@ -94,6 +94,61 @@ def test_picks_the_best_kept_candidate_and_respects_the_margin(hand):
     assert top["cand_idx"] == 6 and roomy.metrics["filtered_too_long"] == 0
 
 
+def _decisions(res) -> list[dict]:
+    """The decisions preview table as row dicts, after checking its split layout."""
+    path = res.files["decisions"]
+    assert path.name == "decisions.table.json"
+    t = json.loads(path.read_text())
+    assert set(t) == {"columns", "data"} and t["columns"] == select.DECISION_COLUMNS
+    assert all(len(r) == len(t["columns"]) for r in t["data"])
+    assert all(v is None or isinstance(v, (str, int, float, bool)) for r in t["data"] for v in r)
+    return [dict(zip(t["columns"], r, strict=True)) for r in t["data"]]
+
+
+def test_decisions_table_shows_every_verdict_with_its_reason(hand):
+    a, b, _c = hand.pop("ids")
+    res = select.run(SelectConfig(**hand, margin=0.1, max_rationale_tokens=64))
+    rows = _decisions(res)
+    got = {(r["pair_id"], r["cand_idx"]): (r["verdict"], r["reason"].split(" ")[0])
+           for r in rows}
+    assert got == {(a, 0): ("not_best", "below"), (a, 1): ("filtered", "malformed"),
+                   (a, 2): ("selected", "best"), (a, 3): ("filtered", "truncated"),
+                   (a, 4): ("filtered", "status"), (a, 5): ("filtered", "duplicate"),
+                   (a, 6): ("filtered", "too_long"), (b, 0): ("below_margin", "best"),
+                   (b, 1): ("not_best", "below")}  # 9 candidates < 50: all of them
+    summary = json.loads(res.files["summary"].read_text())
+    filtered = [r["reason"].split(" ")[0] for r in rows if r["verdict"] == "filtered"]
+    assert {f: filtered.count(f) for f in select.FILTERS} == summary["filtered"]
+    assert sum(r["verdict"] == "selected" for r in rows) == summary["selected"]
+    by = {(r["pair_id"], r["cand_idx"]): r for r in rows}
+    assert by[(a, 2)]["delta"] == pytest.approx(0.6) and by[(a, 2)]["text"] == "the best one"
+    assert by[(a, 4)]["reason"] == "status (engine died)" and by[(a, 4)]["text"] is None
+    assert by[(a, 0)]["task"] == io.read(hand["pairs"], PAIRS).to_pylist()[0]["dataset"]
+
+
+def test_decisions_sample_agrees_with_select_pair_and_is_seeded(run23_oracle, tmp_path):
+    from collections import Counter
+
+    cfg, res = run23_oracle["select"]
+    rows = _decisions(res)
+    _, by_pair = select._join(cfg)
+    verdicts = {}
+    for pid, cands in by_pair.items():
+        select.select_pair(cands, cfg, Counter())
+        verdicts.update({(pid, c["teacher_id"], c["cand_idx"]): c["verdict"] for c in cands})
+    assert 0 < len(rows) <= 50 < len(verdicts)
+    assert all(verdicts[(r["pair_id"], r["teacher_id"], r["cand_idx"])] == r["verdict"]
+               for r in rows)
+    # Stratified: every outcome the run produced appears in the sample.
+    assert {r["verdict"] for r in rows} == set(verdicts.values())
+    assert {"selected", "not_best"} <= {r["verdict"] for r in rows}
+    # Same seed, same sample; another seed, another one.
+    again = select.run(cfg.model_copy(update={"out": str(tmp_path / "again")}))
+    assert again.files["decisions"].read_bytes() == res.files["decisions"].read_bytes()
+    other = select.run(cfg.model_copy(update={"out": str(tmp_path / "other"), "seed": 1}))
+    assert [r["pair_id"] for r in _decisions(other)] != [r["pair_id"] for r in rows]
+
+
 def test_bad_input_files_name_file_column_and_row(hand, tmp_path):
     ids = hand.pop("ids")
     scores = io.read(hand["scores"], SCORES).to_pylist()

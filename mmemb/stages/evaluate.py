@@ -61,7 +61,7 @@ def load_data(cfg: EvaluateConfig):
     loaded = load_mmeb_eval(ev, cfg.tasks, categories=cfg.categories,
                             modalities=cfg.modalities, num_frames=cfg.num_frames,
                             max_queries=cfg.max_queries, image_cache=cfg.image_cache,
-                            skip_missing=cfg.skip_missing)
+                            skip_missing=cfg.skip_missing, protocol=cfg.protocol)
     data = Path(cfg.out) / "data"
     io.write(loaded.rows, data / "eval_rows", EVAL_ROWS)
     corpus = loaded.corpus if loaded.corpus.num_rows else None
@@ -73,7 +73,12 @@ def load_data(cfg: EvaluateConfig):
         first = next(iter(loaded.missing.values()))
         print(f"[evaluate] skip_missing: {len(loaded.missing)} task(s) absent and skipped "
               f"({', '.join(loaded.missing)}); e.g. {first}", flush=True)
+    _DATA_DIGESTS[str(Path(cfg.out).resolve())] = loaded.digests
     return loaded.rows, corpus, cfg.image_root or str(loaded.image_root), loaded.missing
+
+
+#: out folder -> the MMEB loader's per-task source-file digests (provenance), set by load_data.
+_DATA_DIGESTS: dict[str, dict[str, str]] = {}
 
 
 def gate_settings(cfg: EvaluateConfig) -> GateSettings:
@@ -160,7 +165,8 @@ def run(cfg: EvaluateConfig, log: StepLogger = null_logger) -> StageResult:
             max_queries=cfg.max_queries, num_frames=cfg.num_frames,
             reason_on_candidates=cfg.reason_on_candidates, chunk_size=cfg.chunk_size,
             baseline=baseline, baseline_name=cfg.baseline_name, cache_dir=cache,
-            log=lambda s: print(s, flush=True))
+            log=lambda s: print(s, flush=True), protocol=cfg.protocol,
+            data_digests=_DATA_DIGESTS.pop(str(out.resolve()), None), missing=list(missing))
     finally:
         if getattr(encoder, "vllm", None) is not None:
             encoder.vllm.close()
@@ -192,7 +198,8 @@ def _metrics(res: harness.EvalRun) -> tuple[dict[str, float], list[str]]:
     lines = []
     for mode, agg in res.aggregates.items():
         g = agg["overall"]
-        metrics[f"{mode}.overall"] = g["score"]
+        if g["score"] is not None:  # None: a partial MMEB-V2 run has no overall
+            metrics[f"{mode}.overall"] = g["score"]
         for mod, mg in agg["modalities"].items():
             metrics[f"{mode}.{mod}"] = mg["score"]
         for task, t in agg["tasks"].items():
@@ -203,7 +210,8 @@ def _metrics(res: harness.EvalRun) -> tuple[dict[str, float], list[str]]:
             metrics[f"{mode}.mean_gen_tokens"] = s["mean_tokens"]
             for k in ("latency_mean_ms", "latency_p50_ms", "latency_p95_ms"):
                 metrics[f"{mode}.{k}"] = s[k]
-        lines.append(f"{mode} {100 * g['score']:.1f} ({g['metric']}, {g['n_tasks']} tasks"
+        head = (f"partial {agg['partial']}" if g["score"] is None else f"{100 * g['score']:.1f}")
+        lines.append(f"{mode} {head} ({g['metric']}, {g['n_tasks']} tasks"
                      + (f", reasoning {100 * s['reasoning_ratio']:.0f}%, "
                         f"{s['latency_mean_ms']:.1f} ms/query" if s else "") + ")")
     metrics["tasks_with_failed_inputs"] = float(sum(r["status"] != "ok"

@@ -396,8 +396,9 @@ def frame_policy(spec: TaskSpec, protocol: str, num_frames: int | None
     """(frames per video, pad) for one task: strict samples ``num_frames`` and repeats frames
     of a shorter video; official passes a shorter video's frames as they are
     (``process_video_frames``) and MomentSeeker every frame (its parser calls
-    ``load_frames`` directly, ``momentseeker_dataset.py``)."""
-    if protocol != "official":
+    ``load_frames`` directly, ``momentseeker_dataset.py``). Image and visdoc tasks have no
+    frame folders: one policy, so their embeddings are shared by both protocols."""
+    if protocol != "official" or spec.modality != "video":
         return num_frames, True
     return (None if spec.name == "MomentSeeker" and spec.suite == DEFAULT_SUITE
             else num_frames), False

@@ -1,0 +1,272 @@
+"""The two protocols end to end: MMEB fixture roots in the official layouts, loaded and scored
+with a fake encoder whose vectors are chosen by hand, so each quirk's official and strict
+numbers are computable on paper (issue 15); plus the provenance, the partial headline and
+the official score files of a run."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from data_contracts import io
+from data_contracts.schemas import EVAL_CORPUS, EVAL_ROWS
+from mmemb.data import mmeb
+from mmemb.data.mmeb import SOURCES, load_mmeb_eval, load_task
+from mmemb.eval.baseline import load_baseline
+from mmemb.eval.encoding import EncodeResult
+from mmemb.eval.harness import TaskData, evaluate, score_task
+from mmemb.eval.tasks import get_task
+
+_spec = importlib.util.spec_from_file_location(
+    "mmeb_layout_protocol", Path(__file__).parents[1] / "data" / "fixtures" / "mmeb_layout.py")
+layout = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(layout)
+
+
+class KeyEncoder:
+    """Vectors from ``key(input)`` looked up in ``table``; records each input's frame count."""
+
+    def __init__(self, key, table):
+        self.key, self.table = key, table
+        self.n_images: dict[str, int] = {}
+
+    def encode(self, inputs, mode="direct"):
+        vecs = []
+        for x in inputs:
+            k = self.key(x)
+            self.n_images[k] = len(x.images)
+            vecs.append(self.table[k])
+        return EncodeResult(np.array(vecs, dtype=np.float32))
+
+
+def _score(encoder, root, task, protocol, **kw) -> float:
+    rows, corpus = load_task(root, task, protocol=protocol, log=lambda _m: None, **kw)
+    (s,) = score_task(encoder, TaskData(get_task(task), rows, corpus), ["direct"],
+                      image_root=root, protocol=protocol, log=lambda _m: None)
+    return s.score
+
+
+def _folder(x) -> str:
+    return Path(x.images[0]).parent.name if x.images else ""
+
+
+def _image_task(root: Path, rows: list[dict], task: str = "N24News") -> None:
+    it = root / "image-tasks"
+    layout.png(it / task / "q.jpg")
+    layout.to_parquet([{"qry_inst": "<|image_1|> cls:", "qry_img_path": f"{task}/q.jpg",
+                        "tgt_inst": "Represent the answer:", **r} for r in rows],
+                      it / task / "test-00000-of-00001.parquet")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return layout.write_mmeb_v2(tmp_path_factory.mktemp("mmeb-proto") / "mmeb-v2")
+
+
+def test_official_k700_label_corpus_scored(tmp_path, monkeypatch):
+    """Corpus [a, b, c] (official) vs [a, b] (strict): q1 prefers c (not a test label)."""
+    monkeypatch.setattr(mmeb, "video_cls_labels", lambda task: ["a", "b", "c"])
+    fr = tmp_path / SOURCES["K700"].frames
+    for v in ("v1", "v2"):
+        layout.frames(fr / v, 8)
+    layout.to_parquet([{"video_id": "v1", "pos_text": "a"}, {"video_id": "v2", "pos_text": "b"}],
+                      tmp_path / "video-tasks" / "Kinetics-700" / "data" / "test-0.parquet")
+    table = {"a": [1, 0, 0], "b": [0, 1, 0], "c": [0, 0, 1], "v1": [0.5, 0.1, 0.9],
+             "v2": [0.2, 0.8, 0.3]}
+    enc = KeyEncoder(lambda x: _folder(x) or x.text, table)
+    assert _score(enc, tmp_path, "K700", "official") == 0.5
+    assert _score(enc, tmp_path, "K700", "strict") == 1.0
+
+
+def test_official_ties_and_name_identity_scored(tmp_path):
+    """q1: positive tied with a negative; q2: a duplicate of the positive's name; q3 clean.
+    Official 3/3 (stable ties, the duplicate is the positive); strict 1/3."""
+    two, three = ["cat", "dog"], ["cat", "dog", "cat"]
+    _image_task(tmp_path, [{"qry_text": "q1", "tgt_text": two, "tgt_img_path": ["", ""]},
+                           {"qry_text": "q2", "tgt_text": three, "tgt_img_path": ["", "", ""]},
+                           {"qry_text": "q3", "tgt_text": two, "tgt_img_path": ["", ""]}])
+    s2 = 1 / np.sqrt(2)
+    table = {"cat": [1, 0], "dog": [0, 1], "q1": [s2, s2], "q2": [0.8, 0.6], "q3": [1, 0]}
+    enc = KeyEncoder(lambda x: x.text, table)
+    assert _score(enc, tmp_path, "N24News", "official") == 1.0
+    assert _score(enc, tmp_path, "N24News", "strict") == pytest.approx(1 / 3)
+
+
+def test_official_bare_candidate_text_scored(tmp_path):
+    """Official embeds cls candidates without tgt_inst (one-hot by text): hit; strict embeds
+    them with it (both [0.5, 0.5]): a pessimistic tie, a miss."""
+    _image_task(tmp_path, [{"qry_text": "q", "tgt_text": ["cat", "dog"], "tgt_img_path": ["", ""]}])
+    table = {"cat": [1, 0], "dog": [0, 1], "inst": [0.5, 0.5], "q": [1, 0]}
+    enc = KeyEncoder(lambda x: "inst" if x.instruction and x.text != "q" else x.text, table)
+    assert _score(enc, tmp_path, "N24News", "official") == 1.0
+    assert _score(enc, tmp_path, "N24News", "strict") == 0.0
+
+
+def test_official_moment_single_positive_scored(root):
+    """The encoder prefers the positive that is not the last in directory order."""
+    vdir = root / SOURCES["QVHighlight"].frames / "qv_001"
+    listed = [d for d in os.listdir(vdir) if (vdir / d).is_dir() and d != "query"]
+    pos = [d for d in listed if d.startswith("positive")]
+    other = pos[0]  # not the last: officially a negative
+    table = {d: [1.0, 0.0] if d == other else [0.0, 1.0] for d in listed}
+    table["query"] = [1.0, 0.0]
+    enc = KeyEncoder(_folder, table)
+    assert _score(enc, root, "QVHighlight", "official") == 0.0
+    assert _score(enc, root, "QVHighlight", "strict") == 1.0
+
+
+def test_official_ssv2_first_1000_scored(tmp_path):
+    rows = [{"video_id": f"v{k}", "pos_text": "b", "neg_text": ["a", "b", "c"]}
+            for k in range(1001)]
+    layout.to_parquet(rows, tmp_path / "video-tasks" / "SmthSmthV2" / "data" / "test-0.parquet")
+    table = {"a": [1, 0, 0], "b": [0, 1, 0], "c": [0, 0, 1], "hit": [0, 1, 0], "miss": [1, 0, 0]}
+    enc = KeyEncoder(lambda x: x.text or ("miss" if x.images[0].endswith("v1000") else "hit"),
+                     table)
+    assert _score(enc, tmp_path, "SmthSmthV2", "official", check_media=False) == 1.0
+    assert _score(enc, tmp_path, "SmthSmthV2", "strict", check_media=False) == pytest.approx(
+        1000 / 1001)
+
+
+def test_official_graded_ndcg_pairing_scored(tmp_path):
+    """ViDoRe (int corpus-ids): qrels 3 -> 1, 10 -> 2; ranking 3, 7, 10, 4, 5, ...:
+    strict 0.76019 (= trec_eval), official 0.95023 (grades re-paired after set())."""
+    from datasets import Features, Value
+    from datasets import Image as HFImage
+
+    base = tmp_path / SOURCES["ViDoRe_arxivqa"].data
+    layout.to_parquet([{"corpus-id": k, "image": {"bytes": layout.png_bytes(layout.COLOURS[k % 10]),
+                                                  "path": None}} for k in range(11)],
+                      base / "corpus" / "test-0.parquet",
+                      Features({"corpus-id": Value("int64"), "image": HFImage()}))
+    layout.to_parquet([{"query-id": 1, "query": "q"}], base / "queries" / "test-0.parquet")
+    layout.to_parquet([{"query-id": 1, "corpus-id": 3, "score": 1},
+                       {"query-id": 1, "corpus-id": 10, "score": 2}],
+                      base / "qrels" / "test-0.parquet")
+    rank = {3: 10, 7: 9, 10: 8, 4: 7, 5: 6}
+    table = {str(k): [1.0, rank.get(k, 0) / 10] for k in range(11)}
+    table["q"] = [0.0, 1.0]
+    enc = KeyEncoder(lambda x: x.text or Path(x.images[0]).name.split("_")[0], table)
+    kw = {"image_cache": tmp_path / "pages"}
+    assert _score(enc, tmp_path, "ViDoRe_arxivqa", "strict", **kw) == pytest.approx(
+        0.7601875334318685, abs=1e-12)
+    assert _score(enc, tmp_path, "ViDoRe_arxivqa", "official", **kw) == pytest.approx(
+        0.9502344167898356, abs=1e-12)
+
+
+def test_official_frames_not_padded_scored(tmp_path):
+    fr = tmp_path / SOURCES["HMDB51"].frames
+    layout.frames(fr / "short", 5)
+    layout.to_parquet([{"video_id": "short", "pos_text": "run"}],
+                      tmp_path / "video-tasks" / "HMDB51" / "data" / "test-0.parquet")
+    labels = mmeb.video_cls_labels("HMDB51")
+    table = {lb: [1.0, 0.0] for lb in labels} | {"short": [1.0, 0.0]}
+    for protocol, n in (("official", 5), ("strict", 8)):
+        enc = KeyEncoder(lambda x: _folder(x) or x.text, table)
+        _score(enc, tmp_path, "HMDB51", protocol)
+        assert enc.n_images["short"] == n
+
+
+def _hash_encoder():
+    def vec(x):
+        h = hashlib.sha256(json.dumps([x.instruction, x.text, x.images]).encode()).digest()
+        return list(np.frombuffer(h[:16], dtype=np.uint8).astype(np.float32) - 127.5)
+
+    class E:
+        n = 0
+
+        def encode(self, inputs, mode="direct"):
+            E.n += len(inputs)
+            return EncodeResult(np.array([vec(x) for x in inputs], dtype=np.float32))
+
+    return E()
+
+
+def _run(root, out, protocol, tasks=("MSCOCO_t2i", "MSR-VTT"), cache=None):
+    ev = load_mmeb_eval(root, list(tasks), protocol=protocol, log=lambda _m: None)
+    return evaluate(_hash_encoder(), ev.rows, ev.corpus if ev.corpus.num_rows else None, out,
+                    model_id="m" * 64, image_root=root, protocol=protocol,
+                    data_digests=ev.digests, missing=[], cache_dir=cache, log=lambda _m: None)
+
+
+def test_partial_headline_and_no_overall(root, tmp_path):
+    run = _run(root, tmp_path / "out", "official")
+    agg = run.aggregates["direct"]
+    assert agg["partial"] == "2/78" and agg["overall"]["score"] is None
+    md = (tmp_path / "out" / "report.md").read_text().splitlines()
+    assert md[0] == "# Evaluation: mmeb-v2"
+    assert md[2].startswith("**partial: 2/78** — missing: ImageNet-1K, N24News, ")
+    assert "Protocol: **official**" in "\n".join(md)
+
+
+def test_results_carry_protocol_and_digests(root, tmp_path):
+    run = _run(root, tmp_path / "out", "strict")
+    prov = json.loads(run.files["provenance"].read_text())
+    assert prov["protocol"] == "strict" and prov["model_digest"] == "m" * 64
+    by = {p["task"]: p for p in prov["tasks"]}
+    assert by["MSCOCO_t2i"]["n_queries"] == 2 and by["MSCOCO_t2i"]["n_candidates"] == 4
+    assert by["MSR-VTT"]["n_candidates"] == 2 and by["MSR-VTT"]["candidates"] == "corpus"
+    ev = load_mmeb_eval(root, ["MSCOCO_t2i"], log=lambda _m: None)
+    assert by["MSCOCO_t2i"]["data_digest"] == ev.digests["MSCOCO_t2i"]
+    assert by["MSCOCO_t2i"]["data_digest_of"] == "source files"
+    assert {p["protocol"] for p in prov["tasks"]} == {"strict"}
+
+
+def test_official_score_json_layout(root, tmp_path):
+    run = _run(root, tmp_path / "out", "official")
+    path = run.files["official"] / "direct" / "image" / "MSCOCO_t2i_score.json"
+    text = path.read_text()
+    body = json.loads(text)
+    assert list(body) == ["hit@1", "num_pred", "num_data"]
+    assert body["num_data"] == 2 and text == json.dumps(body, indent=4)
+    vd = run.files["official"] / "direct" / "video" / "MSR-VTT_score.json"
+    assert vd.is_file()
+
+
+def test_protocol_changes_cache_key_only_for_frames(root, tmp_path):
+    cache = tmp_path / "cache"
+    _run(root, tmp_path / "a", "strict", cache=cache)
+    again = _run(root, tmp_path / "b", "official", tasks=("MSCOCO_t2i",), cache=cache)
+    assert again.computed == 0  # same inputs: embeddings shared across protocols
+    video = _run(root, tmp_path / "c", "official", tasks=("MSR-VTT",), cache=cache)
+    assert video.computed > 0  # the frame policy differs: its own cache entry
+
+
+def test_benchmark_report_fixed_keys_alias(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"metrics": {"visdoc": {
+        "ViDoSeek-page-fixed": {"ndcg_linear@5": 0.803},
+        "MMLongBench-page-fixed": {"ndcg_linear@5": 0.447}}}}))
+    assert load_baseline(path) == {"ViDoSeek-page": 0.803, "MMLongBench-page": 0.447}
+    for first, second in ((("ViDoSeek-page", 0.209), ("ViDoSeek-page-fixed", 0.803)),
+                          (("ViDoSeek-page-fixed", 0.803), ("ViDoSeek-page", 0.209))):
+        path.write_text(json.dumps({"metrics": {"visdoc": {
+            first[0]: {"ndcg_linear@5": first[1]}, second[0]: {"ndcg_linear@5": second[1]}}}}))
+        assert load_baseline(path) == {"ViDoSeek-page": 0.803}
+
+
+def test_benchmark_report_old_page_keys_and_markers_named(tmp_path, capsys):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({
+        "metadata": {"report_generated_date": "2025-07-01T10:00:00"},
+        "metrics": {"visdoc": {"ViDoSeek-page": {"ndcg_linear@5": 0.209}},
+                    "video": {"MomentSeeker_1k8": {"hit@1": 0.1}, "K700": "FILE_N/A"}}}))
+    got = load_baseline(path)
+    assert got["ViDoSeek-page"] == 0.209 and "K700" not in got
+    out = capsys.readouterr().out
+    assert "before the 2025-11-03 fix of ViDoSeek-page" in out
+    assert "MomentSeeker_1k8" in out and "K700 (FILE_N/A)" in out
+
+
+def test_eval_rows_of_both_protocols_satisfy_the_contract(root):
+    for protocol in ("official", "strict"):
+        ev = load_mmeb_eval(root, skip_missing=True, protocol=protocol, log=lambda _m: None)
+        io.validate(ev.rows, EVAL_ROWS, "rows")
+        io.validate(ev.corpus, EVAL_CORPUS, "corpus")
+        assert isinstance(ev.rows, pa.Table)

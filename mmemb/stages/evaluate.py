@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     for k in ("threshold", "temperature", "top-p"):
         ap.add_argument(f"--{k}", type=float)
     ap.add_argument("--skip-missing", action="store_true", default=None)
+    ap.add_argument("--protocol", choices=["official", "strict"])
     ap.add_argument("--reason-on-candidates", action="store_true", default=None)
     a = ap.parse_args(argv)
     over = {}

@@ -270,3 +270,16 @@ def test_eval_rows_of_both_protocols_satisfy_the_contract(root):
         io.validate(ev.rows, EVAL_ROWS, "rows")
         io.validate(ev.corpus, EVAL_CORPUS, "corpus")
         assert isinstance(ev.rows, pa.Table)
+
+
+def test_protocol_is_a_result_field_in_the_cache_key():
+    from mmemb.configs.base import field_effect
+    from mmemb.configs.evaluate import EvaluateConfig
+    from tasks import cache
+
+    cfg = EvaluateConfig(model="m", eval="e")
+    assert cfg.protocol == "official" and field_effect(EvaluateConfig, "protocol") == "result"
+    strict = cfg.model_copy(update={"protocol": "strict"})
+    assert cache.cache_key("evaluate", cfg, {}, "c") != cache.cache_key("evaluate", strict, {},
+                                                                       "c")
+    assert "protocol" in cfg.digest_view("resume")

@@ -602,7 +602,19 @@ def _load_visdoc(ctx: _Ctx) -> tuple[list[dict], list[dict]]:
         rows.append(_row(ctx.spec, qid, _DOC_QRY, _str(r["query"]), "", _DOC_TGT,
                          [""] * len(cids), [path_of[c] for c in cids],
                          [rel[c] for c in cids], tgt_id=cids))
+    if ctx.official:
+        corpus = _official_corpus_order(rows, corpus)
     return rows, corpus
+
+
+def _official_corpus_order(rows: list[dict], corpus: list[dict]) -> list[dict]:
+    """The official candidate order of a global task (``generate_cand_dataset``): the rows'
+    own candidates in query order, first occurrence, then the rest of the corpus in file
+    order. It only matters for tied scores (a stable sort keeps it)."""
+    by_id = {c["cand_id"]: c for c in corpus}
+    first = list(dict.fromkeys(cid for r in rows for cid in r["tgt_id"]))
+    seen = set(first)
+    return [by_id[c] for c in first] + [c for c in corpus if c["cand_id"] not in seen]
 
 
 # --------------------------------------------------------------------------- video

@@ -222,3 +222,11 @@ def test_mmeb_train_drops_empty_query_or_positive(tmp_path):
     assert lines == ["[mmeb-train] Sub: dropped 2 rows with an empty query or positive "
                      "(official rule)"]
     assert load_mmeb_train(tmp_path, protocol="strict").num_rows == 4
+
+
+def test_official_global_corpus_rows_candidates_first(root, tmp_path):
+    # ViDoRe fixture: query 10 -> docs 1, 2; query 11 -> doc 0; the corpus file order is 0..3
+    _, off = load_task(root, "ViDoRe_arxivqa", protocol="official", image_cache=tmp_path)
+    _, strict = load_task(root, "ViDoRe_arxivqa", protocol="strict", image_cache=tmp_path)
+    assert [c["cand_id"] for c in off] == ["1", "2", "0", "3"]
+    assert [c["cand_id"] for c in strict] == ["0", "1", "2", "3"]

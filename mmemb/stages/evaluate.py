@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from data_contracts import io
+from data_contracts.files import atomic_write_json
 from data_contracts.io import ContractError
 from data_contracts.schemas import EVAL_CORPUS, EVAL_ROWS
 from mmemb.configs.evaluate import EvaluateConfig
@@ -73,12 +74,19 @@ def load_data(cfg: EvaluateConfig):
         first = next(iter(loaded.missing.values()))
         print(f"[evaluate] skip_missing: {len(loaded.missing)} task(s) absent and skipped "
               f"({', '.join(loaded.missing)}); e.g. {first}", flush=True)
-    _DATA_DIGESTS[str(Path(cfg.out).resolve())] = loaded.digests
+    atomic_write_json(data / TASK_DIGESTS, loaded.digests)
     return loaded.rows, corpus, cfg.image_root or str(loaded.image_root), loaded.missing
 
 
-#: out folder -> the MMEB loader's per-task source-file digests (provenance), set by load_data.
-_DATA_DIGESTS: dict[str, dict[str, str]] = {}
+#: Beside the eval_rows artifact: the MMEB loader's per-task source-file digests (provenance).
+TASK_DIGESTS = "task_digests.json"
+
+
+def task_digests(cfg: EvaluateConfig, from_mmeb: bool) -> dict[str, str]:
+    """The per-task data digests written beside the eval rows when they were loaded from an
+    MMEB root (this run's ``<out>/data``, or an artifact's folder); {} when there are none."""
+    path = (Path(cfg.out) / "data" if from_mmeb else Path(cfg.eval).parent) / TASK_DIGESTS
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def gate_settings(cfg: EvaluateConfig) -> GateSettings:
@@ -166,7 +174,7 @@ def run(cfg: EvaluateConfig, log: StepLogger = null_logger) -> StageResult:
             reason_on_candidates=cfg.reason_on_candidates, chunk_size=cfg.chunk_size,
             baseline=baseline, baseline_name=cfg.baseline_name, cache_dir=cache,
             log=lambda s: print(s, flush=True), protocol=cfg.protocol,
-            data_digests=_DATA_DIGESTS.pop(str(out.resolve()), None), missing=list(missing))
+            data_digests=task_digests(cfg, from_mmeb), missing=list(missing))
     finally:
         if getattr(encoder, "vllm", None) is not None:
             encoder.vllm.close()

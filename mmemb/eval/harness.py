@@ -385,6 +385,7 @@ class TaskScore:
     protocol: str = "strict"  # the scoring protocol (docs/evaluation.md)
     n_candidates: int = 0  # unique embedded candidates (local) or the corpus size (global)
     n_hash_dependent: int = 0  # official graded NDCG: queries whose value needs the hash seed
+    official: dict | None = None  # the official <T>_score.json body (official protocol)
 
     @property
     def score(self) -> float:
@@ -516,22 +517,27 @@ def score_task(encoder: Encoder, td: TaskData, modes: Sequence[str],
             cand_cache[cmode] = embed(items, "candidate", cmode)
         cand = cand_cache[cmode]
         qry = embed(queries, "query", mode)
-        per_query = _rank_and_score(spec, lists, gains, qry, cand, protocol, keys)
+        official = [] if protocol == "official" and spec.suite == DEFAULT_SUITE else None
+        per_query = _rank_and_score(spec, lists, gains, qry, cand, protocol, keys, official)
         computed = qry.computed + cand.computed
         cand.computed = 0  # count a shared candidate encoding once
         out.append(TaskScore(spec, mode, per_query, qry.rows, _failures(qry, cand), computed,
                              family=td.rows[0].get("family") if td.rows else None,
                              protocol=protocol, n_candidates=len(items),
-                             n_hash_dependent=n_hash))
+                             n_hash_dependent=n_hash,
+                             official=metrics.official_score_dict(official)
+                             if official is not None else None))
     return out
 
 
 def _rank_and_score(spec: TaskSpec, lists: list[list[int]], gains: list, qry: Embedded,
                     cand: Embedded, protocol: metrics.Protocol = "strict",
-                    label_keys: list | None = None) -> np.ndarray:
+                    label_keys: list | None = None,
+                    official_out: list | None = None) -> np.ndarray:
     """[Nq] metric per query: each query ranks its own candidates (local) or the corpus
     (global) by cosine; a candidate that failed can never rank first, a query that failed
-    is a miss."""
+    is a miss. ``official_out`` (a list) receives each query's official metrics
+    (:func:`official_query_metrics`)."""
     if cand.emb.shape[1] != qry.emb.shape[1] and cand.ok.any() and qry.ok.any():
         raise ValueError(f"task {spec.name}: query dim {qry.emb.shape[1]} != candidate dim "
                          f"{cand.emb.shape[1]}")
@@ -560,7 +566,42 @@ def _rank_and_score(spec: TaskSpec, lists: list[list[int]], gains: list, qry: Em
     except ValueError as e:
         raise ValueError(f"task {spec.name}: {e}") from None
     per_query[~qry.ok] = 0.0  # a query that could not be embedded is a miss
+    if official_out is not None:
+        official_out += official_query_metrics(rows_scores, lists, gains, qry.ok, label_keys,
+                                               spec.ranking == "global")
     return per_query
+
+
+def official_query_metrics(rows_scores: list[np.ndarray], lists: list[list[int]],
+                           gains: list, ok: np.ndarray, label_keys: list | None,
+                           is_global: bool) -> list[dict | None]:
+    """Per query the official scorer's metrics (:func:`metrics.official_query_metrics`):
+    names are candidate item indices (one per official name, see
+    ``mmemb.data.mmeb._official_identity``), the top 10 in the stable order; graded tasks
+    pair grades as the official scorer does where the ids allow it. None where the query
+    could not be embedded."""
+    out: list[dict | None] = []
+    for q, (s, g) in enumerate(zip(rows_scores, gains, strict=True)):
+        if not ok[q]:
+            out.append(None)
+            continue
+        top = metrics.stable_top(s, max(metrics.OFFICIAL_KS))
+        names = top.tolist() if is_global else [lists[q][j] for j in top]
+        if isinstance(g, dict):  # global: {corpus index: grade} in qrels order
+            labels = {i for i, v in g.items() if v > 0}
+            grades = None
+            if any(v != 1.0 for v in g.values()):
+                keys = label_keys[q] if label_keys is not None else None
+                paired = (dict(zip(list(set(keys)), g.values(), strict=True))
+                          if keys is not None else None)
+                where = dict(zip(keys, g, strict=True)) if keys is not None else None
+                grades = ({where[k]: v for k, v in paired.items()} if paired is not None
+                          else dict(g))
+        else:  # local: gains per position of the row's list
+            labels = {lists[q][j] for j in np.flatnonzero(g > 0)}
+            grades = None
+        out.append(metrics.official_query_metrics(names, labels, grades))
+    return out
 
 
 def _failures(qry: Embedded, cand: Embedded) -> list[str]:
@@ -831,10 +872,6 @@ def _per_input(scores: list[TaskScore]) -> list[dict]:
 
 # --------------------------------------------------------------------------- provenance
 
-#: The official per-task score file's metric names for ours (``<T>_score.json`` keys).
-_OFFICIAL_KEY = {"hit": "hit@{k}", "ndcg": "ndcg_linear@{k}"}
-
-
 def provenance_rows(tds: Sequence[TaskData], scores: Sequence[TaskScore], model_id: str,
                     data_digests: Mapping[str, str]) -> list[dict]:
     """Per (task, mode): metric, protocol, numbers of queries and candidates, the digest of
@@ -882,21 +919,19 @@ def write_provenance(out: Path, prov: list[dict], protocol: str, model_id: str,
 def write_official_scores(out: Path, scores: Sequence[TaskScore], suite: str
                           ) -> dict[str, Path]:
     """Per task ``official/<mode>/<modality>/<T>_score.json`` in the official layout
-    (``eval.py``'s ``json.dump(score_dict, indent=4)``): the metric we score under its
-    official key (``hit@1`` / ``ndcg_linear@5``), then ``num_pred`` and ``num_data``, so a
-    run can be diffed against published files. The other official keys (precision, recall,
-    map, ...) are not computed here."""
+    (``eval.py``'s ``json.dump(score_dict, indent=4)``: hit, ndcg_linear, ndcg_exponential,
+    precision, recall, f1, map, mrr at 1, 5, 10, then ``num_pred`` and ``num_data``), so an
+    official-protocol run can be diffed against published files; strict runs write none."""
     if suite != DEFAULT_SUITE:
         return {}
     root = out / "official"
-    for s in scores:
-        kind, k = metrics.parse_metric(s.spec.metric)
-        body = {_OFFICIAL_KEY[kind].format(k=k): s.score, "num_pred": int(s.per_query.size),
-                "num_data": int(s.per_query.size)}
+    done = [s for s in scores if s.official is not None]
+    for s in done:
+        body = s.official
         path = root / s.mode / s.spec.modality / f"{s.spec.name}_score.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(body, indent=4))
-    return {"official": root} if scores else {}
+    return {"official": root} if done else {}
 
 
 # --------------------------------------------------------------------------- report

@@ -162,6 +162,69 @@ def pairing_is_hash_dependent(label_keys: Sequence, grades: Sequence[float]) -> 
     return (any(isinstance(x, str) for x in label_keys) and len(set(grades)) > 1)
 
 
+#: The official per-task score file's metrics and cut-offs, in its key order.
+OFFICIAL_METRICS = ("hit", "ndcg_linear", "ndcg_exponential", "precision", "recall", "f1",
+                    "map", "mrr")
+OFFICIAL_KS = (1, 5, 10)
+
+
+def stable_top(scores: np.ndarray, k: int) -> np.ndarray:
+    """(<=k,) indices of the k best scores, ties in index order (a stable sort), without
+    sorting a whole corpus."""
+    scores = _check_scores(scores)  # (n,)
+    n = scores.size
+    kth = np.partition(scores, n - k)[n - k] if n > k else -np.inf
+    cand = np.flatnonzero(scores >= kth)  # (>=min(n, k),)
+    return cand[np.lexsort((cand, -scores[cand]))][:k]
+
+
+def official_query_metrics(prediction: Sequence, labels: set, grades: Mapping | None
+                           ) -> dict[str, float]:
+    """One query's official metrics (``RankingMetrics`` of the official
+    ``src/utils/eval_utils/metrics.py``) from its top-10 predicted names, its label names and
+    (graded tasks) ``{name: grade}`` as the official pairing attached them. Names repeat in a
+    local list with duplicates, as officially; set-based metrics count them once."""
+    out: dict[str, float] = {}
+    for k in OFFICIAL_KS:
+        top = list(prediction[:k])
+        hits = len(set(top) & labels)
+        p, r = hits / k, hits / len(labels)
+        if grades is None:
+            rel = [1.0 if x in labels else 0.0 for x in top]
+            ideal = [1.0] * min(len(labels), k)
+        else:
+            rel = [float(grades.get(x, 0.0)) for x in top]
+            ideal = sorted((float(g) for g in grades.values()), reverse=True)[:k]
+        disc = [1 / math.log2(i + 2) for i in range(k)]
+        for form, gain in (("linear", lambda g: g), ("exponential", lambda g: 2 ** g - 1)):
+            idcg = sum(gain(g) * d for g, d in zip(ideal, disc, strict=False)) if ideal else 1
+            dcg = sum(gain(g) * d for g, d in zip(rel, disc, strict=False))
+            out[f"ndcg_{form}@{k}"] = dcg / idcg if idcg > 0 else 0.0
+        n_hit, ap, rr = 0, 0.0, 0.0
+        for i, x in enumerate(top):
+            if x in labels:
+                n_hit += 1
+                ap += n_hit / (i + 1)
+                rr = rr or 1 / (i + 1)
+        out.update({f"hit@{k}": float(hits > 0), f"precision@{k}": p, f"recall@{k}": r,
+                    f"f1@{k}": 2 * p * r / (p + r) if p + r else 0.0,
+                    f"map@{k}": ap / min(len(labels), k) if n_hit else 0.0, f"mrr@{k}": rr})
+    return out
+
+
+def official_score_dict(per_query: Sequence[Mapping[str, float] | None]) -> dict[str, Any]:
+    """The official ``<T>_score.json`` body: each metric's mean over the queries (a query
+    that could not be embedded, None, counts 0), in the official key order, then
+    ``num_pred`` and ``num_data``."""
+    keys = [f"{m}@{k}" for m in OFFICIAL_METRICS for k in OFFICIAL_KS]
+    n = len(per_query)
+    body: dict[str, Any] = {key: float(math.fsum((q or {}).get(key, 0.0) for q in per_query)
+                                       / n) if n else 0.0 for key in keys}
+    body["num_pred"] = n
+    body["num_data"] = n
+    return body
+
+
 def parse_metric(metric: str) -> tuple[str, int]:
     """("hit" | "ndcg", k) of a metric name such as "hit@1"; unknown names raise."""
     m = re.fullmatch(r"(hit|ndcg)@([1-9]\d*)", metric)

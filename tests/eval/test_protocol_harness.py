@@ -158,6 +158,12 @@ def test_official_graded_ndcg_pairing_scored(tmp_path):
         0.7601875334318685, abs=1e-12)
     assert _score(enc, tmp_path, "ViDoRe_arxivqa", "official", **kw) == pytest.approx(
         0.9502344167898356, abs=1e-12)
+    rows, corpus = load_task(tmp_path, "ViDoRe_arxivqa", protocol="official", **kw)
+    (s,) = score_task(enc, TaskData(get_task("ViDoRe_arxivqa"), rows, corpus), ["direct"],
+                      image_root=tmp_path, protocol="official", log=lambda _m: None)
+    assert s.official["ndcg_linear@5"] == pytest.approx(0.9502344167898356, abs=1e-12)
+    # exponential gains 2^g - 1 with the same pairing: DCG = 3 + 1/2, IDCG = 3 + 1/log2 3
+    assert s.official["ndcg_exponential@5"] == pytest.approx(3.5 / (3 + 1 / np.log2(3)))
 
 
 def test_official_frames_not_padded_scored(tmp_path):
@@ -223,10 +229,39 @@ def test_official_score_json_layout(root, tmp_path):
     path = run.files["official"] / "direct" / "image" / "MSCOCO_t2i_score.json"
     text = path.read_text()
     body = json.loads(text)
-    assert list(body) == ["hit@1", "num_pred", "num_data"]
-    assert body["num_data"] == 2 and text == json.dumps(body, indent=4)
-    vd = run.files["official"] / "direct" / "video" / "MSR-VTT_score.json"
-    assert vd.is_file()
+    # the key order of the published all_scores/*.json task entries
+    assert list(body) == [f"{m}@{k}" for m in ("hit", "ndcg_linear", "ndcg_exponential",
+                                               "precision", "recall", "f1", "map", "mrr")
+                          for k in (1, 5, 10)] + ["num_pred", "num_data"]
+    assert body["num_data"] == body["num_pred"] == 2 and text == json.dumps(body, indent=4)
+    scores = {r["task"]: r["score"] for r in run.results.to_pylist()}
+    assert body["hit@1"] == pytest.approx(scores["MSCOCO_t2i"])
+    vd = json.loads((run.files["official"] / "direct" / "video" / "MSR-VTT_score.json")
+                    .read_text())
+    assert vd["hit@1"] == pytest.approx(scores["MSR-VTT"])
+    strict = _run(root, tmp_path / "strict", "strict")
+    assert "official" not in strict.files  # only an official run writes official files
+
+
+def test_official_score_dict_single_label_values(tmp_path):
+    """3 queries, one label each, 2 hits at rank 1 and one at rank 2: every @1 metric is
+    2/3; @5: hit 1, precision 1/5, recall 1, mrr (1 + 1 + 1/2)/3, ndcg (2 + 1/log2 3)/3."""
+    _image_task(tmp_path, [{"qry_text": f"q{k}", "tgt_text": ["cat", "dog"],
+                            "tgt_img_path": ["", ""]} for k in range(3)])
+    table = {"cat": [1, 0], "dog": [0, 1], "q0": [1, 0], "q1": [0.9, 0.1], "q2": [0.1, 0.9]}
+    enc = KeyEncoder(lambda x: x.text, table)
+    rows, _ = load_task(tmp_path, "N24News", protocol="official")
+    (s,) = score_task(enc, TaskData(get_task("N24News"), rows, []), ["direct"],
+                      protocol="official", log=lambda _m: None)
+    b = s.official
+    for key in ("hit@1", "precision@1", "recall@1", "map@1", "mrr@1", "ndcg_linear@1",
+                "ndcg_exponential@1", "f1@1"):
+        assert b[key] == pytest.approx(2 / 3), key
+    assert b["hit@5"] == b["recall@5"] == 1.0 and b["precision@5"] == pytest.approx(1 / 5)
+    assert b["mrr@5"] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert b["map@5"] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert b["ndcg_linear@5"] == pytest.approx((2 + 1 / np.log2(3)) / 3)
+    assert b["num_pred"] == b["num_data"] == 3
 
 
 def test_protocol_changes_cache_key_only_for_frames(root, tmp_path):

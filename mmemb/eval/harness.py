@@ -504,6 +504,8 @@ def score_task(encoder: Encoder, td: TaskData, modes: Sequence[str],
     queries = make_items([r["row_id"] for r in td.rows], [r["qry_inst"] for r in td.rows],
                           [r["qry_text"] for r in td.rows], [r["qry_img_path"] for r in td.rows],
                           image_root, n_frames, pad)
+    if protocol == "official":
+        warn_short_retrieval_videos(spec, items, n_frames, log)
 
     def embed(its: list[EmbedItem], side: str, mode: str) -> Embedded:
         return embed_side(encoder, its, mode, spec.name, side,
@@ -528,6 +530,21 @@ def score_task(encoder: Encoder, td: TaskData, modes: Sequence[str],
                              official=metrics.official_score_dict(official)
                              if official is not None else None))
     return out
+
+
+def warn_short_retrieval_videos(spec: TaskSpec, items: list[EmbedItem], n_frames: int | None,
+                                log: Log) -> int:
+    """Count (and log once) the videos of a video retrieval task with fewer than
+    ``n_frames`` frames: the official loaders of those tasks (``msrvtt_dataset.py`` & co.)
+    assert on them and never score the task; we embed the frames there are."""
+    if spec.suite != DEFAULT_SUITE or spec.category != "RET" or spec.modality != "video" \
+            or n_frames is None:
+        return 0
+    short = sum(1 for it in items if it.inp is not None and 0 < len(it.inp.images) < n_frames)
+    if short:
+        log(f"[evaluate] {spec.name}: {short} videos have < {n_frames} frames; the official "
+            "loader would fail on them")
+    return short
 
 
 def _rank_and_score(spec: TaskSpec, lists: list[list[int]], gains: list, qry: Embedded,

@@ -318,3 +318,20 @@ def test_protocol_is_a_result_field_in_the_cache_key():
     assert cache.cache_key("evaluate", cfg, {}, "c") != cache.cache_key("evaluate", strict, {},
                                                                        "c")
     assert "protocol" in cfg.digest_view("resume")
+
+
+def test_official_short_retrieval_video_warned(tmp_path):
+    fr = tmp_path / SOURCES["MSR-VTT"].frames
+    layout.frames(fr / "v1", 5)
+    layout.frames(fr / "v2", 8)
+    layout.to_parquet([{"video_id": "v1", "caption": "a"}, {"video_id": "v2", "caption": "b"}],
+                      tmp_path / "video-tasks" / "MSR-VTT" / "test_1k" / "test-0.parquet")
+    rows, corpus = load_task(tmp_path, "MSR-VTT", protocol="official")
+    enc = KeyEncoder(lambda x: _folder(x) or x.text,
+                     {"v1": [1, 0], "v2": [0, 1], "a": [1, 0], "b": [0, 1]})
+    lines: list[str] = []
+    (s,) = score_task(enc, TaskData(get_task("MSR-VTT"), rows, corpus), ["direct"],
+                      image_root=tmp_path, protocol="official", log=lines.append)
+    assert s.score == 1.0 and enc.n_images["v1"] == 5
+    assert lines == ["[evaluate] MSR-VTT: 1 videos have < 8 frames; the official loader "
+                     "would fail on them"]

@@ -327,7 +327,7 @@ def aggregate(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         "suite": suite,
         "tasks": {t: table[t] for t in names},
         "categories": {key: _group("/".join(key), ts, table) for key, ts in cats.items()},
-        "modalities": {m: _group(m, ts, table) for m, ts in mods.items()},
+        "modalities": {m: _modality(suite, m, ts, table, registry) for m, ts in mods.items()},
         "overall": _overall(suite, names, table, missing),
         "missing": missing,
         "partial": partial_label(suite, len(names), missing),
@@ -342,6 +342,18 @@ def partial_label(suite: str, n_done: int, missing: Sequence[str]) -> str | None
     if suite != DEFAULT_SUITE or not missing:
         return None
     return f"{n_done}/{n_done + len(missing)}"
+
+
+def _modality(suite: str, modality: str, tasks: list[str], table: dict[str, dict[str, Any]],
+              registry) -> dict[str, Any]:
+    """A modality's group; for MMEB-V2 its mean only when every registered task of the
+    modality ran (else score None and ``partial`` = "k/n"), like the overall."""
+    g = _group(modality, tasks, table)
+    if suite == DEFAULT_SUITE and registry is not None:
+        n_all = sum(1 for spec in registry.values() if spec.modality == modality)
+        if len(tasks) < n_all:
+            g["score"], g["partial"] = None, f"{len(tasks)}/{n_all}"
+    return g
 
 
 def _overall(suite: str, names: list[str], table: dict[str, dict[str, Any]],

@@ -46,7 +46,9 @@ def _group_rows(
 ) -> list[list[Any]]:
     rows = []
     for label, g in groups:
-        row = [*label, g["n_tasks"], _fmt(g["score"], g["metric"])]
+        ours = (f"{DASH} (partial {g['partial']})" if g.get("partial")
+                else _fmt(g["score"], g["metric"]))
+        row = [*label, g["n_tasks"], ours]
         if baseline is not None:
             base, note = _baseline_mean(g["tasks"], baseline)
             row += [

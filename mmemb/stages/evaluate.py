@@ -209,7 +209,8 @@ def _metrics(res: harness.EvalRun) -> tuple[dict[str, float], list[str]]:
         if g["score"] is not None:  # None: a partial MMEB-V2 run has no overall
             metrics[f"{mode}.overall"] = g["score"]
         for mod, mg in agg["modalities"].items():
-            metrics[f"{mode}.{mod}"] = mg["score"]
+            if mg["score"] is not None:  # None: a partial modality of MMEB-V2
+                metrics[f"{mode}.{mod}"] = mg["score"]
         for task, t in agg["tasks"].items():
             metrics[f"{mode}.task.{task}"] = t["score"]
         s = summary_modes.get(mode)

@@ -154,3 +154,20 @@ def test_strict_graded_example_equals_pytrec_eval():
     run = {"q": {d: float(10 - r) for r, d in enumerate(["3", "7", "10", "4", "5"])}}
     ref = _pytrec(qrels, run, {"ndcg_cut.5"})["q"]["ndcg_cut_5"]
     assert ref == pytest.approx(0.7601875334318685, abs=1e-12)
+
+
+def test_partial_mmeb_has_no_overall_nor_partial_modality_means():
+    from mmemb.eval.metrics import aggregate
+    from mmemb.eval.tasks import select_tasks
+
+    res = [{"task": t.name, "modality": t.modality, "category": t.category,
+            "metric": t.metric, "score": 0.5, "suite": t.suite} for t in select_tasks()]
+    full = aggregate(res)
+    assert full["partial"] is None and full["overall"]["score"] == 0.5
+    assert all(g["score"] == 0.5 and "partial" not in g for g in full["modalities"].values())
+    video = [r for r in res if r["modality"] == "video"]
+    part = aggregate(res[:3] + video)
+    assert part["partial"] == "21/78" and part["overall"]["score"] is None
+    assert part["modalities"]["image"]["score"] is None
+    assert part["modalities"]["image"]["partial"] == "3/36"
+    assert part["modalities"]["video"]["score"] == 0.5  # complete: its mean is shown

@@ -41,7 +41,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -356,7 +356,7 @@ class LoadedEval:
     image_root: Path
     tasks: list[str]
     missing: dict[str, str]  # task -> why it was skipped (skip_missing=True only)
-    digests: dict[str, str] = None  # task -> digest of the annotation files it read
+    digests: dict[str, str] = field(default_factory=dict)  # task -> its annotation files' digest
 
 
 def _row(spec: TaskSpec, row_id: str, qry_inst: str, qry_text: str, qry_img: str,

@@ -115,7 +115,7 @@ class EmbedderEncoder:
 # --------------------------------------------------------------------------- helpers
 
 def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    return json_digest(obj)  # the one digest home (data_contracts.files)
 
 
 def checkpoint_digest(path: str | Path, memo: str | Path | None = None) -> str:

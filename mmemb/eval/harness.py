@@ -547,6 +547,16 @@ def warn_short_retrieval_videos(spec: TaskSpec, items: list[EmbedItem], n_frames
     return short
 
 
+def _official_grades(gains: dict[int, float], keys: list | None) -> dict[int, float]:
+    """{corpus index: grade} as the official scorer pairs them: grades in qrels order zipped
+    onto ``list(set(native ids))`` (``keys``: the native ids in qrels order); without
+    native ids (string ids, hash-dependent) the exact pairing."""
+    if keys is None:
+        return dict(gains)
+    index_of = dict(zip(keys, gains, strict=True))  # native id -> corpus index
+    return {index_of[k]: v for k, v in zip(list(set(keys)), gains.values(), strict=True)}
+
+
 def _rank_and_score(spec: TaskSpec, lists: list[list[int]], gains: list, qry: Embedded,
                     cand: Embedded, protocol: metrics.Protocol = "strict",
                     label_keys: list | None = None,
@@ -606,14 +616,8 @@ def official_query_metrics(rows_scores: list[np.ndarray], lists: list[list[int]]
         names = top.tolist() if is_global else [lists[q][j] for j in top]
         if isinstance(g, dict):  # global: {corpus index: grade} in qrels order
             labels = {i for i, v in g.items() if v > 0}
-            grades = None
-            if any(v != 1.0 for v in g.values()):
-                keys = label_keys[q] if label_keys is not None else None
-                paired = (dict(zip(list(set(keys)), g.values(), strict=True))
-                          if keys is not None else None)
-                where = dict(zip(keys, g, strict=True)) if keys is not None else None
-                grades = ({where[k]: v for k, v in paired.items()} if paired is not None
-                          else dict(g))
+            keys = label_keys[q] if label_keys is not None else None
+            grades = _official_grades(g, keys) if any(v != 1.0 for v in g.values()) else None
         else:  # local: gains per position of the row's list
             labels = {lists[q][j] for j in np.flatnonzero(g > 0)}
             grades = None

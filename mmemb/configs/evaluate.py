@@ -40,6 +40,10 @@ class EvaluateConfig(ImageResolution):
     skip_missing: bool = Field(False, description="MMEB root: skip tasks whose files are "
                                "absent (reported as missing) instead of failing")
     num_frames: int = Field(8, ge=1, description="frames sampled per video (MMEB-V2: 8)")
+    protocol: Literal["official", "strict"] = Field(
+        "official", description="MMEB-V2 scoring protocol: 'official' reproduces the official "
+        "scorer's numbers (stable ties, full label lists, its graded-NDCG pairing, ...); "
+        "'strict' pessimistic ties and a standard IR evaluator's NDCG (docs/evaluation.md)")
 
     baseline: str | None = Field(None, description=".json/.csv of per-task scores (e.g. a "
                                  "published model) or an earlier run's results folder")

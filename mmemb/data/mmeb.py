@@ -41,7 +41,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_contracts import io
+from data_contracts.files import json_digest, sha256_file
 from data_contracts.io import ContractError
 from data_contracts.schemas import EVAL_CORPUS, EVAL_ROWS, PAIRS
 from mmemb.eval.tasks import DEFAULT_SUITE, TaskSpec, select_tasks
@@ -65,6 +66,15 @@ class MMEBFormatError(ContractError):
                  row: int | None = None, fix: str | None = None):
         self.task = task
         super().__init__(file, f"task {task!r}: {message}", column=column, row=row, fix=fix)
+
+
+class MMEBMissingError(MMEBFormatError):
+    """A file or folder of the download is absent (not malformed): what ``skip_missing``
+    skips. ``what`` names the missing thing in one short phrase."""
+
+    def __init__(self, task: str, file: str | Path, message: str, **kw):
+        self.what, self.reason = str(file), message
+        super().__init__(task, file, message, **kw)
 
 
 # --------------------------------------------------------------------------- files
@@ -89,8 +99,8 @@ def find_split_files(folder: Path, subset: str | None, split: str, task: str) ->
     fix = (f"download the dataset so that {base}/{split}-*.parquet (or data/{split}-*.parquet) "
            "exists; see docs/evaluation.md for the commands")
     if not folder.is_dir():
-        raise MMEBFormatError(task, folder, "folder does not exist.", fix=fix)
-    raise MMEBFormatError(task, where, f"no '{split}' split files (looked for {split}-*.parquet, "
+        raise MMEBMissingError(task, folder, "folder does not exist.", fix=fix)
+    raise MMEBMissingError(task, where, f"no '{split}' split files (looked for {split}-*.parquet, "
                           f"{split}.parquet/.jsonl/.json, also under data/).", fix=fix)
 
 
@@ -179,19 +189,24 @@ def list_frames(folder: str | Path) -> list[Path]:
     return [folder / n for n in sorted(names, key=_natural_key)]
 
 
-def sample_frames(frames: list, num_frames: int = NUM_FRAMES) -> list:
-    """``num_frames`` uniformly spaced frames (first and last included); a video with fewer
-    frames repeats its last one, so every video gives the model the same number of images."""
-    if not frames or num_frames <= 0:
+def sample_frames(frames: list, num_frames: int | None = NUM_FRAMES, pad: bool = True) -> list:
+    """``num_frames`` uniformly spaced frames (first and last included; ``linspace`` indices,
+    which repeat frames when a video has fewer, so every video gives the model the same
+    number of images). ``pad=False`` passes a shorter video's frames as they are, and
+    ``num_frames=None`` every frame: the official ``process_video_frames`` / MomentSeeker's
+    ``load_frames`` (``src/utils/vision_utils/vision_utils.py``)."""
+    if not frames or (num_frames is not None and num_frames <= 0):
         return []
+    if num_frames is None or (not pad and len(frames) < num_frames):
+        return list(frames)
     idx = np.linspace(0, len(frames) - 1, num_frames).astype(int)  # [num_frames]
     return [frames[i] for i in idx]
 
 
 def media_files(path: str | None, image_root: str | Path | None = None,
-                num_frames: int = NUM_FRAMES) -> list[str]:
+                num_frames: int | None = NUM_FRAMES, pad: bool = True) -> list[str]:
     """The image files one contract path stands for: ``[]`` (no media), ``[image]``, or the
-    sampled frames of a frame folder (a video)."""
+    sampled frames of a frame folder (a video; see :func:`sample_frames`)."""
     if not path:
         return []
     p = Path(image_root) / path if image_root else Path(path)
@@ -200,7 +215,7 @@ def media_files(path: str | None, image_root: str | Path | None = None,
         if not frames:
             raise ValueError(f"frame folder {str(p)!r} holds no {'/'.join(FRAME_EXTENSIONS)} "
                              "files; re-extract the frames of this video")
-        return [str(f) for f in sample_frames(frames, num_frames)]
+        return [str(f) for f in sample_frames(frames, num_frames, pad)]
     return [str(p)]
 
 
@@ -217,18 +232,34 @@ class Source:
     frames: str | None = None  # video: frame folder root, relative to the MMEB root
     hf_repo: str | None = None  # where users download ``data`` from (docs)
     instruction: str = ""
+    official_rows: int | None = None  # official: only the first N rows (SmthSmthV2)
+    image_parser: str | None = None  # image tasks: the official parser (cls, qa, i2t, ...)
 
 
 _VQA_PROMPT = ("Given a video and a question, select the most accurate answer from the "
                "provided candidates. Return only the exact text of your chosen answer.")
 _VID_TGT = "Understand the content of the provided video."
+_CLIP_TGT = "Understand the content of the provided video clip."  # MomentSeeker, official
+#: Official parser of each image task (``experiments/public/eval/image.yaml``): cls, qa and
+#: i2t embed the bare candidate text (no ``tgt_inst``); their candidates are named by text.
+_IMAGE_PARSER = {
+    **dict.fromkeys("ImageNet-1K N24News HatefulMemes VOC2007 SUN397 Place365 ImageNet-A "
+                    "ImageNet-R ObjectNet Country211".split(), "cls"),
+    **dict.fromkeys("OK-VQA A-OKVQA DocVQA InfographicsVQA ChartQA Visual7W ScienceQA VizWiz "
+                    "GQA TextVQA".split(), "qa"),
+    **dict.fromkeys("MSCOCO_i2t VisualNews_i2t".split(), "i2t"),
+    **dict.fromkeys("VisDial MSCOCO_t2i VisualNews_t2i WebQA EDIS Wiki-SS-NQ".split(), "t2i"),
+    **dict.fromkeys("CIRR NIGHTS OVEN FashionIQ MSCOCO RefCOCO RefCOCO-Matching "
+                    "Visual7W-Pointing".split(), "i2i_vg"),
+}
 _DOC_QRY = "Find a document image that matches the given query:"
 _DOC_TGT = "Understand the content of the provided document image."
 
 
 def _image_sources() -> dict[str, Source]:
     return {s.name: Source("image", "image-tasks", s.name, "test",
-                           hf_repo="ziyjiang/MMEB_Test_Instruct")
+                           hf_repo="ziyjiang/MMEB_Test_Instruct",
+                           image_parser=_IMAGE_PARSER.get(s.name))
             for s in select_tasks(DEFAULT_SUITE, modalities="image")}
 
 
@@ -239,7 +270,8 @@ def _video_sources() -> dict[str, Source]:
 
     def v(parser, name, data, subset, split, frames, inst=""):
         return name, Source(parser, f"video-tasks/{data}", subset, split, frames,
-                            f"VLM2Vec/{data}", inst)
+                            f"VLM2Vec/{data}", inst,
+                            official_rows=1000 if name == "SmthSmthV2" else None)
 
     return dict([
         v("video_cls", "K700", "Kinetics-700", None, "test", f"{vc}/K700",
@@ -324,6 +356,7 @@ class LoadedEval:
     image_root: Path
     tasks: list[str]
     missing: dict[str, str]  # task -> why it was skipped (skip_missing=True only)
+    digests: dict[str, str] = field(default_factory=dict)  # task -> its annotation files' digest
 
 
 def _row(spec: TaskSpec, row_id: str, qry_inst: str, qry_text: str, qry_img: str,
@@ -344,11 +377,18 @@ class _Ctx:
     """Per-task loading context: root, spec, source, and existence checks with good errors."""
 
     def __init__(self, root: Path, spec: TaskSpec, src: Source, num_frames: int,
-                 check_media: bool, max_queries: int | None, image_cache: Path):
+                 check_media: bool, max_queries: int | None, image_cache: Path,
+                 protocol: str = "strict", log=print):
         self.root, self.spec, self.src = root, spec, src
         self.num_frames, self.check_media, self.max_queries = num_frames, check_media, max_queries
         self.image_cache = image_cache
+        self.protocol, self.log = protocol, log
+        self.read: set[Path] = set()  # annotation files read (the task's data digest)
         self._seen: set[str] = set()
+
+    @property
+    def official(self) -> bool:
+        return self.protocol == "official"
 
     @property
     def task(self) -> str:
@@ -356,14 +396,24 @@ class _Ctx:
 
     def files(self, subset: str | None = None, split: str | None = None) -> list[Path]:
         sub = self.src.subset if subset is None else subset
-        return find_split_files(self.root / self.src.data, sub, split or self.src.split,
-                                self.task)
+        found = find_split_files(self.root / self.src.data, sub, split or self.src.split,
+                                 self.task)
+        self.read.update(found)
+        return found
 
     def records(self, required: Iterable[str], subset: str | None = None
                 ) -> Iterator[tuple[Path, int, dict]]:
+        """The task's records in file order, at most ``max_queries``; official, at most the
+        task's ``official_rows`` (SmthSmthV2: the first 1,000, ``video.yaml``
+        ``num_sample_per_subset`` applied by ``sample_dataset`` before mapping)."""
+        limit = self.max_queries
+        if self.official and self.src.official_rows is not None:
+            limit = min(limit or self.src.official_rows, self.src.official_rows)
         n = 0
         for item in _iter_records(self.files(subset), self.task, required):
-            if self.max_queries is not None and n >= self.max_queries:
+            if limit is not None and n >= limit:
+                if limit != self.max_queries:
+                    self.log(f"[mmeb] {self.task}: first {limit} rows (official)")
                 return
             n += 1
             yield item
@@ -375,7 +425,7 @@ class _Ctx:
             full = self.root / path
             if not list_frames(full):
                 what = "does not exist" if not full.is_dir() else "holds no frame images"
-                raise MMEBFormatError(
+                raise MMEBMissingError(
                     self.task, f, f"frame folder {str(full)!r} {what}.", column=column, row=i,
                     fix=f"extract the video-tasks frame archives under {self.root}/"
                     f"{self.src.frames} (docs/evaluation.md)")
@@ -385,7 +435,7 @@ class _Ctx:
     def image(self, rel: str, f: Path, i: int, column: str) -> str:
         if self.check_media and rel and rel not in self._seen:
             if not (self.root / rel).is_file():
-                raise MMEBFormatError(self.task, f, f"image {str(self.root / rel)!r} does not "
+                raise MMEBMissingError(self.task, f, f"image {str(self.root / rel)!r} does not "
                                       "exist.", column=column, row=i,
                                       fix="download and extract the image archives "
                                       "(docs/evaluation.md)")
@@ -422,10 +472,40 @@ def _load_image(ctx: _Ctx) -> tuple[list[dict], list[dict]]:
         qry_img = ctx.image(_join("image-tasks", _str(r["qry_img_path"])), f, i,
                             "qry_img_path")
         tgt_img = [ctx.image(_join("image-tasks", p), f, i, "tgt_img_path") for p in tgt_img]
+        # Official cls / qa / i2t parsers embed the bare candidate text (tgt_inst unread).
+        bare = ctx.official and ctx.src.image_parser in ("cls", "qa", "i2t")
         rows.append(_row(ctx.spec, f"{i:06d}", _str(r.get("qry_inst")), _str(r["qry_text"]),
-                         qry_img, _str(r.get("tgt_inst")), tgt_text, tgt_img,
+                         qry_img, "" if bare else _str(r.get("tgt_inst")), tgt_text, tgt_img,
                          [1.0] + [0.0] * (len(tgt_text) - 1)))
+    if ctx.official:
+        _official_identity(rows, _image_name(ctx.src.image_parser))
     return rows, []
+
+
+def _image_name(parser: str | None):
+    """The official candidate name of an image task's candidate (``cand_names`` of its
+    parser): the image path (t2i), ``path:text`` (i2i / visual grounding) or the text."""
+    if parser == "t2i":
+        return lambda text, img: img
+    if parser == "i2i_vg":
+        return lambda text, img: f"{img}:{text.strip(chr(34))}"
+    return lambda text, img: text
+
+
+def _official_identity(rows: list[dict], name_of) -> None:
+    """Candidates identified by name, as the official scorer does (``generate_cand_dataset``:
+    one embedding per name, its first occurrence's; a hit is "a predicted name is a label
+    name"): every candidate named like a positive of its row is relevant, and a later
+    candidate of the task with an already-seen name takes the first one's text and image, so
+    the harness embeds it once (same key) and a duplicate of the positive ties with it."""
+    first: dict[str, tuple[str, str]] = {}
+    for r in rows:
+        names = [name_of(t, p) for t, p in zip(r["tgt_text"], r["tgt_img_path"], strict=True)]
+        labels = {n for n, g in zip(names, r["tgt_rel"], strict=True) if g > 0}
+        r["tgt_rel"] = [1.0 if n in labels else 0.0 for n in names]
+        for j, n in enumerate(names):
+            t, p = first.setdefault(n, (r["tgt_text"][j], r["tgt_img_path"][j]))
+            r["tgt_text"][j], r["tgt_img_path"][j] = t, p
 
 
 # --------------------------------------------------------------------------- visdoc
@@ -521,7 +601,19 @@ def _load_visdoc(ctx: _Ctx) -> tuple[list[dict], list[dict]]:
         rows.append(_row(ctx.spec, qid, _DOC_QRY, _str(r["query"]), "", _DOC_TGT,
                          [""] * len(cids), [path_of[c] for c in cids],
                          [rel[c] for c in cids], tgt_id=cids))
+    if ctx.official:
+        corpus = _official_corpus_order(rows, corpus)
     return rows, corpus
+
+
+def _official_corpus_order(rows: list[dict], corpus: list[dict]) -> list[dict]:
+    """The official candidate order of a global task (``generate_cand_dataset``): the rows'
+    own candidates in query order, first occurrence, then the rest of the corpus in file
+    order. It only matters for tied scores (a stable sort keeps it)."""
+    by_id = {c["cand_id"]: c for c in corpus}
+    first = list(dict.fromkeys(cid for r in rows for cid in r["tgt_id"]))
+    seen = set(first)
+    return [by_id[c] for c in first] + [c for c in corpus if c["cand_id"] not in seen]
 
 
 # --------------------------------------------------------------------------- video
@@ -549,7 +641,40 @@ def _load_video_cls(ctx: _Ctx) -> tuple[list[dict], list[dict]]:
         label = _str(r["pos_text"])
         items.append((f"{i:06d}", ctx.src.instruction, "", ctx.frames_dir(vid, f, i, "video_id"),
                       label, label, ""))
-    return _global_video(ctx, items)
+    rows, corpus = _global_video(ctx, items)
+    if ctx.official:
+        corpus = _official_label_corpus(ctx, corpus)
+    return rows, corpus
+
+
+_LABELS_FILE = Path(__file__).with_name("video_cls_labels.json")
+
+
+def video_cls_labels(task: str) -> list[str]:
+    """The full label list of a video classification task (K700, UCF101, HMDB51,
+    Breakfast): the official corpus (``VIDEOCLS_LABEL_MAPPING`` of the official
+    ``video_classification_utils.py``; shipped as data, not in the MMEB download). Each
+    list is checked against the sha256 recorded beside it, so an edited copy fails loudly."""
+    entry = json.loads(_LABELS_FILE.read_text(encoding="utf-8"))["tasks"][task]
+    labels = entry["labels"]
+    got = hashlib.sha256(json.dumps(labels).encode()).hexdigest()
+    if got != entry["sha256"]:
+        raise ContractError(_LABELS_FILE, f"{task} label list digest {got[:16]} != recorded "
+                            f"{entry['sha256'][:16]}", fix="restore the file from git")
+    return labels
+
+
+def _official_label_corpus(ctx: _Ctx, corpus: list[dict]) -> list[dict]:
+    """The test labels in first-occurrence order, then the rest of the full label list in
+    its order (the official candidate order: rows' names first, then the corpus)."""
+    seen = {c["cand_id"] for c in corpus}
+    labels = video_cls_labels(ctx.task)
+    extra = [lb for lb in labels if lb not in seen]
+    test_only = len(seen - set(labels))
+    ctx.log(f"[mmeb] {ctx.task}: corpus = {len(labels)} labels (official list) + {test_only} "
+            "test-only labels")
+    return corpus + [{"task": ctx.task, "cand_id": lb, "cand_inst": "", "cand_text": lb,
+                      "cand_img_path": ""} for lb in extra]
 
 
 def _load_video_ret(ctx: _Ctx) -> tuple[list[dict], list[dict]]:
@@ -576,15 +701,19 @@ def _load_video_ret(ctx: _Ctx) -> tuple[list[dict], list[dict]]:
 def _local_video(ctx: _Ctx, f: Path, i: int, qry_text: str, qry_img: str, cands: list[str],
                  pos: list[int], tgt_inst: str = "", cand_imgs: list[str] | None = None,
                  qry_inst: str | None = None) -> dict:
-    """One local row with the positives first (stable order otherwise)."""
+    """One local row with the positives first (stable order otherwise); official, in the
+    dataset's own candidate order (the official parsers keep it)."""
     if not pos or not all(0 <= k < len(cands) for k in pos):
         raise MMEBFormatError(ctx.task, f, f"answer does not match any of the {len(cands)} "
                               "candidates.", row=i, fix="re-download the annotation file")
     imgs = cand_imgs if cand_imgs is not None else [""] * len(cands)
-    order = list(pos) + [k for k in range(len(cands)) if k not in set(pos)]
+    if ctx.official:
+        order = list(range(len(cands)))
+    else:
+        order = list(pos) + [k for k in range(len(cands)) if k not in set(pos)]
     return _row(ctx.spec, f"{i:06d}", ctx.src.instruction if qry_inst is None else qry_inst,
                 qry_text, qry_img, tgt_inst, [cands[k] for k in order], [imgs[k] for k in order],
-                [1.0] * len(pos) + [0.0] * (len(cands) - len(pos)))
+                [1.0 if k in set(pos) else 0.0 for k in order])
 
 
 def _options_text(options: list[str]) -> list[str]:
@@ -637,7 +766,7 @@ def _load_video_qa(ctx: _Ctx) -> tuple[list[dict], list[dict]]:
         subsets = sorted(d.name for d in base.iterdir() if d.is_dir()) if base.is_dir() else []
         subsets = [s for s in subsets if s != "data"]
         if not subsets:
-            raise MMEBFormatError(ctx.task, base, "no MVBench subset folders "
+            raise MMEBMissingError(ctx.task, base, "no MVBench subset folders "
                                   "(<subset>/train-*.parquet).",
                                   fix="download VLM2Vec/MVBench (docs/evaluation.md)")
         n = 0
@@ -670,24 +799,33 @@ def _load_ssv2(ctx: _Ctx) -> tuple[list[dict], list[dict]]:
 
 def _load_moment(ctx: _Ctx) -> tuple[list[dict], list[dict]]:
     """QVHighlight / Charades-STA: ``<frames>/<video>/query/`` holds the query video's frames,
-    each other sub-folder is a candidate clip; ``positive*`` folders are the positives."""
-    rows = []
+    each other sub-folder is a candidate clip; ``positive*`` folders are the positives
+    (official: only the last one in directory order)."""
+    rows, several = [], 0
     for f, i, r in ctx.records(["query", "video_path"]):
         name = os.path.splitext(os.path.basename(_str(r["video_path"])))[0]
         qdir = ctx.frames_dir(f"{name}/query", f, i, "video_path")
         vdir = ctx.root / _join(ctx.src.frames or "", name)
         if not vdir.is_dir():
-            raise MMEBFormatError(ctx.task, f, f"clip folder {str(vdir)!r} does not exist.",
+            raise MMEBMissingError(ctx.task, f, f"clip folder {str(vdir)!r} does not exist.",
                                   column="video_path", row=i,
                                   fix="extract the video_mret frame archive")
-        clips = sorted(d.name for d in vdir.iterdir() if d.is_dir() and d.name != "query")
-        pos = [k for k, c in enumerate(clips) if c.startswith("positive")]
+        if ctx.official:  # moment_retrieval_datasets.py: os.listdir order, the last positive*
+            clips = [d for d in os.listdir(vdir) if (vdir / d).is_dir() and d != "query"]
+            pos = [k for k, c in enumerate(clips) if c.startswith("positive")][-1:]
+            several += sum(c.startswith("positive") for c in clips) > 1
+        else:
+            clips = sorted(d.name for d in vdir.iterdir() if d.is_dir() and d.name != "query")
+            pos = [k for k, c in enumerate(clips) if c.startswith("positive")]
         if not pos:
             raise MMEBFormatError(ctx.task, vdir, "no positive* clip folder.", row=i,
                                   fix="re-extract the video_mret frame archive")
         imgs = [ctx.frames_dir(f"{name}/{c}", f, i, "video_path") for c in clips]
         rows.append(_local_video(ctx, f, i, _str(r["query"]), qdir, [""] * len(clips), pos,
                                  tgt_inst=_VID_TGT, cand_imgs=imgs))
+    if several:
+        ctx.log(f"[mmeb] {ctx.task}: {several} rows have several positive clips; official "
+                "scores only the last in directory order (filesystem-dependent)")
     return rows, []
 
 
@@ -716,8 +854,9 @@ def _load_momentseeker(ctx: _Ctx) -> tuple[list[dict], list[dict]]:
         neg = [clip(e, col="negative_frames") for e in _list(r["negative_frames"])]
         imgs = pos + neg
         rows.append(_local_video(ctx, f, i, _str(r["query"]), qimg, [""] * len(imgs),
-                                 list(range(len(pos))), tgt_inst=_VID_TGT, cand_imgs=imgs,
-                                 qry_inst=inst))
+                                 list(range(len(pos))),
+                                 tgt_inst=_CLIP_TGT if ctx.official else _VID_TGT,
+                                 cand_imgs=imgs, qry_inst=inst))
     return rows, []
 
 
@@ -733,16 +872,22 @@ _PARSERS = {
 
 def load_task(root: str | Path, task: str, *, num_frames: int = NUM_FRAMES,
               check_media: bool = True, max_queries: int | None = None,
-              image_cache: str | Path | None = None) -> tuple[list[dict], list[dict]]:
-    """EVAL_ROWS rows and EVAL_CORPUS rows (global tasks) of one MMEB-V2 task."""
+              image_cache: str | Path | None = None, protocol: str = "strict",
+              digests: dict[str, str] | None = None, log=print
+              ) -> tuple[list[dict], list[dict]]:
+    """EVAL_ROWS rows and EVAL_CORPUS rows (global tasks) of one MMEB-V2 task, shaped by
+    ``protocol`` (``official`` | ``strict``, docs/evaluation.md); ``digests[task]`` receives
+    the digest of the annotation files read."""
     from mmemb.eval.tasks import get_task
 
     root = Path(root)
     spec = get_task(task, DEFAULT_SUITE)
     src = SOURCES[task]
     cache = Path(image_cache) if image_cache else root / "visdoc-tasks" / "_images"
-    ctx = _Ctx(root, spec, src, num_frames, check_media, max_queries, cache)
+    ctx = _Ctx(root, spec, src, num_frames, check_media, max_queries, cache, protocol, log)
     rows, corpus = _PARSERS[src.parser](ctx)
+    if digests is not None:
+        digests[task] = task_data_digest(root, ctx.read)
     if not rows:
         files = ctx.files("queries") if src.parser == "visdoc" else \
             (ctx.files() if src.parser != "mvbench" else [root / src.data])
@@ -758,12 +903,14 @@ def load_mmeb_eval(root: str | Path, tasks: Iterable[str] | None = None, *,
                    modalities: Iterable[str] | None = None, num_frames: int = NUM_FRAMES,
                    check_media: bool = True, max_queries: int | None = None,
                    image_cache: str | Path | None = None,
-                   skip_missing: bool = False) -> LoadedEval:
+                   skip_missing: bool = False, protocol: str = "strict",
+                   log=print) -> LoadedEval:
     """Load the selected MMEB-V2 tasks from a local download folder.
 
-    With ``skip_missing`` a task whose annotation folder is absent is skipped (and listed in
-    ``missing``) instead of failing, for partial downloads; a present but malformed file
-    always fails.
+    With ``skip_missing`` a task whose files are absent (folder, split files, frames,
+    images: :class:`MMEBMissingError`) is skipped with one line naming what is missing, and
+    listed in ``missing``, instead of failing, for partial downloads; a present but
+    malformed file always fails.
     """
     root = Path(root)
     if not root.is_dir():
@@ -775,15 +922,18 @@ def load_mmeb_eval(root: str | Path, tasks: Iterable[str] | None = None, *,
                          modalities=None if modalities is None else list(modalities))
     rows: list[dict] = []
     corpus: list[dict] = []
-    done, missing = [], {}
+    done, missing, digests = [], {}, {}
     for spec in specs:
-        src = SOURCES[spec.name]
-        own = root / src.data / (src.subset if src.subset and src.subset != "*" else "")
-        if skip_missing and not own.is_dir():
-            missing[spec.name] = f"{own} does not exist"
+        try:
+            r, c = load_task(root, spec.name, num_frames=num_frames, check_media=check_media,
+                             max_queries=max_queries, image_cache=image_cache,
+                             protocol=protocol, digests=digests, log=log)
+        except MMEBMissingError as e:
+            if not skip_missing:
+                raise
+            missing[spec.name] = f"{e.what}: {e.reason}"
+            log(f"[evaluate] skip {spec.name}: missing {e.what} ({e.reason})")
             continue
-        r, c = load_task(root, spec.name, num_frames=num_frames, check_media=check_media,
-                         max_queries=max_queries, image_cache=image_cache)
         rows += r
         corpus += c
         done.append(spec.name)
@@ -791,7 +941,17 @@ def load_mmeb_eval(root: str | Path, tasks: Iterable[str] | None = None, *,
         raise ContractError(root, f"none of the {len(specs)} selected MMEB-V2 tasks is "
                             "present.", fix="check the folder layout (docs/evaluation.md)")
     return LoadedEval(io.conform(rows, EVAL_ROWS, str(root)),
-                      io.conform(corpus, EVAL_CORPUS, str(root)), root, done, missing)
+                      io.conform(corpus, EVAL_CORPUS, str(root)), root, done, missing, digests)
+
+
+def task_data_digest(root: Path, files: Iterable[Path]) -> str:
+    """Digest of a task's annotation files: sha256 of each (``data_contracts.files``), keyed
+    by its path under the root, as canonical JSON."""
+    parts = {}
+    for f in sorted(set(files)):
+        rel = str(f.relative_to(root)) if f.is_relative_to(root) else str(f)
+        parts[rel] = sha256_file(f)
+    return json_digest(parts)
 
 
 # --------------------------------------------------------------------------- MMEB-train
@@ -802,12 +962,24 @@ def _split_marker(text: str) -> tuple[str, str]:
     return (text, "") if IMAGE_MARKER in text else ("", text)
 
 
+def _empty_side(r: dict) -> bool:
+    """The official drop rule: Python truthiness of the raw values (None and "" are empty,
+    " " is not), query text and image both empty, or positive text and image both empty."""
+    return ((not r["qry"] and not r["qry_image_path"])
+            or (not r["pos_text"] and not r["pos_image_path"]))
+
+
 def load_mmeb_train(folder: str | Path, subsets: Iterable[str] | None = None,
                     split: str = "original", *, check_images: bool = False,
-                    max_rows: int | None = None) -> pa.Table:
+                    max_rows: int | None = None, protocol: str = "official",
+                    log=print) -> pa.Table:
     """MMEB-train subsets -> a PAIRS table (image paths relative to ``folder``).
 
-    ``pair_id`` is ``<subset>-<split>-<row>``: stable across reruns and unique across splits.
+    ``pair_id`` is ``<subset>-<split>-<row>``: stable across reruns and unique across splits
+    (a dropped row keeps its number free). Official, a row with no query (text and image
+    empty) or no positive is dropped, as the official train parser does
+    (``mmeb_dataset.py data_prepare_v4``, after the first ``max_rows`` rows were taken);
+    ``strict`` keeps every row.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -823,10 +995,14 @@ def load_mmeb_train(folder: str | Path, subsets: Iterable[str] | None = None,
     out = []
     for sub in subsets:
         files = find_split_files(folder, sub, split, sub)
+        dropped = 0
         for f, i, r in _iter_records(files, sub, ["qry", "qry_image_path", "pos_text",
                                                   "pos_image_path"]):
             if max_rows is not None and i >= max_rows:
                 break
+            if protocol == "official" and _empty_side(r):
+                dropped += 1
+                continue
             pos_inst, pos_text = _split_marker(_str(r["pos_text"]))
             neg_t, neg_i = _list(r.get("neg_text")), _list(r.get("neg_image_path"))
             if neg_t and not neg_i:
@@ -851,6 +1027,9 @@ def load_mmeb_train(folder: str | Path, subsets: Iterable[str] | None = None,
                                               "not exist.", column=col, row=i,
                                               fix="unzip images_zip/<Subset>.zip into images/")
             out.append(rec)
+        if dropped:
+            log(f"[mmeb-train] {sub}: dropped {dropped} rows with an empty query or positive "
+                "(official rule)")
     table = io.conform(out, PAIRS, str(folder))
     io.validate(table, PAIRS, str(folder))
     return table

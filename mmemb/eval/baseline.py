@@ -46,7 +46,9 @@ def load_baseline(path: str | Path, mode: str | None = None, scale: str = "auto"
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
         if isinstance(data, dict) and isinstance(data.get("metrics"), dict):
-            return _benchmark_report_scores(data["metrics"], path)
+            meta = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
+            return _benchmark_report_scores(data["metrics"], path,
+                                            meta.get("report_generated_date"))
         return _to_fractions(_json_entries(data, text, path), path, scale)
     if suffix == ".csv":
         return _to_fractions(_csv_entries(path.read_text(encoding="utf-8"), path), path, scale)
@@ -122,25 +124,67 @@ def _results_scores(path: Path, mode: str | None) -> dict[str, float]:
     return {r["task"]: float(r["score"]) for r in rows if r["mode"] == pick}
 
 
-def _benchmark_report_scores(metrics_: dict, path: Path) -> dict[str, float]:
+#: Keys of the current official model-level report (``experiments/report_score_v2.py``
+#: renames the two visdoc page tasks after the 2025-11-03 data fix) -> our task names.
+FIXED_KEYS = {"ViDoSeek-page-fixed": "ViDoSeek-page", "MMLongBench-page-fixed": "MMLongBench-page"}
+#: The date of that fix: a plain page key in a report generated before it holds old numbers.
+PAGE_FIX_DATE = "2025-11-03"
+#: Markers the official report writer puts where a task's score file is absent or unreadable.
+OFFICIAL_MARKERS = ("FILE_N/A", "DIR_N/A", "JSON_ERROR", "READ_ERROR")
+
+
+def _benchmark_report_scores(metrics_: dict, path: Path, generated: str | None = None,
+                             log=print) -> dict[str, float]:
     """The benchmark's own score report (VLM2Vec ``all_scores/*.json``: ``{"metrics":
     {modality: {task: {"hit@1": .., "ndcg_linear@5": .., ...}}}}``): per task, the number
-    under the task's registered metric (ndcg@k is the linear-gain NDCG)."""
+    under the task's registered metric (ndcg@k is the linear-gain NDCG).
+
+    ``*-fixed`` keys (:data:`FIXED_KEYS`) are read as their task and win over a plain key;
+    a plain page key from a report generated before :data:`PAGE_FIX_DATE` is flagged as not
+    comparable; keys no registered task has and the official "N/A" markers are named in
+    one line each."""
     out: dict[str, float] = {}
+    fixed: set[str] = set()
+    unknown, absent = [], []
     for modality, tasks in metrics_.items():
         if not isinstance(tasks, dict):
             raise ContractError(path, f"metrics.{modality} is not an object of tasks.")
-        for task, vals in tasks.items():
+        for key_name, vals in tasks.items():
+            task = FIXED_KEYS.get(key_name, key_name)
+            if isinstance(vals, str) and vals in OFFICIAL_MARKERS:
+                absent.append(f"{key_name} ({vals})")
+                continue
             try:
                 metric = get_task(task).metric
             except ValueError:
                 metric = "ndcg@5" if modality == "visdoc" else "hit@1"
+                unknown.append(key_name)
             key = metric.replace("ndcg@", "ndcg_linear@")
             if not isinstance(vals, dict) or key not in vals:
-                raise ContractError(path, f"metrics.{modality}.{task} has no {key!r} value.",
+                raise ContractError(path, f"metrics.{modality}.{key_name} has no {key!r} value.",
                                     fix="use the benchmark's score report or a {task: score} "
                                     "file")
+            if task in fixed:
+                continue  # the -fixed value already read wins over the plain key
+            if key_name != task:
+                fixed.add(task)
             out[task] = float(vals[key])
+    old = [t for t in FIXED_KEYS.values() if t in out and t not in fixed]
+    _report_keys(path, old, unknown, absent, generated, log)
     if not out:
         raise ContractError(path, "no task scores under 'metrics'.")
     return out
+
+
+def _report_keys(path: Path, old: list[str], unknown: list[str], absent: list[str],
+                 generated: str | None, log) -> None:
+    """One line per kind of key that is not a plain, current task score (``old``: plain page
+    keys, whose numbers predate the fix when the report does)."""
+    if old and generated and generated[:10] < PAGE_FIX_DATE:
+        log(f"[baseline] {path}: generated {generated[:10]}, before the {PAGE_FIX_DATE} fix of "
+            f"{', '.join(old)}: those baseline numbers are not comparable")
+    if unknown:
+        log(f"[baseline] {path}: keys of no registered task, kept but unused: "
+            f"{', '.join(unknown)}")
+    if absent:
+        log(f"[baseline] {path}: no score in the report for {', '.join(absent)}")

@@ -55,13 +55,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_contracts import io
+from data_contracts.files import atomic_write_json, atomic_write_text, json_digest
 from data_contracts.io import ContractError
 from data_contracts.schemas import EMBEDDINGS, EVAL_CORPUS, EVAL_RESULTS, EVAL_ROWS
 from mmemb.data.mmeb import NUM_FRAMES, media_files
 from mmemb.eval import metrics, report
 from mmemb.eval import synthetic as _synthetic  # noqa: F401  (registers the 'synthetic' suite)
 from mmemb.eval.encoding import Encoder, EncodeResult
-from mmemb.eval.tasks import MODALITIES, TaskSpec, get_task, select_tasks
+from mmemb.eval.tasks import DEFAULT_SUITE, MODALITIES, TaskSpec, get_task, select_tasks
 from mmemb.model.prompts import EmbedInput
 
 MODES = ("direct", "reason", "adaptive")
@@ -114,9 +115,7 @@ class EmbedderEncoder:
 # --------------------------------------------------------------------------- helpers
 
 def _digest(obj: Any) -> str:
-    from data_contracts.files import json_digest
-
-    return json_digest(obj)
+    return json_digest(obj)  # the one digest home (data_contracts.files)
 
 
 def checkpoint_digest(path: str | Path, memo: str | Path | None = None) -> str:
@@ -171,13 +170,14 @@ class Embedded:
 
 def make_items(ids: Sequence[str], insts: Sequence[str | None], texts: Sequence[str | None],
                imgs: Sequence[str | None], image_root: str | Path | None,
-               num_frames: int) -> list[EmbedItem]:
+               num_frames: int | None, pad: bool = True) -> list[EmbedItem]:
     """One :class:`EmbedItem` per input; a path whose media cannot be listed (an empty
-    frame folder) gives an item with its error instead of an input."""
+    frame folder) gives an item with its error instead of an input. ``num_frames`` / ``pad``:
+    :func:`mmemb.data.mmeb.sample_frames` (see :func:`frame_policy`)."""
     out = []
     for i, inst, text, img in zip(ids, insts, texts, imgs, strict=True):
         try:
-            files = media_files(img or "", image_root, num_frames)
+            files = media_files(img or "", image_root, num_frames, pad)
             out.append(EmbedItem(i, EmbedInput(text=text or "", instruction=inst or "",
                                            images=files)))
         except (OSError, ValueError) as e:
@@ -365,16 +365,34 @@ class TaskScore:
     computed: int  # inputs encoded in this run (0 = all cached)
     family: str | None = None  # the task's family (its first row's), for family means
     worst: list[dict] = field(default_factory=list)  # the lowest queries (worst_queries)
+    protocol: str = "strict"  # the scoring protocol (docs/evaluation.md)
+    n_candidates: int = 0  # unique embedded candidates (local) or the corpus size (global)
+    n_hash_dependent: int = 0  # official graded NDCG: queries whose value needs the hash seed
+    official: dict | None = None  # the official <T>_score.json body (official protocol)
 
     @property
     def score(self) -> float:
         return float(self.per_query.mean())
 
 
-def _candidates(td: TaskData, image_root, num_frames
+def frame_policy(spec: TaskSpec, protocol: str, num_frames: int | None
+                 ) -> tuple[int | None, bool]:
+    """(frames per video, pad) for one task: strict samples ``num_frames`` and repeats frames
+    of a shorter video; official passes a shorter video's frames as they are
+    (``process_video_frames``) and MomentSeeker every frame (its parser calls
+    ``load_frames`` directly, ``momentseeker_dataset.py``). Image and visdoc tasks have no
+    frame folders: one policy, so their embeddings are shared by both protocols."""
+    if protocol != "official" or spec.modality != "video":
+        return num_frames, True
+    return (None if spec.name == "MomentSeeker" and spec.suite == DEFAULT_SUITE
+            else num_frames), False
+
+
+def _candidates(td: TaskData, image_root, num_frames, pad: bool = True
                 ) -> tuple[list[EmbedItem], list[list[int]], list]:
     """Unique candidate items, and per query the candidate indices and gains (a dense
-    array over its own list for local tasks, {corpus index: gain} for global ones)."""
+    array over its own list for local tasks, {corpus index: gain} in target order for
+    global ones)."""
     spec = td.spec
     if spec.ranking == "global":
         if not td.corpus:
@@ -385,7 +403,8 @@ def _candidates(td: TaskData, image_root, num_frames
         items = make_items([c["cand_id"] for c in td.corpus],
                             [c["cand_inst"] for c in td.corpus],
                             [c["cand_text"] for c in td.corpus],
-                            [c["cand_img_path"] for c in td.corpus], image_root, num_frames)
+                            [c["cand_img_path"] for c in td.corpus], image_root, num_frames,
+                            pad)
         all_idx = list(range(len(items)))
         lists, gains = [], []
         for r in td.rows:
@@ -415,26 +434,61 @@ def _candidates(td: TaskData, image_root, num_frames
         gains.append(np.asarray(r["tgt_rel"] or [], dtype=np.float64))
     ids = [hashlib.sha1(json.dumps(k).encode()).hexdigest()[:16] for k in keys]
     items = make_items(ids, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys],
-                        image_root, num_frames)
+                        image_root, num_frames, pad)
     return items, lists, gains
+
+
+def official_label_keys(td: TaskData) -> tuple[list[list | None] | None, int]:
+    """Per query the native ids of its labels in qrels order, for the official graded-NDCG
+    pairing (:func:`metrics.ndcg_at_k`), and the number of queries whose official value
+    depends on ``PYTHONHASHSEED``.
+
+    The official scorer applies ``set()`` to the native ids: integer ids (ViDoRe's BEIR
+    corpus-ids) have a deterministic set order, reproduced here; string ids (file names)
+    do not, so those queries keep the exact pairing and are counted. The native type is read
+    from the ids: a task whose ids are all canonical decimal integers is taken as int-typed.
+    """
+    if td.spec.ranking != "global" or not td.spec.metric.startswith("ndcg"):
+        return None, 0
+    ids = [c for r in td.rows for c in (r["tgt_id"] or [])]
+    as_int = bool(ids) and all(c.isdigit() and str(int(c)) == c for c in ids)
+    keys: list[list | None] = []
+    n_hash = 0
+    for r in td.rows:
+        tid, rel = list(r["tgt_id"] or []), list(r["tgt_rel"] or [])
+        if as_int:
+            keys.append([int(c) for c in tid])
+        else:
+            keys.append(None)
+            n_hash += metrics.pairing_is_hash_dependent(tid, rel)
+    return keys, n_hash
 
 
 def score_task(encoder: Encoder, td: TaskData, modes: Sequence[str],
                cache: Callable[[str, str], Path] | None = None, *,
                image_root: str | Path | None = None, num_frames: int = NUM_FRAMES,
                reason_on_candidates: bool = False, chunk_size: int = 256,
-               strict: bool = False, log: Log = print) -> list[TaskScore]:
+               strict: bool = False, log: Log = print,
+               protocol: metrics.Protocol = "strict") -> list[TaskScore]:
     """Embed, rank and score one task in each mode: the one evaluator.
 
     ``cache(side, mode)`` is the cache folder of one side ('query' | 'candidate') embedded in
     ``mode``, so direct-mode candidates are shared by every query mode; without ``cache``
     everything is embedded in memory (the train stage's evaluation between its phases).
+    ``protocol``: the frame policy, tie rule and graded-NDCG pairing (docs/evaluation.md).
     """
     spec = td.spec
-    items, lists, gains = _candidates(td, image_root, num_frames)
+    n_frames, pad = frame_policy(spec, protocol, num_frames)
+    items, lists, gains = _candidates(td, image_root, n_frames, pad)
+    keys, n_hash = official_label_keys(td) if protocol == "official" else (None, 0)
+    if n_hash:
+        log(f"[evaluate] {spec.name}: the official value depends on PYTHONHASHSEED for "
+            f"{n_hash} queries (string ids, several grades); scored with the exact pairing")
     queries = make_items([r["row_id"] for r in td.rows], [r["qry_inst"] for r in td.rows],
                           [r["qry_text"] for r in td.rows], [r["qry_img_path"] for r in td.rows],
-                          image_root, num_frames)
+                          image_root, n_frames, pad)
+    if protocol == "official":
+        warn_short_retrieval_videos(spec, items, n_frames, log)
 
     def embed(its: list[EmbedItem], side: str, mode: str) -> Embedded:
         return embed_side(encoder, its, mode, spec.name, side,
@@ -448,21 +502,56 @@ def score_task(encoder: Encoder, td: TaskData, modes: Sequence[str],
             cand_cache[cmode] = embed(items, "candidate", cmode)
         cand = cand_cache[cmode]
         qry = embed(queries, "query", mode)
+        official = [] if protocol == "official" and spec.suite == DEFAULT_SUITE else None
         lowest: list[tuple] = []
-        per_query = _rank_and_score(spec, lists, gains, qry, cand, lowest)
+        per_query = _rank_and_score(spec, lists, gains, qry, cand, protocol, keys, official,
+                                    lowest)
         computed = qry.computed + cand.computed
         cand.computed = 0  # count a shared candidate encoding once
         out.append(TaskScore(spec, mode, per_query, qry.rows, _failures(qry, cand), computed,
                              family=td.rows[0].get("family") if td.rows else None,
-                             worst=worst_queries(td, gains, mode, lowest)))
+                             worst=worst_queries(td, gains, mode, lowest),
+                             protocol=protocol, n_candidates=len(items),
+                             n_hash_dependent=n_hash,
+                             official=metrics.official_score_dict(official)
+                             if official is not None else None))
     return out
 
 
+def warn_short_retrieval_videos(spec: TaskSpec, items: list[EmbedItem], n_frames: int | None,
+                                log: Log) -> int:
+    """Count (and log once) the videos of a video retrieval task with fewer than
+    ``n_frames`` frames: the official loaders of those tasks (``msrvtt_dataset.py`` & co.)
+    assert on them and never score the task; we embed the frames there are."""
+    if spec.suite != DEFAULT_SUITE or spec.category != "RET" or spec.modality != "video" \
+            or n_frames is None:
+        return 0
+    short = sum(1 for it in items if it.inp is not None and 0 < len(it.inp.images) < n_frames)
+    if short:
+        log(f"[evaluate] {spec.name}: {short} videos have < {n_frames} frames; the official "
+            "loader would fail on them")
+    return short
+
+
+def _official_grades(gains: dict[int, float], keys: list | None) -> dict[int, float]:
+    """{corpus index: grade} as the official scorer pairs them: grades in qrels order zipped
+    onto ``list(set(native ids))`` (``keys``: the native ids in qrels order); without
+    native ids (string ids, hash-dependent) the exact pairing."""
+    if keys is None:
+        return dict(gains)
+    index_of = dict(zip(keys, gains, strict=True))  # native id -> corpus index
+    return {index_of[k]: v for k, v in zip(list(set(keys)), gains.values(), strict=True)}
+
+
 def _rank_and_score(spec: TaskSpec, lists: list[list[int]], gains: list, qry: Embedded,
-                    cand: Embedded, lowest: list | None = None) -> np.ndarray:
+                    cand: Embedded, protocol: metrics.Protocol = "strict",
+                    label_keys: list | None = None, official_out: list | None = None,
+                    lowest: list | None = None) -> np.ndarray:
     """[Nq] metric per query: each query ranks its own candidates (local) or the corpus
     (global) by cosine; a candidate that failed can never rank first, a query that failed
-    is a miss. ``lowest``, when given, receives :func:`lowest_queries` of the ranking."""
+    is a miss. ``official_out`` (a list) receives each query's official metrics
+    (:func:`official_query_metrics`); ``lowest`` receives :func:`lowest_queries` of the
+    ranking."""
     if cand.emb.shape[1] != qry.emb.shape[1] and cand.ok.any() and qry.ok.any():
         raise ValueError(f"task {spec.name}: query dim {qry.emb.shape[1]} != candidate dim "
                          f"{cand.emb.shape[1]}")
@@ -487,10 +576,13 @@ def _rank_and_score(spec: TaskSpec, lists: list[list[int]], gains: list, qry: Em
         else:
             rels.append(g > 0 if kind == "hit" else g)
     try:
-        per_query = metrics.query_scores(rows_scores, rels, spec.metric)
+        per_query = metrics.query_scores(rows_scores, rels, spec.metric, protocol, label_keys)
     except ValueError as e:
         raise ValueError(f"task {spec.name}: {e}") from None
     per_query[~qry.ok] = 0.0  # a query that could not be embedded is a miss
+    if official_out is not None:
+        official_out += official_query_metrics(rows_scores, lists, gains, qry.ok, label_keys,
+                                               spec.ranking == "global")
     if lowest is not None:
         lowest.extend(lowest_queries(per_query, rows_scores))
     return per_query
@@ -544,6 +636,31 @@ def worst_queries(td: TaskData, gains: list, mode: str,
         out.append({"task": td.spec.name, "mode": mode, "row_id": r["row_id"],
                     "query": r["qry_text"] or r["qry_img_path"] or r["row_id"], "score": score,
                     "gold": gold, **{f"top{i + 1}": lb for i, lb in enumerate(labels)}})
+
+
+def official_query_metrics(rows_scores: list[np.ndarray], lists: list[list[int]],
+                           gains: list, ok: np.ndarray, label_keys: list | None,
+                           is_global: bool) -> list[dict | None]:
+    """Per query the official scorer's metrics (:func:`metrics.official_query_metrics`):
+    names are candidate item indices (one per official name, see
+    ``mmemb.data.mmeb._official_identity``), the top 10 in the stable order; graded tasks
+    pair grades as the official scorer does where the ids allow it. None where the query
+    could not be embedded."""
+    out: list[dict | None] = []
+    for q, (s, g) in enumerate(zip(rows_scores, gains, strict=True)):
+        if not ok[q]:
+            out.append(None)
+            continue
+        top = metrics.stable_top(s, max(metrics.OFFICIAL_KS))
+        names = top.tolist() if is_global else [lists[q][j] for j in top]
+        if isinstance(g, dict):  # global: {corpus index: grade} in qrels order
+            labels = {i for i, v in g.items() if v > 0}
+            keys = label_keys[q] if label_keys is not None else None
+            grades = _official_grades(g, keys) if any(v != 1.0 for v in g.values()) else None
+        else:  # local: gains per position of the row's list
+            labels = {lists[q][j] for j in np.flatnonzero(g > 0)}
+            grades = None
+        out.append(metrics.official_query_metrics(names, labels, grades))
     return out
 
 
@@ -710,12 +827,17 @@ def evaluate(encoder: Encoder, rows: pa.Table, corpus: pa.Table | None, out: str
              max_queries: int | None = None, num_frames: int = NUM_FRAMES,
              reason_on_candidates: bool = False, chunk_size: int = 256,
              baseline: Mapping[str, float] | None = None, baseline_name: str = "baseline",
-             cache_dir: str | Path | None = None, log: Log = print) -> EvalRun:
+             cache_dir: str | Path | None = None, log: Log = print,
+             protocol: metrics.Protocol = "strict",
+             data_digests: Mapping[str, str] | None = None,
+             missing: Iterable[str] | None = None) -> EvalRun:
     """Score ``encoder`` on the eval rows in each mode; write results, report and plot.
 
     ``model_id`` keys the cache (use :func:`checkpoint_digest`); ``mode_settings`` adds what
     changes a mode's embeddings (reasoning budget, gate threshold...) to that mode's key, so
-    changing the threshold recomputes adaptive embeddings only.
+    changing the threshold recomputes adaptive embeddings only. ``protocol`` is the scoring
+    protocol (``official`` | ``strict``); ``data_digests`` the digest of each task's source
+    files (the MMEB loader's) and ``missing`` the tasks skipped, both for the provenance.
     """
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
@@ -733,8 +855,12 @@ def evaluate(encoder: Encoder, rows: pa.Table, corpus: pa.Table | None, out: str
                 for m in MODES}
     for n, td in enumerate(tds):
         t0 = time.perf_counter()
-        rows_key = _digest({"rows": td.rows, "corpus": td.corpus, "frames": num_frames,
-                            "root": root_key})[:16]
+        # The frame policy changes inputs (not the tie rule): official and strict share
+        # embeddings wherever their inputs are the same.
+        frames = frame_policy(td.spec, protocol, num_frames)
+        rows_key = _digest({"rows": td.rows, "corpus": td.corpus, "root": root_key,
+                            "frames": num_frames if frames == (num_frames, True) else frames}
+                           )[:16]
 
         def folder(side: str, mode: str, td=td, rows_key=rows_key) -> Path:
             return (cache_root / mode_key[mode] / _safe(suite) / _safe(td.spec.name) / rows_key
@@ -742,7 +868,7 @@ def evaluate(encoder: Encoder, rows: pa.Table, corpus: pa.Table | None, out: str
 
         got = score_task(encoder, td, modes, folder, image_root=image_root,
                          num_frames=num_frames, reason_on_candidates=reason_on_candidates,
-                         chunk_size=chunk_size, log=log)
+                         chunk_size=chunk_size, log=log, protocol=protocol)
         scores += got
         dt = time.perf_counter() - t0
         enc = sum(s.computed for s in got)
@@ -753,8 +879,11 @@ def evaluate(encoder: Encoder, rows: pa.Table, corpus: pa.Table | None, out: str
     results = _results_table(suite, scores)
     per_input = _per_input(scores)
     aggs = {m: metrics.aggregate(_agg_rows(results, m)) for m in modes}
+    prov = provenance_rows(tds, scores, model_id, data_digests or {})
     files = write_report(out, results, aggs, per_input, baseline, baseline_name,
-                         model_id=model_id)
+                         model_id=model_id, provenance=prov, protocol=protocol)
+    files.update(write_provenance(out, prov, protocol, model_id, list(missing or [])))
+    files.update(write_official_scores(out, scores, suite))
     ref = io.write(results, out / "results", EVAL_RESULTS)
     files["results"] = Path(ref.uri)
     return EvalRun(results, aggs, per_input, files, suite, sum(s.computed for s in scores),
@@ -803,6 +932,70 @@ def _per_input(scores: list[TaskScore]) -> list[dict]:
     return out
 
 
+# --------------------------------------------------------------------------- provenance
+
+def provenance_rows(tds: Sequence[TaskData], scores: Sequence[TaskScore], model_id: str,
+                    data_digests: Mapping[str, str]) -> list[dict]:
+    """Per (task, mode): metric, protocol, numbers of queries and candidates, the digest of
+    the task's data (its source files' digest from the MMEB loader, else of its rows and
+    corpus) and the model's digest, so a number can be traced to what produced it."""
+    own = {td.spec.name: json_digest({"rows": td.rows, "corpus": td.corpus}) for td in tds}
+    return [{"task": s.spec.name, "mode": s.mode, "metric": s.spec.metric,
+             "protocol": s.protocol, "n_queries": int(s.per_query.size),
+             "n_candidates": s.n_candidates,
+             "candidates": "corpus" if s.spec.ranking == "global" else "unique in the lists",
+             "data_digest": data_digests.get(s.spec.name) or own[s.spec.name],
+             "data_digest_of": "source files" if s.spec.name in data_digests else "rows",
+             "model_digest": model_id, "n_hash_dependent": s.n_hash_dependent}
+            for s in scores]
+
+
+def provenance_lines(prov: list[dict], protocol: str | None) -> list[str]:
+    """The report's provenance section: protocol and, per task, where its number came from."""
+    if not prov:
+        return []
+    head = ["task", "mode", "metric", "protocol", "queries", "candidates", "data digest",
+            "model digest"]
+    body = [[p["task"], p["mode"], p["metric"], p["protocol"], p["n_queries"],
+             p["n_candidates"], f"`{p['data_digest'][:16]}`", f"`{p['model_digest'][:16]}`"]
+            for p in prov]
+    hashed = [f"{p['task']} ({p['n_hash_dependent']})" for p in prov if p["n_hash_dependent"]]
+    out = [f"Protocol: **{protocol or prov[0]['protocol']}** (docs/evaluation.md).", "",
+           "## Provenance", "", report.markdown_table(head, body), ""]
+    if hashed:
+        out += ["Official value depends on PYTHONHASHSEED for queries of: "
+                + ", ".join(hashed) + " (scored with the exact pairing).", ""]
+    return out
+
+
+def write_provenance(out: Path, prov: list[dict], protocol: str, model_id: str,
+                     missing: list[str]) -> dict[str, Path]:
+    """``provenance.json``: the protocol, the model digest, the skipped tasks and the
+    per-task rows of :func:`provenance_rows`."""
+    path = out / "provenance.json"
+    atomic_write_json(path, {"protocol": protocol, "model_digest": model_id,
+                             "missing": missing, "tasks": prov})
+    return {"provenance": path}
+
+
+def write_official_scores(out: Path, scores: Sequence[TaskScore], suite: str
+                          ) -> dict[str, Path]:
+    """Per task ``official/<mode>/<modality>/<T>_score.json`` in the official layout
+    (``eval.py``'s ``json.dump(score_dict, indent=4)``: hit, ndcg_linear, ndcg_exponential,
+    precision, recall, f1, map, mrr at 1, 5, 10, then ``num_pred`` and ``num_data``), so an
+    official-protocol run can be diffed against published files; strict runs write none."""
+    if suite != DEFAULT_SUITE:
+        return {}
+    root = out / "official"
+    done = [s for s in scores if s.official is not None]
+    for s in done:
+        body = s.official
+        path = root / s.mode / s.spec.modality / f"{s.spec.name}_score.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(body, indent=4))
+    return {"official": root} if done else {}
+
+
 # --------------------------------------------------------------------------- report
 
 def _fmt(score: float | None, metric: str) -> str:
@@ -815,17 +1008,23 @@ def _demote(md: str) -> str:
 
 def write_report(out: Path, results: pa.Table, aggs: dict[str, dict], per_input: list[dict],
                  baseline: Mapping[str, float] | None, baseline_name: str = "baseline",
-                 model_id: str = "") -> dict[str, Path]:
+                 model_id: str = "", provenance: list[dict] | None = None,
+                 protocol: str | None = None) -> dict[str, Path]:
     """``report.md`` (modes side by side, per-mode tables with the baseline, reasoning and
-    latency), ``reasoning.md``, ``accuracy_latency.png`` and ``aggregate.json`` under ``out``."""
+    latency, per-task provenance), ``reasoning.md``, ``accuracy_latency.png`` and
+    ``aggregate.json`` under ``out``; a partial MMEB-V2 run says so in its first line."""
     out.mkdir(parents=True, exist_ok=True)
     modes = list(aggs)
     suite = next(iter(aggs.values()))["suite"]
     summary = {s["mode"]: s for s in report.mode_summary(per_input)} if per_input else {}
     lines = [f"# Evaluation: {suite}", ""]
+    first = next(iter(aggs.values()))
+    if first.get("partial"):
+        lines += [report.partial_headline(first), ""]
     if model_id:
         lines += [f"Model key `{model_id[:16]}`. Scores x100 with the metric beside each "
                   "number; overall = mean over tasks.", ""]
+    lines += provenance_lines(provenance or [], protocol)
     lines += ["## Modes", "", _modes_table(aggs, summary), ""]
     lines += _task_lines(results.to_pylist(), modes, baseline, baseline_name)
     for m in modes:
@@ -858,7 +1057,8 @@ def accuracy_latency_points(aggs: Mapping[str, Mapping], summary: Mapping[str, M
     and mean latency (``summary``: :func:`report.mode_summary` by mode)."""
     return [{"mode": m, "score": aggs[m]["overall"]["score"],
              "metric": aggs[m]["overall"]["metric"],
-             "latency_mean_ms": summary[m]["latency_mean_ms"]} for m in aggs if m in summary]
+             "latency_mean_ms": summary[m]["latency_mean_ms"]} for m in aggs if m in summary
+            and aggs[m]["overall"]["score"] is not None]  # no point for a partial MMEB run
 
 
 def _modes_table(aggs: Mapping[str, Mapping], summary: Mapping[str, Mapping]) -> str:

@@ -46,15 +46,23 @@ def _group_rows(
 ) -> list[list[Any]]:
     rows = []
     for label, g in groups:
-        row = [*label, g["n_tasks"], _fmt(g["score"], g["metric"])]
+        ours = (f"{DASH} (partial {g['partial']})" if g.get("partial")
+                else _fmt(g["score"], g["metric"]))
+        row = [*label, g["n_tasks"], ours]
         if baseline is not None:
             base, note = _baseline_mean(g["tasks"], baseline)
             row += [
                 note or _fmt(base, g["metric"]),
-                DASH if base is None else f"{100 * (g['score'] - base):+.1f}",
+                DASH if base is None or g["score"] is None
+                else f"{100 * (g['score'] - base):+.1f}",
             ]
         rows.append(row)
     return rows
+
+
+def partial_headline(agg: Mapping[str, Any]) -> str:
+    """The first line of a partial MMEB-V2 report: ``**partial: N/78** — missing: ...``."""
+    return f"**partial: {agg['partial']}** — missing: {', '.join(agg['missing'])}"
 
 
 def markdown_report(
@@ -68,6 +76,8 @@ def markdown_report(
     agg = aggregate_result
     cmp_cols = ["baseline", "diff"] if baseline is not None else []
     out = [f"# Evaluation report: {agg['suite']}", ""]
+    if agg.get("partial"):
+        out += [partial_headline(agg), ""]
     if agg.get("missing"):
         n_all = len(agg["missing"]) + len(agg["tasks"])
         note = (

@@ -19,6 +19,7 @@ Run alone::
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from data_contracts import io
+from data_contracts.files import atomic_write_json
 from data_contracts.io import ContractError
 from data_contracts.schemas import EVAL_CORPUS, EVAL_ROWS
 from mmemb.configs.cli import stage_main
@@ -67,7 +69,7 @@ def load_data(cfg: EvaluateConfig):
     loaded = load_mmeb_eval(ev, cfg.tasks, categories=cfg.categories,
                             modalities=cfg.modalities, num_frames=cfg.num_frames,
                             max_queries=cfg.max_queries, image_cache=cfg.image_cache,
-                            skip_missing=cfg.skip_missing)
+                            skip_missing=cfg.skip_missing, protocol=cfg.protocol)
     data = Path(cfg.out) / "data"
     io.write(loaded.rows, data / "eval_rows", EVAL_ROWS)
     corpus = loaded.corpus if loaded.corpus.num_rows else None
@@ -79,7 +81,19 @@ def load_data(cfg: EvaluateConfig):
         first = next(iter(loaded.missing.values()))
         print(f"[evaluate] skip_missing: {len(loaded.missing)} task(s) absent and skipped "
               f"({', '.join(loaded.missing)}); e.g. {first}", flush=True)
+    atomic_write_json(data / TASK_DIGESTS, loaded.digests)
     return loaded.rows, corpus, cfg.image_root or str(loaded.image_root), loaded.missing
+
+
+#: Beside the eval_rows artifact: the MMEB loader's per-task source-file digests (provenance).
+TASK_DIGESTS = "task_digests.json"
+
+
+def task_digests(cfg: EvaluateConfig, from_mmeb: bool) -> dict[str, str]:
+    """The per-task data digests written beside the eval rows when they were loaded from an
+    MMEB root (this run's ``<out>/data``, or an artifact's folder); {} when there are none."""
+    path = (Path(cfg.out) / "data" if from_mmeb else Path(cfg.eval).parent) / TASK_DIGESTS
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def gate_settings(cfg: EvaluateConfig) -> GateSettings:
@@ -166,7 +180,8 @@ def run(cfg: EvaluateConfig, log: StepLogger = null_logger) -> StageResult:
             max_queries=cfg.max_queries, num_frames=cfg.num_frames,
             reason_on_candidates=cfg.reason_on_candidates, chunk_size=cfg.chunk_size,
             baseline=baseline, baseline_name=cfg.baseline_name, cache_dir=cache,
-            log=lambda s: print(s, flush=True))
+            log=lambda s: print(s, flush=True), protocol=cfg.protocol,
+            data_digests=task_digests(cfg, from_mmeb), missing=list(missing))
     finally:
         if getattr(encoder, "vllm", None) is not None:
             encoder.vllm.close()
@@ -209,9 +224,11 @@ def _metrics(res: harness.EvalRun) -> tuple[dict[str, float], list[str]]:
     lines = []
     for mode, agg in res.aggregates.items():
         g = agg["overall"]
-        metrics[f"{mode}.overall"] = g["score"]
+        if g["score"] is not None:  # None: a partial MMEB-V2 run has no overall
+            metrics[f"{mode}.overall"] = g["score"]
         for mod, mg in agg["modalities"].items():
-            metrics[f"{mode}.{mod}"] = mg["score"]
+            if mg["score"] is not None:  # None: a partial modality of MMEB-V2
+                metrics[f"{mode}.{mod}"] = mg["score"]
         for task, t in agg["tasks"].items():
             metrics[f"{mode}.task.{task}"] = t["score"]
         s = summary_modes.get(mode)
@@ -220,7 +237,8 @@ def _metrics(res: harness.EvalRun) -> tuple[dict[str, float], list[str]]:
             metrics[f"{mode}.mean_gen_tokens"] = s["mean_tokens"]
             for k in ("latency_mean_ms", "latency_p50_ms", "latency_p95_ms"):
                 metrics[f"{mode}.{k}"] = s[k]
-        lines.append(f"{mode} {100 * g['score']:.1f} ({g['metric']}, {g['n_tasks']} tasks"
+        head = (f"partial {agg['partial']}" if g["score"] is None else f"{100 * g['score']:.1f}")
+        lines.append(f"{mode} {head} ({g['metric']}, {g['n_tasks']} tasks"
                      + (f", reasoning {100 * s['reasoning_ratio']:.0f}%, "
                         f"{s['latency_mean_ms']:.1f} ms/query" if s else "") + ")")
     metrics["tasks_with_failed_inputs"] = float(sum(r["status"] != "ok"

@@ -636,6 +636,7 @@ def worst_queries(td: TaskData, gains: list, mode: str,
         out.append({"task": td.spec.name, "mode": mode, "row_id": r["row_id"],
                     "query": r["qry_text"] or r["qry_img_path"] or r["row_id"], "score": score,
                     "gold": gold, **{f"top{i + 1}": lb for i, lb in enumerate(labels)}})
+    return out
 
 
 def official_query_metrics(rows_scores: list[np.ndarray], lists: list[list[int]],

@@ -201,6 +201,8 @@ class Embedder(torch.nn.Module):
         if dtype is not None and next(model.parameters()).dtype != dtype:
             state = cast_state_dict(model.state_dict(), dtype)  # the model keeps its dtype
         model.save_pretrained(out, state_dict=state, safe_serialization=True)
+        if state is not None:  # transformers records the in-memory dtype; say the saved one
+            _record_dtype(out / "config.json", dtype)
         self.processor.save_pretrained(out)
         if hasattr(self.processor, "image_processor"):  # preprocessor_config.json: vLLM's
             self.processor.image_processor.save_pretrained(out)  # loader reads it
@@ -410,3 +412,20 @@ def cast_state_dict(state: dict[str, torch.Tensor], dtype: torch.dtype
             cast[key] = t.detach().to(dtype)
         out[name] = cast[key]
     return out
+
+
+def _record_dtype(config_file: Path, dtype: torch.dtype) -> None:
+    """Write ``dtype`` as the checkpoint's dtype in its ``config.json`` (top level and every
+    sub-config that names one), so loaders and :func:`loading.source_dtype` see what the
+    weights are stored in."""
+    import json
+
+    from data_contracts.files import atomic_write_json
+
+    cfg = json.loads(config_file.read_text())
+    name = str(dtype).removeprefix("torch.")
+    for d in (cfg, *(v for v in cfg.values() if isinstance(v, dict))):
+        for key in ("dtype", "torch_dtype"):
+            if key in d:
+                d[key] = name
+    atomic_write_json(config_file, cfg)

@@ -110,6 +110,9 @@ def test_save_in_another_dtype_keeps_the_model_and_the_tie(tiny_model, tmp_path)
         assert {f.get_slice(k).get_dtype() for k in keys} == {"BF16"}
         w = f.get_tensor(next(k for k in keys if k.endswith("embed_tokens.weight")))
     assert not any(k.endswith("lm_head.weight") for k in keys)  # tied: stored once
+    import json
+
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     torch.testing.assert_close(w, before[next(k for k in before
                                                if k.endswith("embed_tokens.weight"))]
                                .to(torch.bfloat16), atol=0, rtol=0)

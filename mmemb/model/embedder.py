@@ -347,15 +347,6 @@ class Embedder(torch.nn.Module):
         return EncoderOutput(torch.stack(embs), torch.tensor(ntok))
 
 
-def describe(path: str | Path) -> dict:
-    """The saved embedding config and architecture of a checkpoint, for logs and checks."""
-    path = Path(path)
-    cfg = json.loads((path / "config.json").read_text())
-    emb = EmbeddingConfig.load(path)
-    return {"architectures": cfg.get("architectures"), "model_type": cfg.get("model_type"),
-            "embedding_config": emb.model_dump() if emb else None}
-
-
 def _refuse_other_config(path: Path | str, saved: EmbeddingConfig | None,
                          expect: EmbeddingConfig | None) -> None:
     """A checkpoint trained with other markup or pooling would embed differently from what
@@ -418,7 +409,6 @@ def _record_dtype(config_file: Path, dtype: torch.dtype) -> None:
     """Write ``dtype`` as the checkpoint's dtype in its ``config.json`` (top level and every
     sub-config that names one), so loaders and :func:`loading.source_dtype` see what the
     weights are stored in."""
-    import json
 
     from data_contracts.files import atomic_write_json
 

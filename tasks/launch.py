@@ -268,8 +268,8 @@ def launch_replicas(launch_cfg: LaunchConfig, stage: str, cfg: StageConfig, stat
             stop_tree(proc)
     if failed is not None:
         raise failed
-    from tasks.stages import call_stage
+    from mmemb.stages.base import run_stage
 
     print(f"[{stage}] {n} replicas done in {time.perf_counter() - t0:.0f}s; assembling",
           flush=True)
-    return call_stage(stage, cfg), 0
+    return run_stage(stage, cfg), 0

@@ -9,7 +9,6 @@ payload (artifact references, metrics, paths), never data or models.
 
 from __future__ import annotations
 
-import importlib
 import re
 import time
 from pathlib import Path
@@ -23,7 +22,8 @@ from data_contracts.files import atomic_write_json
 from data_contracts.io import ContractError
 from mmemb.configs.base import StageConfig
 from mmemb.configs.pipeline import STAGES, WIRING, PipelineConfig, load_stage_config
-from mmemb.stages.base import StageResult
+from mmemb.stages.base import StageResult, stage_module
+from mmemb.stages.base import run_stage as call_stage
 from tasks import cache
 from tasks.launch import StageFailed, is_transient, launch
 from tasks.tracking import (
@@ -48,21 +48,6 @@ class MissingInput(ContractError):
 
 
 # --------------------------------------------------------------------------- stage modules
-
-def stage_module(stage: str) -> str:
-    return f"mmemb.stages.{stage}"
-
-
-def call_stage(stage: str, cfg: StageConfig, log=None) -> StageResult:
-    """Import the stage and call ``run(cfg, log=...)`` in this process (every stage's
-    ``run`` takes its step logger as ``log``)."""
-    run = importlib.import_module(stage_module(stage)).run
-    res = run(cfg) if log is None else run(cfg, log=log)
-    if not isinstance(res, StageResult):
-        raise TypeError(f"{stage_module(stage)}.run returned {type(res).__name__}, expected "
-                        "StageResult")
-    return res
-
 
 # --------------------------------------------------------------------------- inputs
 

@@ -34,9 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     from data_contracts.files import atomic_write_json
+    from mmemb.configs.pipeline import load_stage_config
+    from mmemb.stages.base import run_stage
     from tasks.cache import result_to_state
     from tasks.launch import is_transient
-    from tasks.stages import call_stage, load_stage_config
     from tasks.tracking import ENV_RUN, Tracker, is_rank0
 
     rank0 = is_rank0()
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                 live(step, metrics)
                 if tr.active:
                     steps[0] += 1
-        res = call_stage(a.stage, cfg, log)
+        res = run_stage(a.stage, cfg, log)
         if rank0:
             atomic_write_json(Path(a.result), {"result": result_to_state(res),
                                                "steps_logged": steps[0]})

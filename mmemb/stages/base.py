@@ -37,3 +37,21 @@ class StageResult:
         return {"stage": self.stage, "outputs": {k: v.to_dict() for k, v in self.outputs.items()},
                 "metrics": self.metrics, "files": {k: str(v) for k, v in self.files.items()},
                 "models": {k: str(v) for k, v in self.models.items()}, "summary": self.summary}
+
+
+def stage_module(stage: str) -> str:
+    """The module that holds stage ``stage``'s ``run`` (and its command line)."""
+    return f"mmemb.stages.{stage}"
+
+
+def run_stage(stage: str, cfg, log: StepLogger | None = None) -> StageResult:
+    """Import the stage and call ``run(cfg, log=...)`` in this process (every stage's
+    ``run`` takes its step logger as ``log``); what launch, worker and task all call."""
+    import importlib
+
+    run = importlib.import_module(stage_module(stage)).run
+    res = run(cfg) if log is None else run(cfg, log=log)
+    if not isinstance(res, StageResult):
+        raise TypeError(f"{stage_module(stage)}.run returned {type(res).__name__}, expected "
+                        "StageResult")
+    return res

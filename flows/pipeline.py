@@ -215,7 +215,8 @@ def pipeline(config: PipelineConfig | None = None, from_stage: StageName | None 
     steps = plan(config, from_stage, only, force)
     tracker = Tracker.from_config(config.run.tracking, config.run_dir)
     tracker.replay()
-    parent = open_parent(config, tracker)
+    parent = open_parent(config, tracker, overrides=overrides, steps=[s for s, _ in steps],
+                         from_stage=from_stage, only=only)
     link_in_prefect(tracker, parent)
     print(f"[pipeline] {config.run.name}: {' -> '.join(s for s, _ in steps)} in "
           f"{config.run_dir}" + (f"; MLflow parent run {parent}" if parent else ""), flush=True)

@@ -25,11 +25,12 @@ DEFAULT_UI_TIMEOUT_S = 600
 def start_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 5000,
                  backend_store_uri: str | None = None, workers: int = 1,
                  log_file: str | Path | None = None,
-                 allowed_hosts: str | None = None) -> subprocess.Popen:
+                 trust_origin: str | None = None) -> subprocess.Popen:
     """Start ``mlflow server`` over the run directory's store in its own session.
 
-    ``allowed_hosts``: the Host headers the server accepts (``--allowed-hosts``) besides
-    its defaults (localhost, 127.0.0.1, private ranges), e.g. ``127.0.0.2:5000``."""
+    ``trust_origin`` (e.g. ``http://127.0.0.2:5000``): a URL the UI is opened at besides
+    MLflow's defaults (localhost and private hosts; localhost origins): accepted as a Host
+    header and as the origin of the UI's own API calls, which are refused otherwise."""
     from tasks.tracking import artifact_root, default_tracking_uri
 
     run_dir = Path(run_dir)
@@ -40,8 +41,10 @@ def start_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 5000,
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
            "--default-artifact-root", artifact_root(run_dir), "--host", host,
            "--port", str(port), "--workers", str(workers)]
-    if allowed_hosts:
-        cmd += ["--allowed-hosts", allowed_hosts]
+    if trust_origin:
+        netloc = urllib.parse.urlsplit(trust_origin).netloc
+        cmd += ["--allowed-hosts", f"{netloc},{netloc.split(':')[0]}",
+                "--cors-allowed-origins", trust_origin.rstrip("/")]
     out = open(log_file, "ab") if log_file else None  # noqa: SIM115 - owned by the process
     return subprocess.Popen(cmd, start_new_session=True, stdout=out, stderr=out)
 

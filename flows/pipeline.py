@@ -106,6 +106,7 @@ def format_summary(config: PipelineConfig, payloads: dict[str, dict], duration_s
                          f"{tracker.ui_url(parent_run_id)}")
         else:
             lines.append(f"  MLflow run: {tracker.ui_url(parent_run_id)}")
+        lines.append(f"  all runs of the experiment: {tracker.ui_url()}")
     elif tracker.enabled:
         lines.append(f"  MLflow unreachable ({tracker.offline_reason}); records spooled, "
                      f"send them with: mmemb sync --run-dir {config.run_dir}")

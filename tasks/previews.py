@@ -74,14 +74,21 @@ def write_table(rows: list[dict], path: Path, columns: list[str] | None = None) 
     return path
 
 
-def _rows(uri: str, columns: list[str] | None = None, limit: int | None = None) -> list[dict]:
-    """Rows of a Parquet artifact (a folder of parts or one file), only ``columns``."""
+def _rows(uri: str, columns: list[str] | None = None, limit: int | None = None,
+          pair_ids: set[str] | None = None):
+    """Rows of a Parquet artifact (a folder of parts or one file), only ``columns`` (and
+    only ``pair_ids``), read batch by batch: a large output is never loaded whole."""
+    import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
     d = ds.dataset(uri, format="parquet")
     cols = [c for c in columns if c in d.schema.names] if columns else None
-    t = d.head(limit, columns=cols) if limit else d.to_table(columns=cols)
-    return t.to_pylist()
+    if limit:
+        yield from d.head(limit, columns=cols).to_pylist()
+        return
+    flt = pc.field("pair_id").isin(sorted(pair_ids)) if pair_ids is not None else None
+    for batch in d.to_batches(columns=cols, filter=flt):
+        yield from batch.to_pylist()
 
 
 # --------------------------------------------------------------------------- README
@@ -146,7 +153,8 @@ def _delta_extremes(outputs: dict[str, dict], cfg: Any) -> dict[str, list[dict]]
     src = getattr(cfg, "rationales", None)
     if src and Path(src).exists():
         want = {(r["pair_id"], r["teacher_id"], r["cand_idx"]) for r in picked}
-        for r in _rows(src, ["pair_id", "teacher_id", "cand_idx", "text"]):
+        for r in _rows(src, ["pair_id", "teacher_id", "cand_idx", "text"],
+                       pair_ids={p for p, _, _ in want}):
             k = (r["pair_id"], r["teacher_id"], r["cand_idx"])
             if k in want:
                 texts[k] = r["text"]
@@ -196,7 +204,7 @@ def stage_previews(stage: str, outputs: dict[str, dict], files: dict[str, str], 
 
     for name, r in outputs.items():
         attempt(name, lambda n=name, r=r: made.__setitem__(
-            n, write_table(_rows(r["uri"], limit=HEAD_ROWS), folder / f"{n}{TABLE_SUFFIX}")))
+            n, write_table(list(_rows(r["uri"], limit=HEAD_ROWS)), folder / f"{n}{TABLE_SUFFIX}")))
     if stage in SAMPLES and outputs:
         def samples() -> None:
             for n, rows in SAMPLES[stage](outputs, cfg).items():

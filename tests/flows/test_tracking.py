@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -270,3 +272,26 @@ def test_logged_model_has_a_signature_and_takes_the_mode_param(tmp_path, caplog,
     assert direct.shape == (2, 8) and (direct == 0).all()
     assert (reason == 1).all()  # mode reached predict
     assert not [r for r in caplog.records if "Ignoring" in r.getMessage()]
+
+
+def test_stage_previews_register_stage_tables_and_describe_outputs(tmp_path):
+    """Every output gets its first rows as a table and a README line (schema, rows, where
+    the full file is); a ``*.table.json`` file a stage wrote is registered as is."""
+    from tasks.previews import stage_previews
+
+    ref = _eval_ref(tmp_path / "ev")
+    own = tmp_path / "decisions.table.json"
+    own.write_text('{"columns": ["pair_id", "verdict"], "data": [["p0", "selected"]]}')
+    plot = tmp_path / "hist.png"
+    plot.write_bytes(b"\x89PNG fake")
+    tags = {"mmemb.output.eval.logged": "by reference", "mmemb.output.eval.uri": "/big/ev"}
+    tables, others = stage_previews("select", {"eval": ref.to_dict()},
+                                    {"decisions": str(own), "hist": str(plot)}, None, [],
+                                    tags, tmp_path / "ui")
+    assert sorted(a for _, a in tables) == ["ui/decisions.table.json", "ui/eval.table.json"]
+    head = json.loads(Path(dict((a, p) for p, a in tables)["ui/eval.table.json"]).read_text())
+    assert head["columns"][:3] == ["row_id", "task", "suite"] and len(head["data"]) == 1
+    assert head["data"][0][head["columns"].index("tgt_id")] == "[1] a"  # a list, summarised
+    (md, dest), = others
+    text = Path(md).read_text()
+    assert dest == "ui" and "kept by reference at `/big/ev`" in text and "| `row_id` |" in text

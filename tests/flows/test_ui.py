@@ -117,6 +117,11 @@ def test_ui_api_lists_parent_and_child_runs(ui, pipeline_run):
     assert {"ui/pairs.table.json", "ui/eval.table.json"} <= tables
     ptags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
     assert ptags["mmemb.run_name"] == "t" and "prepare" in ptags["mlflow.note.content"]
+    # the link `mmemb ui` prints: the experiment's runs, in Model-training mode
+    from tasks.mlflow_server import experiment_page
+
+    assert experiment_page(ui, pipeline_run["run_dir"]) == \
+        f"{ui}/#/experiments/{out['experiment_id']}/runs?{QUERY}"
 
 
 def test_parent_names_tell_runs_of_one_config_apart(tmp_path):

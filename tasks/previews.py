@@ -126,8 +126,8 @@ def readme(stage: str, outputs: dict[str, dict], tags: dict[str, str],
 def _rationale_sample(outputs: dict[str, dict], cfg: Any) -> dict[str, list[dict]]:
     """generate: a few rationales per (teacher, status)."""
     del cfg
-    cols = ["pair_id", "side", "teacher_id", "cand_idx", "status", "n_tokens",
-            "finish_reason", "text", "error"]
+    cols = ["teacher_id", "status", "text", "error", "n_tokens", "finish_reason", "pair_id",
+            "side", "cand_idx"]
     seen: dict[tuple, int] = {}
     out = []
     for r in _rows(outputs["rationales"]["uri"], cols):
@@ -141,7 +141,7 @@ def _rationale_sample(outputs: dict[str, dict], cfg: Any) -> dict[str, list[dict
 
 def _delta_extremes(outputs: dict[str, dict], cfg: Any) -> dict[str, list[dict]]:
     """score: the pairs with the largest and the smallest delta, with the rationale."""
-    cols = ["pair_id", "teacher_id", "cand_idx", "delta", "s_with", "s_without",
+    cols = ["delta", "pair_id", "teacher_id", "cand_idx", "s_with", "s_without",
             "rank_with", "rank_without", "status"]
     ok = [r for r in _rows(outputs["scores"]["uri"], cols)
           if r.get("status") == "ok" and r.get("delta") is not None]
@@ -158,9 +158,11 @@ def _delta_extremes(outputs: dict[str, dict], cfg: Any) -> dict[str, list[dict]]
             k = (r["pair_id"], r["teacher_id"], r["cand_idx"])
             if k in want:
                 texts[k] = r["text"]
-    for r in picked:
-        r["rationale"] = texts.get((r["pair_id"], r["teacher_id"], r["cand_idx"]))
-    return {"delta_extremes": picked}
+    # the columns to read first: which end, the delta, the rationale that caused it
+    rows = [{"which": r["which"], "delta": r["delta"],
+             "rationale": texts.get((r["pair_id"], r["teacher_id"], r["cand_idx"])), **r}
+            for r in picked]
+    return {"delta_extremes": rows}
 
 
 #: Stage -> the sample tables that answer "did it work?" (beyond the first rows).

@@ -136,7 +136,7 @@ KEY_FIGURE: dict[str, Callable[[dict[str, float]], str]] = {
     "prepare": lambda m: f"{m['pairs_rows']:.0f} pairs",
     "generate": lambda m: f"{_share(m['share_ok'])} ok of {m['rows']:.0f}",
     "score": lambda m: f"Δ {m['mean_delta']:+.3f}",
-    "select": lambda m: f"kept {m['kept']:.0f}/{m['pairs']:.0f}",
+    "select": lambda m: f"{_share(m['selected_share'])} of {m['pairs']:.0f} with rationale",
     "train": lambda m: f"loss {m['loss_last']:.3f}" + (
         f" · hit@1 {m['eval/mean']:.2f}" if "eval/mean" in m else ""),
     "gate": lambda m: f"reward {m['reward_first_quarter']:+.2f}→"

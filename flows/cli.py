@@ -189,8 +189,13 @@ def cmd_ui(a: argparse.Namespace) -> int:
           "for it (--timeout)", flush=True)
     try:
         took = server.wait_healthy(url, timeout=a.timeout, proc=proc)
-        print(f"MLflow UI over {a.run_dir}: {url}  (up in {took:.0f}s; Ctrl-C stops it)",
-              flush=True)
+        page = server.experiment_page(url, a.run_dir)
+        if page:
+            print(f"MLflow UI over {a.run_dir}: {page}\n  (the experiment's runs; or the "
+                  f"MLflow home: {url}; up in {took:.0f}s; Ctrl-C stops it)", flush=True)
+        else:
+            print(f"MLflow UI over {a.run_dir}: {url}  (up in {took:.0f}s; Ctrl-C stops it)",
+                  flush=True)
         proc.wait()
     except (TimeoutError, RuntimeError) as e:
         print(f"mmemb ui: {e}", file=sys.stderr, flush=True)

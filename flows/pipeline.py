@@ -106,6 +106,7 @@ def format_summary(config: PipelineConfig, payloads: dict[str, dict], duration_s
                          f"{tracker.ui_url(parent_run_id)}")
         else:
             lines.append(f"  MLflow run: {tracker.ui_url(parent_run_id)}")
+        lines.append(f"  all runs of the experiment: {tracker.ui_url()}")
     elif tracker.enabled:
         lines.append(f"  MLflow unreachable ({tracker.offline_reason}); records spooled, "
                      f"send them with: mmemb sync --run-dir {config.run_dir}")
@@ -215,7 +216,8 @@ def pipeline(config: PipelineConfig | None = None, from_stage: StageName | None 
     steps = plan(config, from_stage, only, force)
     tracker = Tracker.from_config(config.run.tracking, config.run_dir)
     tracker.replay()
-    parent = open_parent(config, tracker)
+    parent = open_parent(config, tracker, overrides=overrides, steps=[s for s, _ in steps],
+                         from_stage=from_stage, only=only)
     link_in_prefect(tracker, parent)
     print(f"[pipeline] {config.run.name}: {' -> '.join(s for s, _ in steps)} in "
           f"{config.run_dir}" + (f"; MLflow parent run {parent}" if parent else ""), flush=True)

@@ -8,9 +8,11 @@ Nothing here imports MLflow (the server is a subprocess), so ``mmemb ui`` starts
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -22,8 +24,13 @@ DEFAULT_UI_TIMEOUT_S = 600
 
 def start_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 5000,
                  backend_store_uri: str | None = None, workers: int = 1,
-                 log_file: str | Path | None = None) -> subprocess.Popen:
-    """Start ``mlflow server`` over the run directory's store in its own session."""
+                 log_file: str | Path | None = None,
+                 trust_origin: str | None = None) -> subprocess.Popen:
+    """Start ``mlflow server`` over the run directory's store in its own session.
+
+    ``trust_origin`` (e.g. ``http://127.0.0.2:5000``): a URL the UI is opened at besides
+    MLflow's defaults (localhost and private hosts; localhost origins): accepted as a Host
+    header and as the origin of the UI's own API calls, which are refused otherwise."""
     from tasks.tracking import artifact_root, default_tracking_uri
 
     run_dir = Path(run_dir)
@@ -34,6 +41,10 @@ def start_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 5000,
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
            "--default-artifact-root", artifact_root(run_dir), "--host", host,
            "--port", str(port), "--workers", str(workers)]
+    if trust_origin:
+        netloc = urllib.parse.urlsplit(trust_origin).netloc
+        cmd += ["--allowed-hosts", f"{netloc},{netloc.split(':')[0]}",
+                "--cors-allowed-origins", trust_origin.rstrip("/")]
     out = open(log_file, "ab") if log_file else None  # noqa: SIM115 - owned by the process
     return subprocess.Popen(cmd, start_new_session=True, stdout=out, stderr=out)
 
@@ -73,3 +84,19 @@ def wait_healthy(url: str, timeout: float | None = None,
             pass
         time.sleep(0.5)
     raise TimeoutError(timeout_message(url, timeout))
+
+
+def experiment_page(url: str, run_dir: str | Path) -> str | None:
+    """The served UI's page of the run directory's experiment, on its runs in "Model
+    training" mode (MLflow 3 otherwise opens the GenAI overview); None when unknown."""
+    from tasks.tracking import UI_QUERY
+
+    try:
+        name = json.loads((Path(run_dir) / "_pipeline.json").read_text())["experiment"]
+        q = urllib.parse.urlencode({"experiment_name": name})
+        api = f"{url.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?{q}"
+        with urllib.request.urlopen(api, timeout=10) as r:  # noqa: S310 - our own server
+            eid = json.loads(r.read())["experiment"]["experiment_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return f"{url.rstrip('/')}/#/experiments/{eid}/runs?{UI_QUERY}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from mmemb.stages.base import StageResult, stage_module
 from mmemb.stages.base import run_stage as call_stage
 from tasks import cache
 from tasks.launch import StageFailed, is_transient, launch
+from tasks.previews import split_breakdown, stage_previews
 from tasks.tracking import (
     ENV_RUN,
     StageRecord,
@@ -110,31 +112,68 @@ def _alias(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "-", s).strip("-") or "run"
 
 
+def _share(v: float) -> str:
+    return f"{v:.0%}"
+
+
+#: Per stage, its run's key figure from its metrics (a missing metric: no figure).
+KEY_FIGURE: dict[str, Callable[[dict[str, float]], str]] = {
+    "prepare": lambda m: f"{m['pairs_rows']:.0f} pairs",
+    "generate": lambda m: f"{_share(m['share_ok'])} ok of {m['rows']:.0f}",
+    "score": lambda m: f"Δ {m['mean_delta']:+.3f}",
+    "select": lambda m: f"{_share(m['selected_share'])} of {m['pairs']:.0f} with rationale",
+    "train": lambda m: f"loss {m['loss_last']:.3f}" + (
+        f" · hit@1 {m['eval/mean']:.2f}" if "eval/mean" in m else ""),
+    "gate": lambda m: f"reward {m['reward_first_quarter']:+.2f}→"
+                      f"{m['reward_last_quarter']:+.2f}",
+    "evaluate": lambda m: f"adaptive {m['adaptive.overall']:.2f}" + (
+        f" ({_share(m['adaptive.reasoning_ratio'])} think)"
+        if "adaptive.reasoning_ratio" in m else ""),
+}
+
+
+def child_run_name(stage: str, metrics: dict[str, float], cached: bool = False) -> str:
+    """``stage · key figure`` (the plain stage when the figure is missing), `` · cached``
+    for a reused result: runs of the same stage are told apart in the runs table."""
+    try:
+        name = f"{stage} · {KEY_FIGURE[stage](metrics)}"
+    except (KeyError, TypeError, ValueError):
+        name = stage
+    return name + (" · cached" if cached else "")
+
+
 def build_record(pcfg: PipelineConfig, stage: str, cfg: StageConfig, res: StageResult,
                  digests: dict, *, parent_run_id: str | None, tags: dict[str, str],
                  cached_from: dict | None = None) -> StageRecord:
     """The MLflow record of a stage result: params, launch settings, metrics, datasets;
     for a run (not a cache hit, ``cached_from``) also step curves, artifacts and models."""
     tr = pcfg.run.tracking
-    rec = StageRecord(stage=stage, run_name=stage, parent_run_id=parent_run_id,
+    name = child_run_name(stage, res.metrics, cached=cached_from is not None)
+    rec = StageRecord(stage=stage, run_name=name, parent_run_id=parent_run_id,
                       tags={"mmemb.stage": stage, "mmemb.kind": "stage",
                             "mmemb.run_name": pcfg.run.name, **tags})
     rec.params = cfg.flat_params()
     launch_cfg = pcfg.launch_for(stage)
     rec.params.update({f"launch.{k}": v for k, v in launch_cfg.flat_params().items()})
-    rec.metrics = dict(res.metrics)
+    # Only what MLflow shows changes: per-group values go to one table, not one chart each.
+    rec.metrics, groups = split_breakdown(res.metrics)
     outs = {k: v.to_dict() for k, v in res.outputs.items()}
     rec.datasets = _input_datasets(stage, cfg, digests) + dataset_entries(outs.items(), "output")
     if cached_from is not None:
-        rec.tags.update({"mmemb.cached": "true",
-                         "mmemb.cached_from_run": str(cached_from.get("mlflow_run_id")),
-                         "mmemb.cached_at": str(cached_from.get("finished_at"))})
+        orig = str(cached_from.get("mlflow_run_id"))
+        rec.tags.update({"mmemb.cached": "true", "mmemb.cached_from_run": orig,
+                         "mmemb.cached_at": str(cached_from.get("finished_at")),
+                         "mlflow.note.content": f"Cached: this result was computed by run "
+                                                f"`{orig}`; its previews (`ui/`) are there."})
         return rec
     rec.step_metrics = [[s, m] for s, m in res.step_metrics]
-    arts, out_tags = artifact_entries(outs, {k: str(v) for k, v in res.files.items()},
-                                      tr.upload_max_mb)
+    files = {k: str(v) for k, v in res.files.items()}
+    arts, out_tags = artifact_entries(outs, files, tr.upload_max_mb)
     rec.artifacts = arts
     rec.tags.update(out_tags)
+    rec.tables, readme = stage_previews(stage, outs, files, cfg, groups, out_tags,
+                                        pcfg.run_dir / "_ui" / stage)
+    rec.artifacts += readme
     for name, path in res.models.items():
         reg = None
         if tr.register_models and stage in REGISTER_STAGES:

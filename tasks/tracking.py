@@ -50,6 +50,15 @@ ENV_UI = "MMEMB_MLFLOW_UI_URL"
 SPOOL_DIR = "_mlflow_spool"
 EXPERIMENT_KIND = "mlflow.experimentKind"
 DEFAULT_UI = "http://127.0.0.1:5000"
+#: The query that opens MLflow 3's UI in "Model training" mode, on the experiment's runs:
+#: the UI decides its landing tab from this parameter (else from the browser's remembered
+#: switch, default GenAI), not from the experiment's kind tag.
+UI_QUERY = "workflowType=machine_learning"
+#: Step metrics (curves) are logged under this prefix: MLflow sorts named chart sections
+#: before the unprefixed "Model metrics" section, so a run's metrics page opens on them.
+CURVE_PREFIX = "curves/"
+#: The run tag MLflow's artifact viewer reads to show a JSON file as a table.
+LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"
 
 # MLflow's HTTP client retries for minutes by default; a pipeline should say "unreachable"
 # within seconds and go on (users can still raise these).
@@ -159,6 +168,16 @@ def _metric_key(k: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-. /:]", "_", k)[:250]
 
 
+def _summary_key(k: str) -> str:
+    """A single-value metric's key without ``/``: the UI puts every such key in its one
+    "Model metrics" section, below the curves, instead of a section per prefix."""
+    return _metric_key(k.replace("/", "."))
+
+
+def _curve_key(k: str) -> str:
+    return _metric_key(k if k.startswith(CURVE_PREFIX) else CURVE_PREFIX + k)
+
+
 @contextlib.contextmanager
 def _fluent_uri(uri: str):
     """Point MLflow's fluent API (needed by ``log_model``) at ``uri`` for a moment.
@@ -202,6 +221,8 @@ class StageRecord:
     steps_logged: int = 0  # step rows already sent live
     datasets: list[dict] = field(default_factory=list)  # {name, uri, digest, rows, ...}
     artifacts: list[list[str]] = field(default_factory=list)  # [[local path, artifact dir]]
+    # [[local split-orient JSON, artifact path]]: previews shown as tables by the UI
+    tables: list[list[str]] = field(default_factory=list)
     models: list[dict] = field(default_factory=list)  # {name, path, register_as}
     status: str = "FINISHED"
     error: str | None = None
@@ -267,6 +288,33 @@ def _dataset_input(d: dict):
             InputTag("mmemb.digest", d.get("digest") or ""),
             InputTag("mmemb.contract", d.get("contract") or "")]
     return DatasetInput(ds._to_mlflow_entity(), tags=tags)
+
+
+def model_signature(checkpoint: Path):
+    """The pyfunc signature of an mmemb checkpoint: the input columns, one float32 vector
+    of the model's width per row, and the ``mode`` param.
+
+    Given explicitly because MLflow cannot infer it from ``predict``'s type hints (it
+    warns "Failed to infer model signature"), and because without a params schema the
+    logged model ignores ``params={"mode": ...}``. No input example: validating one would
+    load the whole checkpoint while logging."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    try:
+        cfg = json.loads((Path(checkpoint) / "config.json").read_text())
+        width = int((cfg.get("text_config") or cfg)["hidden_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        width = -1
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "text"),
+                       ColSpec("string", "instruction", required=False),
+                       ColSpec("string", "image", required=False)]),  # a path; "" = none
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, width))]),
+        params=ParamSchema([ParamSpec("mode", "string", "direct"),
+                            ParamSpec("budget", "double", None),
+                            ParamSpec("threshold", "double", None)]))
 
 
 # --------------------------------------------------------------------------- the tracker
@@ -351,6 +399,10 @@ class Tracker:
                         self.experiment).experiment_id
             else:
                 self._experiment_id = exp.experiment_id
+                if exp.tags.get(EXPERIMENT_KIND) != "custom_model_development":
+                    with contextlib.suppress(Exception):  # a team server may refuse
+                        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND,
+                                                  "custom_model_development")
             self._client = client
         return self._client
 
@@ -374,11 +426,15 @@ class Tracker:
         return self._experiment_id
 
     def ui_url(self, run_id: str | None = None) -> str:
+        """The UI page of a run (or, without one, of the experiment's runs), opened in
+        "Model training" mode (:data:`UI_QUERY`); the bare server URL when no experiment
+        is known yet."""
         base = os.environ.get(ENV_UI) or (DEFAULT_UI if self.is_local else
                                           redact_uri(self.uri).rstrip("/"))
-        if run_id is None or self._experiment_id is None:
+        if self._experiment_id is None:
             return base
-        return f"{base}/#/experiments/{self._experiment_id}/runs/{run_id}"
+        page = f"runs/{run_id}" if run_id else "runs"
+        return f"{base}/#/experiments/{self._experiment_id}/{page}?{UI_QUERY}"
 
     # ------------------------------------------------------------------ runs
     def start_run(self, name: str, parent_run_id: str | None = None,
@@ -431,7 +487,8 @@ class Tracker:
     def step_logger(self, run_id: str | None, record: StageRecord | None = None):
         """A :data:`mmemb.stages.base.StepLogger` that sends each step live (rank 0)."""
         def log(step: int, metrics: dict[str, float]) -> None:
-            if self.log_metrics(run_id, metrics, step=step) and record is not None:
+            curves = {_curve_key(k): v for k, v in metrics.items()}
+            if self.log_metrics(run_id, curves, step=step) and record is not None:
                 record.steps_logged += 1
         return log
 
@@ -465,15 +522,18 @@ class Tracker:
             rec.run_id = run_id
             rec.steps_logged = 0
         else:
-            c.log_batch(run_id, tags=[RunTag(k, _tag(v)) for k, v in rec.tags.items()])
+            # the run was created up-front under the plain stage name (so curves stream
+            # live); the record's name carries the stage's key figure
+            tags = {**rec.tags, "mlflow.runName": rec.run_name}
+            c.log_batch(run_id, tags=[RunTag(k, _tag(v)) for k, v in tags.items()])
         params = list(redact_params(rec.params).items())
         for i in range(0, len(params), 100):
             c.log_batch(run_id, params=[Param(k[:250], v) for k, v in params[i:i + 100]])
         ts = int(time.time() * 1000)
-        ms = [Metric(_metric_key(k), f, ts, 0) for k, v in rec.metrics.items()
+        ms = [Metric(_summary_key(k), f, ts, 0) for k, v in rec.metrics.items()
               if (f := _float(v)) is not None]
         for step, m in rec.step_metrics[rec.steps_logged:]:
-            ms += [Metric(_metric_key(k), f, ts, int(step)) for k, v in m.items()
+            ms += [Metric(_curve_key(k), f, ts, int(step)) for k, v in m.items()
                    if (f := _float(v)) is not None]
         for i in range(0, len(ms), 1000):
             c.log_batch(run_id, metrics=ms[i:i + 1000])
@@ -486,10 +546,34 @@ class Tracker:
                 c.log_artifacts(run_id, str(p), dest)
             elif p.is_file():
                 c.log_artifact(run_id, str(p), dest)
+        self._log_tables(run_id, rec.tables)
         for m in rec.models:
             self._log_model(run_id, m)
         c.set_terminated(run_id, rec.status)
         return run_id
+
+    def _log_tables(self, run_id: str, tables: list[list[str]]) -> None:
+        """Upload split-orient JSON previews and list them in the run's
+        :data:`LOGGED_ARTIFACTS` tag, so the artifact viewer opens them as tables.
+
+        Not ``MlflowClient.log_table``: it appends to an existing file, so a record sent
+        again (replayed from the spool) would duplicate rows; this overwrites and merges."""
+        sent = []
+        for local, dest in tables:
+            p = Path(local)
+            if p.is_file():
+                folder = str(Path(dest).parent)
+                self.client.log_artifact(run_id, str(p), None if folder == "." else folder)
+                sent.append(str(Path(dest).parent / p.name))
+        if not sent:
+            return
+        try:
+            old = json.loads(self.client.get_run(run_id).data.tags.get(LOGGED_ARTIFACTS, "[]"))
+        except (ValueError, TypeError):
+            old = []
+        known = {e.get("path") for e in old if isinstance(e, dict)}
+        entries = old + [{"path": s, "type": "table"} for s in sent if s not in known]
+        self.client.set_tag(run_id, LOGGED_ARTIFACTS, json.dumps(entries))
 
     def _log_model(self, run_id: str, m: dict) -> None:
         """A model of a run: its path always; its files (as artifacts, or as a pyfunc model,
@@ -515,7 +599,8 @@ class Tracker:
             warnings.simplefilter("ignore")
             info = mlflow.pyfunc.log_model(
                 name=m["name"], python_model=str(code), artifacts={"checkpoint": str(path)},
-                pip_requirements=["mmemb"], tags={"mmemb.stage": m.get("stage", "")})
+                pip_requirements=["mmemb"], tags={"mmemb.stage": m.get("stage", "")},
+                signature=model_signature(path))
             c.set_tag(run_id, f"mmemb.model.{m['name']}.uri", info.model_uri)
             reg = m.get("register_as")
             if reg:

@@ -66,12 +66,13 @@ def test_mlflow_holds_parent_and_six_stage_runs_with_metrics_and_artifacts(demo)
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id, s
         assert r.info.status == "FINISHED" and r.data.metrics and r.data.params, s
     # step-wise curves: the training loss falls, the gate logs its reward and ratio
-    loss = sorted(c.get_metric_history(children["train"].info.run_id, "loss"),
+    loss = sorted(c.get_metric_history(children["train"].info.run_id, "curves/loss"),
                   key=lambda m: m.step)
     assert len(loss) > 10
     k = max(1, len(loss) // 4)
     assert sum(m.value for m in loss[-k:]) / k < sum(m.value for m in loss[:k]) / k
-    assert len(c.get_metric_history(children["gate"].info.run_id, "reason_ratio")) > 1
+    assert len(c.get_metric_history(children["gate"].info.run_id,
+                                    "curves/reason_ratio")) > 1
     # artifacts: data uploaded, reports and plots from the stages' files
     arts = {s: {a.path for a in c.list_artifacts(r.info.run_id)} for s, r in children.items()}
     assert "data" in arts["generate"] and "data" in arts["select"]

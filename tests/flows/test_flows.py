@@ -50,7 +50,7 @@ def test_mlflow_parent_child_and_links_both_ways(pipeline_run):
     assert parent.data.metrics["stages_ran"] == 1.0
     child = c.get_run(out["stages"]["prepare"]["mlflow_run_id"])
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert child.info.run_name == "prepare"
+    assert child.info.run_name == "prepare · 120 pairs"  # the stage and its key figure
     assert child.data.metrics["pairs_rows"] == 120.0
     assert child.data.params["size"] == "smoke" and child.data.params["pretrain_steps"] == "0"
     names = {d.dataset.name for d in child.inputs.dataset_inputs}

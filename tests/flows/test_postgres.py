@@ -86,7 +86,7 @@ def test_stage_logs_to_mlflow_server_on_postgres(prefect_harness, mlflow_server,
     assert out["status"] == "ran"
     client = MlflowClient(mlflow_server["uri"])
     run = client.get_run(out["mlflow_run_id"])
-    assert run.info.run_name == "prepare" and run.info.status == "FINISHED"
+    assert run.info.run_name == "prepare · 120 pairs" and run.info.status == "FINISHED"
     assert run.data.metrics["pairs_rows"] == 120.0
     assert run.data.tags["mlflow.parentRunId"]  # nested under a stage-run parent
     assert {a.path for a in client.list_artifacts(run.info.run_id, "data")} == {"data/pairs",

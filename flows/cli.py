@@ -100,6 +100,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     from mmemb.preflight import PreflightError, preflight
 
     overrides = list(a.set)
+    user_overrides = list(a.set)  # what the parent run's name shows (not the flags below)
     if a.no_tracking:
         overrides.append("run.tracking.enabled=false")
     if a.stages:
@@ -125,7 +126,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     with prefect_startup(*prefect_timeout(a.prefect_timeout,
                                           cfg.run.prefect_startup_timeout_s)):
         out = pipeline(cfg, from_stage=a.from_stage, only=a.only, force=a.force or None,
-                       verify=a.verify)
+                       overrides=user_overrides, verify=a.verify)
     print("\n" + out["summary"])
     print(f"  wall time incl. Prefect start-up: {time.perf_counter() - t0:.0f}s", flush=True)
     if a.json:

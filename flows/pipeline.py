@@ -206,8 +206,9 @@ def pipeline(config: PipelineConfig | None = None, from_stage: StageName | None 
     """The whole method on one run directory; returns stage payloads and a summary.
 
     Give ``config`` (the form), or ``config_path`` (a pipeline YAML, as deployments do) with
-    optional ``run_dir`` and ``overrides`` (``["train.lr=1e-4"]``). ``verify``: hash every
-    output part and model file before reusing a cached stage.
+    optional ``run_dir`` and ``overrides`` (``["train.lr=1e-4"]``); with a config object,
+    ``overrides`` are the ones it was loaded with, shown in the parent run's name.
+    ``verify``: hash every output part and model file before reusing a cached stage.
     """
     t0 = time.perf_counter()
     install_log_redaction()

@@ -41,12 +41,26 @@ def start_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 5000,
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
            "--default-artifact-root", artifact_root(run_dir), "--host", host,
            "--port", str(port), "--workers", str(workers)]
+    if _app_installed():
+        cmd += ["--app-name", UI_APP]  # opens in "Model training" mode (tasks/ui_app.py)
     if trust_origin:
         netloc = urllib.parse.urlsplit(trust_origin).netloc
         cmd += ["--allowed-hosts", f"{netloc},{netloc.split(':')[0]}",
                 "--cors-allowed-origins", trust_origin.rstrip("/")]
     out = open(log_file, "ab") if log_file else None  # noqa: SIM115 - owned by the process
     return subprocess.Popen(cmd, start_new_session=True, stdout=out, stderr=out)
+
+
+#: The ``mlflow.app`` entry point of :mod:`tasks.ui_app` (pyproject.toml).
+UI_APP = "mmemb"
+
+
+def _app_installed() -> bool:
+    """True when this install registers :data:`UI_APP` (a checkout not reinstalled since
+    the entry point was added serves the plain MLflow app instead)."""
+    from importlib.metadata import entry_points
+
+    return any(e.name == UI_APP for e in entry_points(group="mlflow.app"))
 
 
 def stop_server(proc: subprocess.Popen, timeout: float = 20.0) -> None:

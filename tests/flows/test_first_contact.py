@@ -254,3 +254,25 @@ def test_ui_timeout_prints_what_to_set_and_stops_the_server(tmp_path, monkeypatc
     assert "waiting up to 1s" in cap.out
     assert f"{never.url} did not answer" in cap.err and "--timeout 1200" in cap.err
     assert procs[0].poll() is not None  # the server it started was stopped
+
+
+def test_run_names_the_parent_by_the_users_overrides_only(tmp_path, monkeypatch):
+    """`mmemb run --set ...` hands the flow the user's overrides for the parent run's name,
+    not the ones the command adds itself (--stages, --no-tracking)."""
+    import flows.pipeline
+    from flows.cli import main
+    from flows.startup import PREFECT_ENV
+
+    monkeypatch.delenv(PREFECT_ENV, raising=False)
+    _stub_startup(monkeypatch)
+    seen = {}
+    monkeypatch.setattr(flows.pipeline, "pipeline",
+                        lambda cfg, **kw: seen.update(cfg=cfg, **kw) or {"summary": "stub"})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"run: {{run_dir: {tmp_path / 'r'}}}\n"
+                   "prepare: {source: tiny, size: smoke, pretrain_steps: 0}\n")
+    assert main(["run", str(cfg), "--skip-preflight", "--set", "prepare.seed=3",
+                 "--stages", "prepare", "--no-tracking"]) == 0
+    assert seen["overrides"] == ["prepare.seed=3"]
+    assert seen["cfg"].prepare.seed == 3 and seen["cfg"].run.stages == ["prepare"]
+    assert seen["cfg"].run.tracking.enabled is False

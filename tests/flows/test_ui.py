@@ -161,6 +161,44 @@ def test_browser_lands_on_runs_and_shows_names_and_previews(ui, pipeline_run, tm
     assert "View as table" in text and "pair_id" in text and "qry_text" in text
     text = page(5, "readme", f"runs/{child}/artifacts/ui/README.md")
     assert "prepare: outputs" in text and "pair_id" in text and "uploaded as" in text
+    # a fresh browser on the bare experiment link (no query, as MLflow's own home page
+    # links it) lands on the runs too: `mmemb ui` serves tasks/ui_app.py
+    bare = render(f"{ui}/#/experiments/{exp}", tmp_path / "fresh-chromium",
+                  shot=tmp_path / "06-prepare-bare-experiment.png")
+    assert "Run Name" in bare and names[parent] in bare and "Detect Issues" not in bare
     assert sorted(p.name for p in tmp_path.glob("*.png")) == [
         "01-prepare-experiment.png", "02-prepare-parent.png", "03-prepare-child.png",
-        "04-prepare-pairs-preview.png", "05-prepare-readme.png"]
+        "04-prepare-pairs-preview.png", "05-prepare-readme.png",
+        "06-prepare-bare-experiment.png"]
+
+
+def test_ui_app_sets_the_mode_only_in_the_page():
+    """The wrapper adds its one script to the HTML page and nothing else; the setting is
+    only written when the browser has none (a user's own choice is kept)."""
+    import asyncio
+
+    from tasks.ui_app import SETTING_SCRIPT, DefaultToRunsApp
+
+    async def inner(scope, receive, send):
+        kind = b"text/html" if scope["path"] == "/" else b"application/json"
+        body = b"<html><head><title>x</title></head></html>" if kind == b"text/html" else b"{}"
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", kind), (b"content-length",
+                                                          str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    def get(path):
+        sent = []
+
+        async def send(m):
+            sent.append(m)
+
+        asyncio.run(DefaultToRunsApp(inner)({"type": "http", "path": path}, None, send))
+        return dict(sent[0]["headers"]), sent[1]["body"]
+
+    headers, body = get("/")
+    assert body.startswith(b"<html><head>" + SETTING_SCRIPT + b"<title>")
+    assert headers[b"content-length"] == str(len(body)).encode()
+    assert b"if(!localStorage.getItem(k))" in SETTING_SCRIPT
+    assert get("/ajax-api/2.0/mlflow/runs/search") == ({b"content-type": b"application/json",
+                                                       b"content-length": b"2"}, b"{}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,11 @@ from data_contracts.files import atomic_write_json
 from data_contracts.io import ContractError
 from mmemb.configs.base import StageConfig
 from mmemb.configs.pipeline import STAGES, WIRING, PipelineConfig, load_stage_config
+from mmemb.previews import child_run_name, split_breakdown, stage_previews
 from mmemb.stages.base import StageResult, stage_module
 from mmemb.stages.base import run_stage as call_stage
 from tasks import cache
 from tasks.launch import StageFailed, is_transient, launch
-from tasks.previews import split_breakdown, stage_previews
 from tasks.tracking import (
     ENV_RUN,
     StageRecord,
@@ -110,36 +109,6 @@ def _payload(stage: str, status: str, res: StageResult | None = None, **kw) -> d
 
 def _alias(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "-", s).strip("-") or "run"
-
-
-def _share(v: float) -> str:
-    return f"{v:.0%}"
-
-
-#: Per stage, its run's key figure from its metrics (a missing metric: no figure).
-KEY_FIGURE: dict[str, Callable[[dict[str, float]], str]] = {
-    "prepare": lambda m: f"{m['pairs_rows']:.0f} pairs",
-    "generate": lambda m: f"{_share(m['share_ok'])} ok of {m['rows']:.0f}",
-    "score": lambda m: f"Δ {m['mean_delta']:+.3f}",
-    "select": lambda m: f"{_share(m['selected_share'])} of {m['pairs']:.0f} with rationale",
-    "train": lambda m: f"loss {m['loss_last']:.3f}" + (
-        f" · hit@1 {m['eval/mean']:.2f}" if "eval/mean" in m else ""),
-    "gate": lambda m: f"reward {m['reward_first_quarter']:+.2f}→"
-                      f"{m['reward_last_quarter']:+.2f}",
-    "evaluate": lambda m: f"adaptive {m['adaptive.overall']:.2f}" + (
-        f" ({_share(m['adaptive.reasoning_ratio'])} think)"
-        if "adaptive.reasoning_ratio" in m else ""),
-}
-
-
-def child_run_name(stage: str, metrics: dict[str, float], cached: bool = False) -> str:
-    """``stage · key figure`` (the plain stage when the figure is missing), `` · cached``
-    for a reused result: runs of the same stage are told apart in the runs table."""
-    try:
-        name = f"{stage} · {KEY_FIGURE[stage](metrics)}"
-    except (KeyError, TypeError, ValueError):
-        name = stage
-    return name + (" · cached" if cached else "")
 
 
 def build_record(pcfg: PipelineConfig, stage: str, cfg: StageConfig, res: StageResult,

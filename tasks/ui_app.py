@@ -40,6 +40,7 @@ class DefaultToRunsApp:
         self.inner = inner
 
     async def __call__(self, scope, receive, send):
+        """Pass every request through; the HTML page's response is held and rewritten."""
         if scope["type"] != "http" or scope.get("path") not in _PAGES:
             return await self.inner(scope, receive, send)
         start: dict = {}

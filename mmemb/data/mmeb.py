@@ -458,6 +458,8 @@ def _list(v) -> list:
 # --------------------------------------------------------------------------- image tasks
 
 def _load_image(ctx: _Ctx) -> tuple[list[dict], list[dict]]:
+    """Image tasks (classification, VQA, retrieval, grounding): each row ranks its own
+    candidate list, its first target the positive; an empty list is refused by row."""
     rows = []
     for f, i, r in ctx.records(["qry_text", "qry_img_path", "tgt_text"]):
         tgt_text = [_str(t) for t in _list(r["tgt_text"])]
@@ -969,6 +971,36 @@ def _empty_side(r: dict) -> bool:
             or (not r["pos_text"] and not r["pos_image_path"]))
 
 
+def _train_pair(folder: Path, sub: str, split: str, f: Path, i: int, r: dict,
+                check_images: bool) -> dict:
+    """One MMEB-train record as a PAIRS row; a malformed negative list or (with
+    ``check_images``) a missing image is refused naming the file, column and row."""
+    pos_inst, pos_text = _split_marker(_str(r["pos_text"]))
+    neg_t, neg_i = _list(r.get("neg_text")), _list(r.get("neg_image_path"))
+    if neg_t and not neg_i:
+        neg_i = [""] * len(neg_t)
+    if len(neg_t) != len(neg_i):
+        raise MMEBFormatError(sub, f, f"{len(neg_t)} neg_text but {len(neg_i)} "
+                              "neg_image_path.", column="neg_image_path", row=i)
+    # One negative per row in MMEB-train; "" text and "" image means "none".
+    negs = [(_str(t).replace(IMAGE_MARKER, "").strip() if p else _str(t), _str(p))
+            for t, p in zip(neg_t, neg_i, strict=True) if _str(t) or _str(p)]
+    rec = {"pair_id": f"{sub}-{split}-{i:07d}", "dataset": sub, "family": None,
+           "qry_inst": _str(r["qry"]), "qry_text": "",
+           "qry_img_path": _str(r["qry_image_path"]),
+           "pos_inst": pos_inst, "pos_text": pos_text,
+           "pos_img_path": _str(r["pos_image_path"]),
+           "neg_text": [t for t, _ in negs], "neg_img_path": [p for _, p in negs],
+           "meta": json.dumps({"source": "MMEB-train", "split": split, "row": i})}
+    if check_images:
+        for col in ("qry_img_path", "pos_img_path"):
+            if rec[col] and not (folder / rec[col]).is_file():
+                raise MMEBFormatError(sub, f, f"image {str(folder / rec[col])!r} does "
+                                      "not exist.", column=col, row=i,
+                                      fix="unzip images_zip/<Subset>.zip into images/")
+    return rec
+
+
 def load_mmeb_train(folder: str | Path, subsets: Iterable[str] | None = None,
                     split: str = "original", *, check_images: bool = False,
                     max_rows: int | None = None, protocol: str = "official",
@@ -1003,30 +1035,7 @@ def load_mmeb_train(folder: str | Path, subsets: Iterable[str] | None = None,
             if protocol == "official" and _empty_side(r):
                 dropped += 1
                 continue
-            pos_inst, pos_text = _split_marker(_str(r["pos_text"]))
-            neg_t, neg_i = _list(r.get("neg_text")), _list(r.get("neg_image_path"))
-            if neg_t and not neg_i:
-                neg_i = [""] * len(neg_t)
-            if len(neg_t) != len(neg_i):
-                raise MMEBFormatError(sub, f, f"{len(neg_t)} neg_text but {len(neg_i)} "
-                                      "neg_image_path.", column="neg_image_path", row=i)
-            # One negative per row in MMEB-train; "" text and "" image means "none".
-            negs = [(_str(t).replace(IMAGE_MARKER, "").strip() if p else _str(t), _str(p))
-                    for t, p in zip(neg_t, neg_i, strict=True) if _str(t) or _str(p)]
-            rec = {"pair_id": f"{sub}-{split}-{i:07d}", "dataset": sub, "family": None,
-                   "qry_inst": _str(r["qry"]), "qry_text": "",
-                   "qry_img_path": _str(r["qry_image_path"]),
-                   "pos_inst": pos_inst, "pos_text": pos_text,
-                   "pos_img_path": _str(r["pos_image_path"]),
-                   "neg_text": [t for t, _ in negs], "neg_img_path": [p for _, p in negs],
-                   "meta": json.dumps({"source": "MMEB-train", "split": split, "row": i})}
-            if check_images:
-                for col in ("qry_img_path", "pos_img_path"):
-                    if rec[col] and not (folder / rec[col]).is_file():
-                        raise MMEBFormatError(sub, f, f"image {str(folder / rec[col])!r} does "
-                                              "not exist.", column=col, row=i,
-                                              fix="unzip images_zip/<Subset>.zip into images/")
-            out.append(rec)
+            out.append(_train_pair(folder, sub, split, f, i, r, check_images))
         if dropped:
             log(f"[mmeb-train] {sub}: dropped {dropped} rows with an empty query or positive "
                 "(official rule)")

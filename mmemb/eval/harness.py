@@ -855,28 +855,9 @@ def evaluate(encoder: Encoder, rows: pa.Table, corpus: pa.Table | None, out: str
     mode_key = {m: _digest({"model": model_id, "mode": m, "settings": settings.get(m, {})})[:16]
                 for m in MODES}
     for n, td in enumerate(tds):
-        t0 = time.perf_counter()
-        # The frame policy changes inputs (not the tie rule): official and strict share
-        # embeddings wherever their inputs are the same.
-        frames = frame_policy(td.spec, protocol, num_frames)
-        rows_key = _digest({"rows": td.rows, "corpus": td.corpus, "root": root_key,
-                            "frames": num_frames if frames == (num_frames, True) else frames}
-                           )[:16]
-
-        def folder(side: str, mode: str, td=td, rows_key=rows_key) -> Path:
-            return (cache_root / mode_key[mode] / _safe(suite) / _safe(td.spec.name) / rows_key
-                    / side)
-
-        got = score_task(encoder, td, modes, folder, image_root=image_root,
-                         num_frames=num_frames, reason_on_candidates=reason_on_candidates,
-                         chunk_size=chunk_size, log=log, protocol=protocol)
-        scores += got
-        dt = time.perf_counter() - t0
-        enc = sum(s.computed for s in got)
-        parts = ", ".join(f"{s.mode} {100 * s.score:.1f}" for s in got)
-        log(f"[evaluate] {n + 1}/{len(tds)} {td.spec.name} ({len(td.rows)} queries, "
-            f"{td.spec.ranking}): {parts} ({td.spec.metric})"
-            + (f"; {enc} inputs embedded in {dt:.1f}s" if enc else "; cached"))
+        scores += _score_one_task(encoder, td, f"{n + 1}/{len(tds)}", modes, suite,
+                                  cache_root, mode_key, root_key, image_root, num_frames,
+                                  reason_on_candidates, chunk_size, log, protocol)
     results = _results_table(suite, scores)
     per_input = _per_input(scores)
     aggs = {m: metrics.aggregate(_agg_rows(results, m)) for m in modes}
@@ -889,6 +870,36 @@ def evaluate(encoder: Encoder, rows: pa.Table, corpus: pa.Table | None, out: str
     files["results"] = Path(ref.uri)
     return EvalRun(results, aggs, per_input, files, suite, sum(s.computed for s in scores),
                    worst=[w for s in scores for w in s.worst])
+
+
+def _score_one_task(encoder: Encoder, td: TaskData, where: str, modes: Sequence[str],
+                    suite: str, cache_root: Path, mode_key: dict[str, str], root_key: str,
+                    image_root, num_frames: int, reason_on_candidates: bool,
+                    chunk_size: int, log: Log, protocol: metrics.Protocol) -> list[TaskScore]:
+    """One task of :func:`evaluate` in every mode, through its cache folder (keyed by the
+    model and mode, the suite and task, and a digest of the task's rows, corpus, image root
+    and frame policy), with its progress line."""
+    t0 = time.perf_counter()
+    # The frame policy changes inputs (not the tie rule): official and strict share
+    # embeddings wherever their inputs are the same.
+    frames = frame_policy(td.spec, protocol, num_frames)
+    rows_key = _digest({"rows": td.rows, "corpus": td.corpus, "root": root_key,
+                        "frames": num_frames if frames == (num_frames, True) else frames}
+                       )[:16]
+
+    def folder(side: str, mode: str) -> Path:
+        return cache_root / mode_key[mode] / _safe(suite) / _safe(td.spec.name) / rows_key / side
+
+    got = score_task(encoder, td, modes, folder, image_root=image_root,
+                     num_frames=num_frames, reason_on_candidates=reason_on_candidates,
+                     chunk_size=chunk_size, log=log, protocol=protocol)
+    dt = time.perf_counter() - t0
+    enc = sum(s.computed for s in got)
+    parts = ", ".join(f"{s.mode} {100 * s.score:.1f}" for s in got)
+    log(f"[evaluate] {where} {td.spec.name} ({len(td.rows)} queries, "
+        f"{td.spec.ranking}): {parts} ({td.spec.metric})"
+        + (f"; {enc} inputs embedded in {dt:.1f}s" if enc else "; cached"))
+    return got
 
 
 def _results_table(suite: str, scores: list[TaskScore]) -> pa.Table:

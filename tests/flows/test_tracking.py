@@ -162,8 +162,8 @@ def test_gate_like_record_opens_on_curves_with_groups_as_one_table(tmp_path):
 
     from mlflow import MlflowClient
 
-    from tasks.previews import _BREAKDOWN, split_breakdown, stage_previews
-    from tasks.stages import child_run_name
+    from mmemb.previews import _BREAKDOWN, split_breakdown, stage_previews
+    from mmemb.previews import child_run_name
 
     metrics = {"reward_first_quarter": -0.1, "reward_last_quarter": 0.2,
                "after/reason_ratio/all": 0.4, "after/p_think/task/t0": 0.9,
@@ -277,7 +277,7 @@ def test_logged_model_has_a_signature_and_takes_the_mode_param(tmp_path, caplog,
 def test_stage_previews_register_stage_tables_and_describe_outputs(tmp_path):
     """Every output gets its first rows as a table and a README line (schema, rows, where
     the full file is); a ``*.table.json`` file a stage wrote is registered as is."""
-    from tasks.previews import stage_previews
+    from mmemb.previews import stage_previews
 
     ref = _eval_ref(tmp_path / "ev")
     own = tmp_path / "decisions.table.json"

@@ -1,4 +1,4 @@
-"""Small previews of a stage's outputs, made for the MLflow UI (tracking glue, not library).
+"""Small previews of a stage's outputs, made for the MLflow UI (no MLflow import here).
 
 MLflow's artifact viewer cannot open Parquet ("Select a file to preview"), so a user would
 have to download a stage's data to judge it. Each stage's run therefore also gets, under
@@ -23,18 +23,18 @@ A preview is a convenience: any failure here is said and skipped, never raised.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mmemb.tables import SUFFIX as TABLE_SUFFIX
+from mmemb.tables import write_table
+
 #: A file a stage wrote that is a table in MLflow's split layout.
-TABLE_SUFFIX = ".table.json"
 #: Where the previews go in a run's artifacts.
 UI_DIR = "ui"
 HEAD_ROWS = 20
-TEXT_CHARS = 300
 PER_GROUP = 3
 EXTREMES = 10
 
@@ -46,33 +46,6 @@ _BREAKDOWN = (re.compile(r"^(?P<measure>.+?)[/._](?P<kind>task|family|teacher)[/
 
 
 # --------------------------------------------------------------------------- tables
-
-def _cell(v: Any) -> Any:
-    """A JSON cell the viewer shows in one line: text cut, lists summarised."""
-    if v is None or isinstance(v, bool | int):
-        return v
-    if isinstance(v, float):
-        return None if v != v else round(v, 4)
-    if hasattr(v, "tolist"):  # numpy scalars and arrays
-        v = v.tolist()
-        if not isinstance(v, list):
-            return _cell(v)
-    if isinstance(v, list | tuple):
-        head = ", ".join(str(_cell(x)) for x in v[:3])
-        return f"[{len(v)}] {head}" + (" ..." if len(v) > 3 else "")
-    s = str(v).replace("\n", " ")
-    return s if len(s) <= TEXT_CHARS else s[:TEXT_CHARS] + " ..."
-
-
-def write_table(rows: list[dict], path: Path, columns: list[str] | None = None) -> Path:
-    """``rows`` as a split-layout JSON table at ``path`` (the columns of the first row
-    unless given)."""
-    cols = columns or (list(rows[0]) if rows else [])
-    body = {"columns": cols, "data": [[_cell(r.get(c)) for c in cols] for r in rows]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(body, default=str))
-    return path
-
 
 def _rows(uri: str, columns: list[str] | None = None, limit: int | None = None,
           pair_ids: set[str] | None = None):
@@ -204,18 +177,22 @@ def stage_previews(stage: str, outputs: dict[str, dict], files: dict[str, str], 
         except Exception as e:  # noqa: BLE001 - a preview never fails a stage
             print(f"[{stage}] no UI preview of {what}: {type(e).__name__}: {e}", flush=True)
 
+    def table(name: str, rows: list[dict], columns: list[str] | None = None) -> Path:
+        """One preview table (columns: the first row's unless given)."""
+        made[name] = write_table(folder / f"{name}{TABLE_SUFFIX}", rows,
+                                 columns or (list(rows[0]) if rows else []))
+        return made[name]
+
     for name, r in outputs.items():
-        attempt(name, lambda n=name, r=r: made.__setitem__(
-            n, write_table(list(_rows(r["uri"], limit=HEAD_ROWS)), folder / f"{n}{TABLE_SUFFIX}")))
+        attempt(name, lambda n=name, r=r: table(n, list(_rows(r["uri"], limit=HEAD_ROWS))))
     if stage in SAMPLES and outputs:
         def samples() -> None:
             for n, rows in SAMPLES[stage](outputs, cfg).items():
-                made[n] = write_table(rows, folder / f"{n}{TABLE_SUFFIX}")
+                table(n, rows)
         attempt("samples", samples)
     if groups:
         cols = ["kind", "group"] + sorted({k for g in groups for k in g} - {"kind", "group"})
-        made["metrics_by_group"] = write_table(groups, folder / f"metrics_by_group{TABLE_SUFFIX}",
-                                               cols)
+        table("metrics_by_group", groups, cols)
     tables = [[str(p), f"{UI_DIR}/{p.name}"] for p in made.values()]
     tables += [[str(p), f"{UI_DIR}/{Path(p).name}"] for p in files.values()
                if str(p).endswith(TABLE_SUFFIX) and Path(p).is_file()]
@@ -227,3 +204,35 @@ def stage_previews(stage: str, outputs: dict[str, dict], files: dict[str, str], 
         if md.is_file():
             others.append([str(md), UI_DIR])
     return tables, others
+
+
+# --------------------------------------------------------------------------- run names
+
+def _share(v: float) -> str:
+    return f"{v:.0%}"
+
+
+#: Per stage, its run's key figure from its metrics (a missing metric: no figure).
+KEY_FIGURE: dict[str, Callable[[dict[str, float]], str]] = {
+    "prepare": lambda m: f"{m['pairs_rows']:.0f} pairs",
+    "generate": lambda m: f"{_share(m['share_ok'])} ok of {m['rows']:.0f}",
+    "score": lambda m: f"Δ {m['mean_delta']:+.3f}",
+    "select": lambda m: f"{_share(m['selected_share'])} of {m['pairs']:.0f} with rationale",
+    "train": lambda m: f"loss {m['loss_last']:.3f}" + (
+        f" · hit@1 {m['eval/mean']:.2f}" if "eval/mean" in m else ""),
+    "gate": lambda m: f"reward {m['reward_first_quarter']:+.2f}→"
+                      f"{m['reward_last_quarter']:+.2f}",
+    "evaluate": lambda m: f"adaptive {m['adaptive.overall']:.2f}" + (
+        f" ({_share(m['adaptive.reasoning_ratio'])} think)"
+        if "adaptive.reasoning_ratio" in m else ""),
+}
+
+
+def child_run_name(stage: str, metrics: dict[str, float], cached: bool = False) -> str:
+    """``stage · key figure`` (the plain stage when the figure is missing), `` · cached``
+    for a reused result: runs of the same stage are told apart in the runs table."""
+    try:
+        name = f"{stage} · {KEY_FIGURE[stage](metrics)}"
+    except (KeyError, TypeError, ValueError):
+        name = stage
+    return name + (" · cached" if cached else "")

@@ -162,8 +162,7 @@ def test_gate_like_record_opens_on_curves_with_groups_as_one_table(tmp_path):
 
     from mlflow import MlflowClient
 
-    from mmemb.previews import _BREAKDOWN, split_breakdown, stage_previews
-    from mmemb.previews import child_run_name
+    from mmemb.previews import _BREAKDOWN, child_run_name, split_breakdown, stage_previews
 
     metrics = {"reward_first_quarter": -0.1, "reward_last_quarter": 0.2,
                "after/reason_ratio/all": 0.4, "after/p_think/task/t0": 0.9,

@@ -290,7 +290,7 @@ def test_stage_previews_register_stage_tables_and_describe_outputs(tmp_path):
     assert sorted(a for _, a in tables) == ["ui/decisions.table.json", "ui/eval.table.json"]
     head = json.loads(Path(dict((a, p) for p, a in tables)["ui/eval.table.json"]).read_text())
     assert head["columns"][:3] == ["row_id", "task", "suite"] and len(head["data"]) == 1
-    assert head["data"][0][head["columns"].index("tgt_id")] == "[1] a"  # a list, summarised
+    assert head["data"][0][head["columns"].index("tgt_id")] == "[a]"  # a list (mmemb.tables.cell)
     (md, dest), = others
     text = Path(md).read_text()
     assert dest == "ui" and "kept by reference at `/big/ev`" in text and "| `row_id` |" in text

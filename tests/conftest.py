@@ -6,6 +6,12 @@ Environment first: nothing may reach a hub, and services bind to loopback.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path as _Path
+
+# The MMEB layout writers (tests/data/fixtures/mmeb_layout.py), importable by name in
+# every test file: `import mmeb_layout as layout`.
+sys.path.insert(0, str(_Path(__file__).parent / "data" / "fixtures"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -4,7 +4,6 @@ without an eval set, `mmemb embed` on the project's own eval artifact, docs/meth
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shlex
@@ -12,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mmeb_layout as layout  # tests/data/fixtures, on the path (tests/conftest.py)
 import pytest
 import yaml
 
@@ -20,11 +20,6 @@ from data_contracts.schemas import EMBEDDINGS, EVAL_ROWS, PAIRS
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "own-data.md"
-
-_spec = importlib.util.spec_from_file_location(
-    "mmeb_layout", ROOT / "tests" / "data" / "fixtures" / "mmeb_layout.py")
-layout = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(layout)
 
 
 def _documented_mmeb_commands() -> list[tuple[str, str]]:

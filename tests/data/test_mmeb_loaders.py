@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
+import mmeb_layout as layout  # tests/data/fixtures, on the path (tests/conftest.py)
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -23,11 +23,6 @@ from mmemb.data.mmeb import (
 )
 from mmemb.eval.tasks import select_tasks
 from mmemb.model.prompts import IMAGE_MARKER, QWEN_IMAGE, EmbedInput, user_content
-
-_spec = importlib.util.spec_from_file_location(
-    "mmeb_layout", Path(__file__).parent / "fixtures" / "mmeb_layout.py")
-layout = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(layout)
 
 
 @pytest.fixture(scope="module")

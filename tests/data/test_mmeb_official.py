@@ -5,11 +5,11 @@ data-shaping quirk of the official code, named after it."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 from pathlib import Path
 
+import mmeb_layout as layout  # tests/data/fixtures, on the path (tests/conftest.py)
 import pytest
 
 from mmemb.data.mmeb import (
@@ -23,11 +23,6 @@ from mmemb.data.mmeb import (
     video_cls_labels,
 )
 from mmemb.eval.tasks import get_task
-
-_spec = importlib.util.spec_from_file_location(
-    "mmeb_layout_official", Path(__file__).parent / "fixtures" / "mmeb_layout.py")
-layout = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(layout)
 
 #: sha256(json.dumps(list))[:16] of the official lists (TIGER-AI-Lab/VLM2Vec@6e1e1d4).
 LABEL_DIGESTS = {"K700": ("2839eff58f87e65f", 700), "UCF101": ("51850b92bae45dea", 101),

@@ -6,11 +6,11 @@ the official score files of a run."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 from pathlib import Path
 
+import mmeb_layout as layout  # tests/data/fixtures, on the path (tests/conftest.py)
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -23,11 +23,6 @@ from mmemb.eval.baseline import load_baseline
 from mmemb.eval.encoding import EncodeResult
 from mmemb.eval.harness import TaskData, evaluate, score_task
 from mmemb.eval.tasks import get_task
-
-_spec = importlib.util.spec_from_file_location(
-    "mmeb_layout_protocol", Path(__file__).parents[1] / "data" / "fixtures" / "mmeb_layout.py")
-layout = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(layout)
 
 
 class KeyEncoder:

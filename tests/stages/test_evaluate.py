@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -22,11 +21,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _layout():
-    spec = importlib.util.spec_from_file_location(
-        "mmeb_layout", REPO / "tests" / "data" / "fixtures" / "mmeb_layout.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The MMEB layout writers (tests/data/fixtures/mmeb_layout.py)."""
+    import mmeb_layout
+
+    return mmeb_layout
 
 
 def _independent_hit1(tiny_model, synth, task: str, batch_size: int) -> float:

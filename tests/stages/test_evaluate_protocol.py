@@ -4,7 +4,6 @@ fixture root."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,11 +17,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _layout():
-    spec = importlib.util.spec_from_file_location(
-        "mmeb_layout_stage_protocol", REPO / "tests" / "data" / "fixtures" / "mmeb_layout.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The MMEB layout writers (tests/data/fixtures/mmeb_layout.py)."""
+    import mmeb_layout
+
+    return mmeb_layout
 
 
 def test_stage_protocol_provenance_and_partial_headline(tiny_model, tmp_path, capsys):

@@ -95,19 +95,24 @@ class DigestMemo:
             self.dirty = False
 
 
-def checkpoint_digest(path: str | Path, memo: DigestMemo | None = None) -> str:
+def checkpoint_digest(path: str | Path, memo: DigestMemo | str | Path | None = None) -> str:
     """Content digest of a checkpoint: of a folder, sha256 over each model file's relative
     path and sha256 (:func:`model_file`; subfolders such as ``adapter/`` included); of a
-    single file, its sha256. ``memo`` (else a memo for this call) skips unchanged files."""
+    single file, its sha256. ``memo`` skips unchanged files: a :class:`DigestMemo`, or the
+    path of a memo file (read, and saved when a file was hashed), else one for this call."""
     p = Path(path)
-    memo = memo if memo is not None else DigestMemo()
+    store = memo if isinstance(memo, DigestMemo) else DigestMemo(memo)
     if p.is_file():
-        return memo.file(p)
-    files = sorted(f for f in p.rglob("*") if f.is_file() and model_file(f.name))
-    h = hashlib.sha256()
-    for f in files:
-        h.update(str(f.relative_to(p)).encode() + b"\0" + memo.file(f).encode())
-    return h.hexdigest()
+        digest = store.file(p)
+    else:
+        files = sorted(f for f in p.rglob("*") if f.is_file() and model_file(f.name))
+        h = hashlib.sha256()
+        for f in files:
+            h.update(str(f.relative_to(p)).encode() + b"\0" + store.file(f).encode())
+        digest = h.hexdigest()
+    if store is not memo:
+        store.save()
+    return digest
 
 
 # --------------------------------------------------------------------------- atomic writes

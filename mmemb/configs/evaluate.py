@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from mmemb.configs.base import ImageResolution, report_field, runtime_field
+from mmemb.configs.distributed import DistributedSettings
 
 ModeName = Literal["direct", "reason", "adaptive"]
 
@@ -78,6 +79,14 @@ class EvaluateConfig(ImageResolution):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="model dtype; auto: bfloat16 on cuda, float32 on cpu")
     seed: int = Field(0, description="seed of rationale sampling (and every RNG)")
+
+    distributed: DistributedSettings = runtime_field(
+        default_factory=DistributedSettings, description="backend: ray runs the embedding "
+        "passes as a Ray Data actor pool (mmemb.configs.distributed)")
+    embed_engine: Literal["embedder", "vllm"] = Field(
+        "embedder", description="what computes direct/reason embeddings: the transformers "
+        "Embedder, or vLLM's pooling runner (LAST pooling at <emb>; equal to it within "
+        "float error, faster on large passes)")
 
     @model_validator(mode="after")
     def _check(self) -> EvaluateConfig:

@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from mmemb.configs.base import StageConfig, report_field, runtime_field
+from mmemb.configs.distributed import DistributedSettings
 from mmemb.teachers.base import DEFAULT_PROMPT_VERSION, PROMPT_TEMPLATES
 
 
@@ -149,6 +150,9 @@ class GenerateConfig(StageConfig):
                          "replicas (one engine per GPU)")
     replicas: int = runtime_field(1, ge=1, description="number of data-parallel replicas "
                                   "(launch.generate.launcher: replicas sets it)")
+    distributed: DistributedSettings = runtime_field(
+        default_factory=DistributedSettings, description="backend: ray runs the teachers' "
+        "engines as a Ray Data actor pool (mmemb.configs.distributed)")
 
     @model_validator(mode="after")
     def _check(self) -> GenerateConfig:

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from mmemb.configs.base import ImageResolution, report_field, runtime_field
+from mmemb.configs.distributed import DistributedSettings
 
 
 class ScoreConfig(ImageResolution):
@@ -40,6 +41,14 @@ class ScoreConfig(ImageResolution):
         None, ge=1, description="torch threads in this process (None: torch's default); 1 "
         "suits tiny models on shared CPU cores")
     progress: bool = runtime_field(True, description="progress lines on long embedding passes")
+
+    distributed: DistributedSettings = runtime_field(
+        default_factory=DistributedSettings, description="backend: ray runs the embedding "
+        "passes as a Ray Data actor pool (mmemb.configs.distributed)")
+    embed_engine: Literal["embedder", "vllm"] = Field(
+        "embedder", description="what computes direct/reason embeddings: the transformers "
+        "Embedder, or vLLM's pooling runner (LAST pooling at <emb>; equal to it within "
+        "float error, faster on large passes)")
 
     @model_validator(mode="after")
     def _check(self) -> ScoreConfig:

@@ -53,9 +53,13 @@ def matrix(column: pa.Array | pa.ChunkedArray, dtype: np.dtype | None = None) ->
         values = column.flatten() if column.offset or column.null_count else column.values
     elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
         values = column.flatten()
-        dim = len(values) // n if n else 0
-        if n and dim * n != len(values):
-            raise ValueError("list column rows have different lengths; not a matrix")
+        lengths = np.diff(column.offsets.to_numpy())  # [N] values per row
+        dim = int(lengths[0]) if n else 0
+        if n and (column.null_count or (lengths != dim).any()):
+            bad = int(np.flatnonzero(lengths != dim)[0]) if (lengths != dim).any() else \
+                int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+            raise ValueError(f"list column rows have different lengths (row {bad} holds "
+                             f"{int(lengths[bad])} values, row 0 holds {dim}): not a matrix")
     else:
         raise TypeError(f"not a vector column: {column.type}")
     out = values.to_numpy(zero_copy_only=False).reshape(n, dim)  # [N, H]

@@ -20,8 +20,10 @@ Per task and mode it
    ``EMBEDDINGS`` Parquet under ``<out>/cache/<model key>/<suite>/<task>/<rows digest>/``,
    written in chunks so an interrupted task resumes mid-way and a finished task is never
    recomputed for the same model, mode and rows;
-2. ranks each query's own candidate list (local tasks) or the whole corpus (global tasks)
-   by cosine similarity and scores it with :mod:`mmemb.eval.metrics`;
+2. ranks each query's own candidate list (local tasks) or the whole corpus (global tasks,
+   by chunked matmul and a running top-k, :mod:`mmemb.eval.ranking`, never the whole
+   [queries, corpus] matrix) by cosine similarity and scores it with
+   :mod:`mmemb.eval.metrics`;
 3. writes one ``EVAL_RESULTS`` row per (task, mode) with the query-side reasoning ratio,
    generated tokens and latency (mean, p50, p95).
 
@@ -59,7 +61,7 @@ from data_contracts.files import atomic_write_json, atomic_write_text, json_dige
 from data_contracts.io import ContractError
 from data_contracts.schemas import EMBEDDINGS, EVAL_CORPUS, EVAL_RESULTS, EVAL_ROWS
 from mmemb.data.mmeb import NUM_FRAMES, media_files
-from mmemb.eval import metrics, report
+from mmemb.eval import metrics, ranking, report
 from mmemb.eval import synthetic as _synthetic  # noqa: F401  (registers the 'synthetic' suite)
 from mmemb.eval.encoding import Encoder, EncodeResult
 from mmemb.eval.tasks import DEFAULT_SUITE, MODALITIES, TaskSpec, get_task, select_tasks
@@ -545,8 +547,8 @@ def _rank_and_score(spec: TaskSpec, lists: list[list[int]], gains: list, qry: Em
                     label_keys: list | None = None, official_out: list | None = None,
                     lowest: list | None = None) -> np.ndarray:
     """[Nq] metric per query: each query ranks its own candidates (local) or the corpus
-    (global) by cosine; a candidate that failed can never rank first, a query that failed
-    is a miss. ``official_out`` (a list) receives each query's official metrics
+    (global, in bounded memory: :func:`_global_rows`) by cosine; a candidate that failed can
+    never rank first, a query that failed is a miss. ``official_out`` (a list) receives each query's official metrics
     (:func:`official_query_metrics`); ``lowest`` receives :func:`lowest_queries` of the
     ranking."""
     if cand.emb.shape[1] != qry.emb.shape[1] and cand.ok.any() and qry.ok.any():
@@ -556,10 +558,10 @@ def _rank_and_score(spec: TaskSpec, lists: list[list[int]], gains: list, qry: Em
     dim = max(cand.emb.shape[1], qry.emb.shape[1])
     c_emb = np.pad(cand.emb, ((0, 0), (0, dim - cand.emb.shape[1])))  # [Nc, H]
     q_emb = np.pad(qry.emb, ((0, 0), (0, dim - qry.emb.shape[1])))  # [Nq, H]
+    back = None  # global: per query the corpus index of each position of its score row
     if spec.ranking == "global":
-        sim = q_emb @ c_emb.T  # [Nq, Nc]
-        sim[:, ~cand.ok] = -np.inf
-        rows_scores = list(sim)
+        need = max(_k, max(metrics.OFFICIAL_KS) if official_out is not None else 0, WORST_TOP)
+        back, rows_scores, gains = _global_rows(q_emb, c_emb, cand.ok, gains, need)
     else:
         rows_scores = []
         for q, idx in enumerate(lists):
@@ -581,8 +583,25 @@ def _rank_and_score(spec: TaskSpec, lists: list[list[int]], gains: list, qry: Em
         official_out += official_query_metrics(rows_scores, lists, gains, qry.ok, label_keys,
                                                spec.ranking == "global")
     if lowest is not None:
-        lowest.extend(lowest_queries(per_query, rows_scores))
+        low = lowest_queries(per_query, rows_scores)
+        lowest.extend(low if back is None else [(q, v, [int(back[q][j]) for j in top])
+                                                for q, v, top in low])
     return per_query
+
+
+def _global_rows(q_emb: np.ndarray, c_emb: np.ndarray, ok: np.ndarray, gains: list[dict],
+                 need: int) -> tuple[list[np.ndarray], list[np.ndarray], list[dict]]:
+    """A global task's ranking without its [Nq, Nc] matrix: per query its short score row
+    (:func:`mmemb.eval.ranking.candidate_rows`, exact for every metric at cut-off ``need``),
+    the corpus index of each position, and its gains keyed by position (in qrels order, which
+    the official graded pairing reads)."""
+    rows = ranking.candidate_rows(q_emb, c_emb, [list(g) for g in gains], need, valid=ok)
+    back = [idx for idx, _ in rows]
+    local = []
+    for idx, g in zip(back, gains, strict=True):
+        pos = {int(c): j for j, c in enumerate(idx)}
+        local.append({pos[c]: v for c, v in g.items()})
+    return back, [sc for _, sc in rows], local
 
 
 #: Queries per (task, mode) in the worst-queries preview, and candidates shown for each.
@@ -598,8 +617,8 @@ def lowest_queries(per_query: np.ndarray, rows_scores: Sequence[np.ndarray],
     for q in np.argsort(per_query, kind="stable")[:n]:  # [n]
         row = np.asarray(rows_scores[q])  # [n_cand] or [Nc]
         k = min(top, row.size)
-        best = np.argpartition(-row, k - 1)[:k] if k else np.zeros(0, dtype=int)  # [k]
-        best = best[np.argsort(-row[best], kind="stable")]  # [k] by similarity, descending
+        # [k] by similarity, descending, ties in index order (the official tie rule)
+        best = metrics.stable_top(row, k) if k else np.zeros(0, dtype=int)
         out.append((int(q), float(per_query[q]), [int(j) for j in best]))
     return out
 

@@ -22,6 +22,8 @@ keys are the k best candidates, ties included. Scores are float32, as the full p
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import numpy as np
 
 #: Rows of queries and of candidates per block: a [1024, 1024] block is 4 MB of float32
@@ -105,3 +107,35 @@ def topk(queries: np.ndarray, cands: np.ndarray, k: int, chunk: int = DEFAULT_CH
             best = pool
         out[q0:q1] = best
     return _decode(np.ascontiguousarray(np.sort(out, axis=1)[:, ::-1]))  # [Q, k'] best first
+
+
+def candidate_rows(queries: np.ndarray, cands: np.ndarray, labelled: Sequence[Iterable[int]],
+                   k: int, chunk: int = DEFAULT_CHUNK, *, valid: np.ndarray | None = None
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per query (corpus indices [n] ascending, their scores [n]): a short score row that
+    every metric at cut-off ``k`` scores exactly as it scores the full row.
+
+    The row holds the query's ``k + p`` best candidates (``p``: the most labelled items of
+    any query) and its labelled items (``labelled[q]``, positives and graded items), those
+    outside the best with score ``-inf``. Why that is exact: a metric at cut-off ``k``
+    reads only the first ``k`` of the row's order and the labels' gains. In the stable
+    order (score, then index) the first ``k`` of the full row are among its ``k`` best; in
+    the pessimistic order (score, then lower gain, then index) a candidate is preceded by
+    at most ``p`` more candidates than in the stable order, so its first ``k`` are among the
+    ``k + p`` best. Keeping those with their scores and their index order keeps the first
+    ``k`` of either order; a labelled item outside them ranks after all of them in both the
+    full row and this one (with a real score below theirs, or a failed one at ``-inf``).
+    """
+    labelled = [sorted(set(int(i) for i in lab)) for lab in labelled]
+    if len(labelled) != len(queries):
+        raise ValueError(f"{len(labelled)} label lists for {len(queries)} queries")
+    extra = max((len(lab) for lab in labelled), default=0)
+    scores, idx = topk(queries, cands, k + extra, chunk, valid=valid)  # [Q, k'], [Q, k']
+    out = []
+    for q, lab in enumerate(labelled):
+        outside = np.setdiff1d(np.asarray(lab, dtype=np.int64), idx[q])  # [m]
+        keep = np.concatenate([idx[q], outside])  # [k' + m]
+        val = np.concatenate([scores[q], np.full(outside.size, -np.inf, np.float32)])
+        order = np.argsort(keep, kind="stable")  # index order: what stable ties read
+        out.append((keep[order], val[order]))
+    return out

@@ -303,22 +303,28 @@ def read_vectors(table: pa.Table, where: str = "<memory>") -> np.ndarray:
     col = table.column("embedding")
     ok = np.asarray(pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False),
                     dtype=bool)  # [N]
-    try:
+    if pa.types.is_fixed_size_list(col.type):
         m = vectors.matrix(col, np.float32)  # [N, H]
-    except ValueError:  # ragged: a list column with empty (failed) rows
+    elif pa.types.is_list(col.type) or pa.types.is_large_list(col.type) \
+            or pa.types.is_null(col.type):
+        # checked per row: vectors.matrix checks only the total count, which [H, [], H]
+        # (a failed row between two) passes with the wrong H
         m = _ragged_matrix(col, where)
-    except TypeError as e:
-        raise ContractError(where, str(e), column="embedding",
-                            fix="write embeddings as data_contracts.vectors arrays") from e
+    else:
+        raise ContractError(where, f"not a vector column: {col.type}", column="embedding",
+                            fix="write embeddings as data_contracts.vectors arrays")
     if m.shape[1] == 0:  # no vectors at all (e.g. a deciding-only encoder)
         return np.zeros((len(ok), 1), np.float32)
     return np.where(ok[:, None], m, np.float32(0.0))  # [N, H]
 
 
 def _ragged_matrix(col: pa.ChunkedArray | pa.Array, where: str) -> np.ndarray:
-    """[N, H] of a ``list<float>`` column whose rows hold H values or none (zeros)."""
+    """[N, H] of a ``list<float>`` column whose rows hold H values or none (zeros), through
+    its flat values (no Python objects)."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
+    if pa.types.is_null(col.type):
+        return np.zeros((len(col), 0), np.float32)
     lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy()  # [N]
     dim = int(lengths.max(initial=0))
     if ((lengths != 0) & (lengths != dim)).any():
@@ -327,8 +333,9 @@ def _ragged_matrix(col: pa.ChunkedArray | pa.Array, where: str) -> np.ndarray:
                             f"and {dim})", column="embedding", row=row,
                             fix="recompute the embeddings (delete this artifact)")
     out = np.zeros((len(col), dim), np.float32)  # [N, H]
-    full = np.flatnonzero(lengths == dim) if dim else np.zeros(0, int)
-    out[full] = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim or 1)[:len(full)]
+    if dim:
+        full = np.flatnonzero(lengths == dim)  # [n_full]
+        out[full] = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
     return out
 
 

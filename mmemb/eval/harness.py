@@ -1159,10 +1159,16 @@ def write_report(out: Path, results: pa.Table, aggs: dict[str, dict], per_input:
         (out / "reasoning.md").write_text(rr + "\n")
         files["reasoning"] = out / "reasoning.md"
         lines += [rr, ""]
-        points = accuracy_latency_points(aggs, summary) if plots else []
-        if points:
+        points = accuracy_latency_points(aggs, summary)
+        if points:  # the points always (tiny); the plot (~1 s of matplotlib) on request
+            files["plot_points"] = out / report.PLOT_POINTS
+            atomic_write_json(files["plot_points"], points)
+        if points and plots:
             files["plot"] = report.plot_accuracy_latency(points, out / "accuracy_latency.png")
             lines += ["![accuracy vs latency](accuracy_latency.png)", ""]
+        elif points:
+            lines += [f"Plot skipped (`plots: false`); draw it from `{report.PLOT_POINTS}` with "
+                      f"`python -m mmemb.eval.report {out}`.", ""]
     (out / "report.md").write_text("\n".join(lines).rstrip() + "\n")
     files["report"] = out / "report.md"
     (out / "aggregate.json").write_text(json.dumps(

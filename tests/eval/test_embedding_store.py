@@ -4,6 +4,8 @@ same task scores as the new store."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -156,3 +158,18 @@ def test_task_scores_equal_from_new_float16_and_older_list_caches(tmp_path):
     half, from_f16 = run(_Enc(), vector_dtype="float16")
     assert half.computed > 0 and from_f16 == pytest.approx(scores)  # a cache of its own
     assert not (tmp_path / "out" / "accuracy_latency.png").exists()  # plots=False
+
+
+def test_plots_false_writes_the_points_and_the_plot_can_be_drawn_later(tmp_path):
+    pytest.importorskip("matplotlib")
+    from mmemb.eval import report
+
+    rows, corpus = _eval_data()
+    res = evaluate(_Enc(), rows, corpus, tmp_path, model_id="m", log=lambda s: None,
+                   plots=False)
+    assert "plot" not in res.files and not (tmp_path / "accuracy_latency.png").exists()
+    points = json.loads((tmp_path / report.PLOT_POINTS).read_text())
+    assert [(p["mode"], p["score"]) for p in points] == [("direct", 0.75)]  # (1.0 + 0.5) / 2
+    assert "python -m mmemb.eval.report" in res.files["report"].read_text()
+    report.main([str(tmp_path)])
+    assert (tmp_path / "accuracy_latency.png").read_bytes()[:4] == b"\x89PNG"

@@ -315,7 +315,11 @@ def read_vectors(table: pa.Table, where: str = "<memory>") -> np.ndarray:
                             fix="write embeddings as data_contracts.vectors arrays")
     if m.shape[1] == 0:  # no vectors at all (e.g. a deciding-only encoder)
         return np.zeros((len(ok), 1), np.float32)
-    return np.where(ok[:, None], m, np.float32(0.0))  # [N, H]
+    if ok.all():
+        return m  # the view itself (read-only when it is Arrow's buffer)
+    m = np.array(m)  # a copy: the failed rows are zeroed, Arrow's buffer is not written
+    m[~ok] = 0.0
+    return m  # [N, H]
 
 
 def _ragged_matrix(col: pa.ChunkedArray | pa.Array, where: str) -> np.ndarray:

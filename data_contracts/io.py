@@ -105,7 +105,7 @@ def conform(table: pa.Table | list[dict], contract: Contract, where: str = "<mem
     table = table.select(contract.columns)
     _check_nulls(table, contract, where)
     try:
-        return table.cast(contract.schema)
+        return table.cast(_target_schema(table.schema, contract))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
         raise ContractError(where, f"cannot cast to contract {contract.name!r}: {e}") from e
 
@@ -123,9 +123,29 @@ def check_columns(schema: pa.Schema, contract: Contract, where: str) -> None:
             column=extra[0], fix="drop them, or bump the contract version if they are new.")
     for f in contract.schema:
         got = schema.field(f.name).type
+        if f.name in contract.vectors and _is_vector_type(got):
+            continue
         if got != f.type and not _castable(got, f.type):
             raise ContractError(where, f"type {got} where {f.type} is expected", column=f.name,
                                 fix=f"cast the column to {f.type}.")
+
+
+def _is_vector_type(t: pa.DataType) -> bool:
+    """A fixed-size list of float32/float16 (``data_contracts.vectors``), any size."""
+    return pa.types.is_fixed_size_list(t) and t.value_type in (pa.float32(), pa.float16())
+
+
+def _target_schema(schema: pa.Schema, contract: Contract) -> pa.Schema:
+    """The contract's schema, with each vector column kept in the table's fixed-size type
+    (its dimension and float width are the writer's choice); a ``list`` vector column (an
+    older artifact) is cast to the contract's ``list<float32>``."""
+    out = contract.schema
+    for name in contract.vectors:
+        got = schema.field(name).type
+        if _is_vector_type(got):
+            i = out.get_field_index(name)
+            out = out.set(i, out.field(i).with_type(got))
+    return out
 
 
 def _castable(src: pa.DataType, dst: pa.DataType) -> bool:

@@ -50,6 +50,11 @@ class Contract:
     no_markup: tuple[str, ...] = ()
     # Numeric columns that must be non-null and finite in every row whose status is "ok".
     finite_if_ok: tuple[str, ...] = ()
+    # Embedding columns, one vector a row: written as fixed_size_list<float32|float16, H>
+    # (data_contracts.vectors; any H and either float, kept as written, read as a zero-copy
+    # [N, H] view). The schema's own type (list<float32>) is what older artifacts hold and
+    # what a column without any vector (every row failed) is written as; both still read.
+    vectors: tuple[str, ...] = ()
     doc: str = ""
 
     @property
@@ -228,6 +233,7 @@ EMBEDDINGS = Contract(
         pa.field("task", _str),
         pa.field("side", _str),  # "query" | "candidate"
         pa.field("mode", _str),  # "direct" | "reason" | "adaptive"
+        # fixed_size_list<float32|float16, H> (Contract.vectors); zeros where status != ok
         pa.field("embedding", pa.list_(pa.float32())),
         pa.field("reasoned", pa.bool_()),
         pa.field("rationale", _str),
@@ -242,6 +248,7 @@ EMBEDDINGS = Contract(
     key=("task", "side", "id"),
     non_empty=("id", "status"),
     enums={"status": STATUS_VALUES},
+    vectors=("embedding",),
     doc="Embeddings with how they were produced (reasoned or not, tokens, latency).",
 )
 

@@ -34,7 +34,8 @@ def vector_array(vectors: np.ndarray, dtype: VectorDtype = "float32") -> pa.Fixe
     v = np.ascontiguousarray(np.asarray(vectors), dtype=np.dtype(dtype))  # [N, H]
     if v.ndim != 2:
         raise ValueError(f"vectors must be [N, H], got shape {v.shape}")
-    flat = pa.array(v.reshape(-1), type=_ARROW[dtype])  # [N * H]
+    # [N * H] over the numpy buffer (pa.array converts float16 value by value: 0.6 s/7.7M)
+    flat = pa.Array.from_buffers(_ARROW[dtype], v.size, [None, pa.py_buffer(v)])
     return pa.FixedSizeListArray.from_arrays(flat, v.shape[1])
 
 

@@ -165,7 +165,7 @@ def cmd_embed(a: argparse.Namespace) -> int:
     from mmemb.embed_file import embed_file, embed_report
 
     ref = embed_file(a.model, a.input, a.output, a.mode, a.batch_size, a.image_root,
-                     a.budget, a.threshold)
+                     a.budget, a.threshold, a.vector_dtype)
     rep = embed_report(ref.uri)
     print(json.dumps({**ref.to_dict(), "report": rep}, indent=2))
     share = "-" if rep["reasoned_share"] is None else f"{100 * rep['reasoned_share']:.0f}%"
@@ -348,7 +348,9 @@ COMMANDS: dict[str, tuple] = {
                   _o("--image-root", help="folder image paths are relative to"),
                   _o("--budget", type=int, help="max reasoning tokens (default: the model's "
                      "mmemb_gate.json, else 64)"),
-                  _o("--threshold", type=float, help="reason when p(<think>) > threshold")]),
+                  _o("--threshold", type=float, help="reason when p(<think>) > threshold"),
+                  _o("--vector-dtype", default="float32", choices=("float32", "float16"),
+                     help="how the vectors are stored (float16 halves the artifact)")]),
     "ui": (cmd_ui, "start the MLflow UI over a run directory", "Start the MLflow UI (mlflow "
            "server) on the run directory's SQLite store; Ctrl-C stops it and its helpers.", [
                _o("--run-dir", default="runs/demo", help="run directory (default runs/demo)"),

@@ -20,8 +20,15 @@ from pathlib import Path
 from data_contracts import io
 from data_contracts.io import ArtifactRef, ContractError
 from data_contracts.schemas import EMBEDDINGS
+from data_contracts.vectors import VectorDtype
 from mmemb.data.mmeb import NUM_FRAMES
-from mmemb.eval.harness import EmbedItem, encode_rows, make_items
+from mmemb.eval.harness import (
+    EmbedItem,
+    concat_embeddings,
+    embedding_table,
+    encode_rows,
+    make_items,
+)
 
 TEXT = ("text", "qry_text", "qry")
 INSTRUCTION = ("instruction", "qry_inst")
@@ -105,22 +112,26 @@ def build_encoder(model: str, mode: str, batch_size: int, budget: int | None = N
 
 def embed_file(model: str, input_path: str, output: str, mode: str = "adaptive",
                batch_size: int = 16, image_root: str | None = None,
-               budget: int | None = None, threshold: float | None = None) -> ArtifactRef:
-    """Embed a Parquet/JSONL of inputs; writes an ``embeddings`` artifact and returns its ref."""
+               budget: int | None = None, threshold: float | None = None,
+               vector_dtype: VectorDtype = "float32") -> ArtifactRef:
+    """Embed a Parquet/JSONL of inputs; writes an ``embeddings`` artifact and returns its ref.
+
+    The vectors are a ``fixed_size_list<vector_dtype, H>`` column (float16 halves the
+    artifact); read them with ``data_contracts.vectors.matrix`` as an [N, H] array."""
     rows = read_inputs(Path(input_path))
     if not rows:
         raise ContractError(input_path, "has no rows.", fix="give at least one input.")
     items, tasks = input_items(rows, input_path, image_root)
     encoder = build_encoder(model, mode, batch_size, budget, threshold)
-    table: list[dict] = []
+    tables = []
     for s in range(0, len(items), CHUNK):
-        _, got = encode_rows(encoder, items[s:s + CHUNK], mode, "", "query")
-        table += got
+        vecs, got = encode_rows(encoder, items[s:s + CHUNK], mode, "", "query")
+        for r, task in zip(got, tasks[s:s + CHUNK], strict=True):
+            r["task"] = task
+        tables.append(embedding_table(got, vecs, vector_dtype, output))
         if len(items) > CHUNK:
             print(f"[embed] {min(s + CHUNK, len(items))}/{len(items)}", file=sys.stderr)
-    for r, task in zip(table, tasks, strict=True):
-        r["task"] = task
-    return io.write(table, output, EMBEDDINGS)
+    return io.write(concat_embeddings(tables, vector_dtype), output, EMBEDDINGS)
 
 
 def embed_report(output: str) -> dict:

@@ -73,6 +73,11 @@ class EvaluateConfig(ImageResolution):
     top_p: float = Field(1.0, gt=0, le=1, description="rationale nucleus sampling; 1 = off")
     chunk_size: int = runtime_field(256, ge=1, description="inputs per cache chunk (resume unit)")
     cache_dir: str | None = Field(None, description="embedding cache; default <out>/cache")
+    vector_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="how the embedding cache stores vectors (Arrow fixed-size "
+        "lists): float16 halves it; scores are computed in float32 either way")
+    plots: bool = report_field(True, description="draw the report's accuracy-vs-latency "
+                               "plot (once, after every task is scored)")
     image_cache: str | None = Field(None, description="where visdoc page images are written; "
                                     "default <MMEB root>/visdoc-tasks/_images")
     device: str | None = runtime_field(None, description="default: cuda when available, else cpu")

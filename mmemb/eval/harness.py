@@ -20,8 +20,10 @@ Per task and mode it
    ``EMBEDDINGS`` Parquet under ``<out>/cache/<model key>/<suite>/<task>/<rows digest>/``,
    written in chunks so an interrupted task resumes mid-way and a finished task is never
    recomputed for the same model, mode and rows;
-2. ranks each query's own candidate list (local tasks) or the whole corpus (global tasks)
-   by cosine similarity and scores it with :mod:`mmemb.eval.metrics`;
+2. ranks each query's own candidate list (local tasks) or the whole corpus (global tasks,
+   by chunked matmul and a running top-k, :mod:`mmemb.eval.ranking`, never the whole
+   [queries, corpus] matrix) by cosine similarity and scores it with
+   :mod:`mmemb.eval.metrics`;
 3. writes one ``EVAL_RESULTS`` row per (task, mode) with the query-side reasoning ratio,
    generated tokens and latency (mean, p50, p95).
 
@@ -52,14 +54,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from data_contracts import io
+from data_contracts import io, vectors
 from data_contracts.files import atomic_write_json, atomic_write_text, json_digest
 from data_contracts.io import ContractError
 from data_contracts.schemas import EMBEDDINGS, EVAL_CORPUS, EVAL_RESULTS, EVAL_ROWS
+from data_contracts.vectors import VectorDtype
 from mmemb.data.mmeb import NUM_FRAMES, media_files
-from mmemb.eval import metrics, report
+from mmemb.eval import metrics, ranking, report
 from mmemb.eval import synthetic as _synthetic  # noqa: F401  (registers the 'synthetic' suite)
 from mmemb.eval.encoding import Encoder, EncodeResult
 from mmemb.eval.tasks import DEFAULT_SUITE, MODALITIES, TaskSpec, get_task, select_tasks
@@ -209,9 +213,10 @@ def encode_rows(encoder: Encoder, items: list[EmbedItem], mode: str, task: str, 
     non-finite embedding or an encoder exception gives a row with ``status='error'`` and the
     message. On an exception the batch is retried one by one so a single bad input fails
     alone; ``strict`` raises instead (training: every rank must run the same forward passes).
-    Returns ([n, H] or None when nothing succeeded, rows).
+    Returns ([n, H] or None when nothing succeeded, rows); the rows hold no vector, and
+    :func:`embedding_table` makes the artifact table of both.
     """
-    rows = [{"id": it.id, "task": task, "side": side, "mode": mode, "embedding": None,
+    rows = [{"id": it.id, "task": task, "side": side, "mode": mode,
              "reasoned": False, "rationale": None, "n_prompt_tokens": None,
              "n_gen_tokens": 0, "latency_ms": None, "status": "error", "error": it.error,
              "p_think": None} for it in items]
@@ -256,37 +261,126 @@ def encode_rows(encoder: Encoder, items: list[EmbedItem], mode: str, task: str, 
 
 def _with_vectors(rows: list[dict], vecs: dict[int, np.ndarray]
                   ) -> tuple[np.ndarray | None, list[dict]]:
-    """[n, H] of the ok rows (zeros elsewhere) and the rows with their ``embedding``."""
+    """[n, H] of the ok rows (zeros elsewhere), or None when no row has a vector. The rows
+    carry no vector: :func:`embedding_table` joins both as Arrow buffers (through Python
+    lists, 5,000 x 1,536 vectors took 3.3 s in and out: bench/bench_embed_io.py)."""
     if not vecs:
         return None, rows
     dim = next(iter(vecs.values())).shape[0]
     out = np.zeros((len(rows), dim), dtype=np.float32)  # [n, H]
     for k, v in vecs.items():
         out[k] = v
-    for k, r in enumerate(rows):
-        r["embedding"] = out[k].tolist() if r["status"] == "ok" else []
     return out, rows
+
+
+_EMB = EMBEDDINGS.schema.get_field_index("embedding")
+_META = EMBEDDINGS.schema.remove(_EMB)  # the contract without its vector column
+
+
+def embedding_table(rows: list[dict], vecs: np.ndarray | None,
+                    dtype: VectorDtype = "float32", where: str = "<memory>") -> pa.Table:
+    """The ``EMBEDDINGS`` table of :func:`encode_rows`' rows and vectors [n, H]: the vector
+    column a ``fixed_size_list<dtype, H>`` (zeros where status != ok); without any vector
+    (every row failed, or an encoder that only decides) a null ``list<float32>`` column."""
+    try:
+        meta = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "embedding"}
+                                     for r in rows], schema=_META)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise ContractError(where, f"rows do not fit contract 'embeddings': {e}") from e
+    if vecs is not None and vecs.ndim == 2 and vecs.shape[1] > 0:
+        col = vectors.vector_array(vecs, dtype)
+    else:
+        col = pa.nulls(len(rows), pa.list_(pa.float32()))
+    return io.conform(meta.add_column(_EMB, "embedding", col), EMBEDDINGS, where)
+
+
+def read_vectors(table: pa.Table, where: str = "<memory>") -> np.ndarray:
+    """[N, H] float32 of an ``EMBEDDINGS`` table's vector column, zeros where status != ok,
+    read through Arrow buffers (a zero-copy view of a fixed-size list; float16 widened).
+
+    An older artifact's ``list<float>`` column (empty lists on failed rows) is read through
+    its flat values too; rows of other lengths raise, naming ``where`` and the column."""
+    col = table.column("embedding")
+    ok = np.asarray(pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False),
+                    dtype=bool)  # [N]
+    if pa.types.is_fixed_size_list(col.type):
+        m = vectors.matrix(col, np.float32)  # [N, H]
+    elif pa.types.is_list(col.type) or pa.types.is_large_list(col.type) \
+            or pa.types.is_null(col.type):
+        # checked per row: vectors.matrix checks only the total count, which [H, [], H]
+        # (a failed row between two) passes with the wrong H
+        m = _ragged_matrix(col, where)
+    else:
+        raise ContractError(where, f"not a vector column: {col.type}", column="embedding",
+                            fix="write embeddings as data_contracts.vectors arrays")
+    if m.shape[1] == 0:  # no vectors at all (e.g. a deciding-only encoder)
+        return np.zeros((len(ok), 1), np.float32)
+    if ok.all():
+        return m  # the view itself (read-only when it is Arrow's buffer)
+    m = np.array(m)  # a copy: the failed rows are zeroed, Arrow's buffer is not written
+    m[~ok] = 0.0
+    return m  # [N, H]
+
+
+def _ragged_matrix(col: pa.ChunkedArray | pa.Array, where: str) -> np.ndarray:
+    """[N, H] of a ``list<float>`` column whose rows hold H values or none (zeros), through
+    its flat values (no Python objects)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if pa.types.is_null(col.type):
+        return np.zeros((len(col), 0), np.float32)
+    lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy()  # [N]
+    dim = int(lengths.max(initial=0))
+    if ((lengths != 0) & (lengths != dim)).any():
+        row = int(np.flatnonzero((lengths != 0) & (lengths != dim))[0])
+        raise ContractError(where, f"embeddings of different lengths ({int(lengths[row])} "
+                            f"and {dim})", column="embedding", row=row,
+                            fix="recompute the embeddings (delete this artifact)")
+    out = np.zeros((len(col), dim), np.float32)  # [N, H]
+    if dim:
+        full = np.flatnonzero(lengths == dim)  # [n_full]
+        out[full] = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    return out
+
+
+def concat_embeddings(tables: list[pa.Table], dtype: VectorDtype) -> pa.Table:
+    """One table of cache chunks; chunks whose vector columns differ (a chunk where every
+    input failed, a chunk of an older release) are brought to one fixed-size type."""
+    if not tables:
+        return embedding_table([], None, dtype)
+    if len({t.schema.field("embedding").type for t in tables}) == 1:
+        return pa.concat_tables(tables)
+    mats = [read_vectors(t) for t in tables]
+    dim = max(m.shape[1] for m in mats)
+    fixed = []
+    for t, m in zip(tables, mats, strict=True):
+        m = np.pad(m, ((0, 0), (0, dim - m.shape[1])))  # [n, H]
+        fixed.append(t.set_column(_EMB, "embedding", vectors.vector_array(m, dtype)))
+    return pa.concat_tables(fixed)
 
 
 def embed_side(encoder: Encoder, items: list[EmbedItem], mode: str, task: str, side: str,
                folder: Path | None = None, chunk_size: int = 256, strict: bool = False,
-               log: Log = print) -> Embedded:
+               log: Log = print, vector_dtype: VectorDtype = "float32") -> Embedded:
     """Embed one side of a task: through the Parquet cache under ``folder`` (the evaluate
-    stage), or in memory when ``folder`` is None (the train and gate stages' evaluation)."""
+    stage; vectors stored as ``vector_dtype``), or in memory when ``folder`` is None (the
+    train and gate stages' evaluation)."""
     if folder is not None:
-        return encode_cached(encoder, items, folder, mode, task, side, chunk_size, log)
-    _, rows = encode_rows(encoder, items, mode, task, side, strict=strict)
-    return _embedded(io.conform(rows, EMBEDDINGS), [it.id for it in items],
+        return encode_cached(encoder, items, folder, mode, task, side, chunk_size, log,
+                             vector_dtype)
+    vecs, rows = encode_rows(encoder, items, mode, task, side, strict=strict)
+    return _embedded(embedding_table(rows, vecs), [it.id for it in items],
                      computed=len(items))
 
 
 def encode_cached(encoder: Encoder, items: list[EmbedItem], folder: Path, mode: str, task: str,
-                  side: str, chunk_size: int = 256, log: Log = print) -> Embedded:
+                  side: str, chunk_size: int = 256, log: Log = print,
+                  vector_dtype: VectorDtype = "float32") -> Embedded:
     """Embed ``items`` through a chunked Parquet cache under ``folder``.
 
     ``folder/embeddings`` (a complete ``EMBEDDINGS`` artifact) means done; otherwise
     ``folder/chunks/chunk-NNNNN.parquet`` files (each written atomically) are reused and
-    only the missing chunks are encoded.
+    only the missing chunks are encoded. Vectors are stored as ``vector_dtype``.
     """
     ids = [it.id for it in items]
     final = folder / "embeddings"
@@ -297,7 +391,7 @@ def encode_cached(encoder: Encoder, items: list[EmbedItem], folder: Path, mode: 
             log(f"[evaluate] {task}/{side}/{mode}: cache unreadable ({e}); recomputing")
             table = None
         if table is not None and table.column("id").to_pylist() == ids:
-            return _embedded(table, ids, computed=0)
+            return _embedded(table, ids, computed=0, where=str(final))
         if table is not None:
             log(f"[evaluate] {task}/{side}/{mode}: cache holds other ids; recomputing")
     chunks_dir = folder / "chunks"
@@ -313,30 +407,25 @@ def encode_cached(encoder: Encoder, items: list[EmbedItem], folder: Path, mode: 
                     continue
             except (ContractError, pa.ArrowException, OSError):
                 pass  # a stale or foreign chunk: recompute it
-        _, rows = encode_rows(encoder, part, mode, task, side)
+        vecs, rows = encode_rows(encoder, part, mode, task, side)
         computed += len(part)
-        t = io.conform(rows, EMBEDDINGS, str(path))
+        t = embedding_table(rows, vecs, vector_dtype, str(path))
         io.atomic_write_parquet(t, path)
         tables.append(t)
         if len(items) > chunk_size:
             log(f"[evaluate] {task}: {side} ({mode}) {min(s + chunk_size, len(items))}"
                 f"/{len(items)}")
-    table = pa.concat_tables(tables) if tables else io.conform([], EMBEDDINGS)
+    table = concat_embeddings(tables, vector_dtype)
     io.write(table, final, EMBEDDINGS)
     shutil.rmtree(chunks_dir, ignore_errors=True)
-    return _embedded(table, ids, computed)
+    return _embedded(table, ids, computed, where=str(final))
 
 
-def _embedded(table: pa.Table, ids: list[str], computed: int) -> Embedded:
+def _embedded(table: pa.Table, ids: list[str], computed: int,
+              where: str = "<memory>") -> Embedded:
     rows = table.drop_columns(["embedding"]).to_pylist()
-    vecs = table.column("embedding").to_pylist()
     ok = np.array([r["status"] == "ok" for r in rows], dtype=bool)  # [N]
-    dim = max((len(v) for v in vecs if v), default=1)
-    emb = np.zeros((len(ids), dim), dtype=np.float32)  # [N, H]
-    for k, v in enumerate(vecs):
-        if ok[k] and v:  # a deciding-only encoder (GateProbe) gives empty vectors
-            emb[k] = v
-    return Embedded(ids, _normalise(emb), ok, rows, computed)
+    return Embedded(ids, _normalise(read_vectors(table, where)), ok, rows, computed)
 
 
 # --------------------------------------------------------------------------- one task
@@ -466,13 +555,15 @@ def score_task(encoder: Encoder, td: TaskData, modes: Sequence[str],
                image_root: str | Path | None = None, num_frames: int = NUM_FRAMES,
                reason_on_candidates: bool = False, chunk_size: int = 256,
                strict: bool = False, log: Log = print,
-               protocol: metrics.Protocol = "strict") -> list[TaskScore]:
+               protocol: metrics.Protocol = "strict",
+               vector_dtype: VectorDtype = "float32") -> list[TaskScore]:
     """Embed, rank and score one task in each mode: the one evaluator.
 
     ``cache(side, mode)`` is the cache folder of one side ('query' | 'candidate') embedded in
     ``mode``, so direct-mode candidates are shared by every query mode; without ``cache``
     everything is embedded in memory (the train stage's evaluation between its phases).
-    ``protocol``: the frame policy, tie rule and graded-NDCG pairing (docs/evaluation.md).
+    ``protocol``: the frame policy, tie rule and graded-NDCG pairing (docs/evaluation.md);
+    ``vector_dtype``: how the cache stores vectors (float16 halves it; scores in float32).
     """
     spec = td.spec
     n_frames, pad = frame_policy(spec, protocol, num_frames)
@@ -489,7 +580,8 @@ def score_task(encoder: Encoder, td: TaskData, modes: Sequence[str],
 
     def embed(its: list[EmbedItem], side: str, mode: str) -> Embedded:
         return embed_side(encoder, its, mode, spec.name, side,
-                          cache(side, mode) if cache else None, chunk_size, strict, log)
+                          cache(side, mode) if cache else None, chunk_size, strict, log,
+                          vector_dtype)
 
     out = []
     cand_cache: dict[str, Embedded] = {}
@@ -545,10 +637,10 @@ def _rank_and_score(spec: TaskSpec, lists: list[list[int]], gains: list, qry: Em
                     label_keys: list | None = None, official_out: list | None = None,
                     lowest: list | None = None) -> np.ndarray:
     """[Nq] metric per query: each query ranks its own candidates (local) or the corpus
-    (global) by cosine; a candidate that failed can never rank first, a query that failed
-    is a miss. ``official_out`` (a list) receives each query's official metrics
-    (:func:`official_query_metrics`); ``lowest`` receives :func:`lowest_queries` of the
-    ranking."""
+    (global, in bounded memory: :func:`_global_rows`) by cosine; a candidate that failed can
+    never rank first, a query that failed is a miss. ``official_out`` (a list) receives each
+    query's official metrics (:func:`official_query_metrics`); ``lowest`` receives
+    :func:`lowest_queries` of the ranking."""
     if cand.emb.shape[1] != qry.emb.shape[1] and cand.ok.any() and qry.ok.any():
         raise ValueError(f"task {spec.name}: query dim {qry.emb.shape[1]} != candidate dim "
                          f"{cand.emb.shape[1]}")
@@ -556,10 +648,10 @@ def _rank_and_score(spec: TaskSpec, lists: list[list[int]], gains: list, qry: Em
     dim = max(cand.emb.shape[1], qry.emb.shape[1])
     c_emb = np.pad(cand.emb, ((0, 0), (0, dim - cand.emb.shape[1])))  # [Nc, H]
     q_emb = np.pad(qry.emb, ((0, 0), (0, dim - qry.emb.shape[1])))  # [Nq, H]
+    back = None  # global: per query the corpus index of each position of its score row
     if spec.ranking == "global":
-        sim = q_emb @ c_emb.T  # [Nq, Nc]
-        sim[:, ~cand.ok] = -np.inf
-        rows_scores = list(sim)
+        need = max(_k, max(metrics.OFFICIAL_KS) if official_out is not None else 0, WORST_TOP)
+        back, rows_scores, gains = _global_rows(q_emb, c_emb, cand.ok, gains, need)
     else:
         rows_scores = []
         for q, idx in enumerate(lists):
@@ -581,8 +673,25 @@ def _rank_and_score(spec: TaskSpec, lists: list[list[int]], gains: list, qry: Em
         official_out += official_query_metrics(rows_scores, lists, gains, qry.ok, label_keys,
                                                spec.ranking == "global")
     if lowest is not None:
-        lowest.extend(lowest_queries(per_query, rows_scores))
+        low = lowest_queries(per_query, rows_scores)
+        lowest.extend(low if back is None else [(q, v, [int(back[q][j]) for j in top])
+                                                for q, v, top in low])
     return per_query
+
+
+def _global_rows(q_emb: np.ndarray, c_emb: np.ndarray, ok: np.ndarray, gains: list[dict],
+                 need: int) -> tuple[list[np.ndarray], list[np.ndarray], list[dict]]:
+    """A global task's ranking without its [Nq, Nc] matrix: per query its short score row
+    (:func:`mmemb.eval.ranking.candidate_rows`, exact for every metric at cut-off ``need``),
+    the corpus index of each position, and its gains keyed by position (in qrels order, which
+    the official graded pairing reads)."""
+    rows = ranking.candidate_rows(q_emb, c_emb, [list(g) for g in gains], need, valid=ok)
+    back = [idx for idx, _ in rows]
+    local = []
+    for idx, g in zip(back, gains, strict=True):
+        pos = {int(c): j for j, c in enumerate(idx)}
+        local.append({pos[c]: v for c, v in g.items()})
+    return back, [sc for _, sc in rows], local
 
 
 #: Queries per (task, mode) in the worst-queries preview, and candidates shown for each.
@@ -598,8 +707,8 @@ def lowest_queries(per_query: np.ndarray, rows_scores: Sequence[np.ndarray],
     for q in np.argsort(per_query, kind="stable")[:n]:  # [n]
         row = np.asarray(rows_scores[q])  # [n_cand] or [Nc]
         k = min(top, row.size)
-        best = np.argpartition(-row, k - 1)[:k] if k else np.zeros(0, dtype=int)  # [k]
-        best = best[np.argsort(-row[best], kind="stable")]  # [k] by similarity, descending
+        # [k] by similarity, descending, ties in index order (the official tie rule)
+        best = metrics.stable_top(row, k) if k else np.zeros(0, dtype=int)
         out.append((int(q), float(per_query[q]), [int(j) for j in best]))
     return out
 
@@ -828,7 +937,8 @@ def evaluate(encoder: Encoder, rows: pa.Table, corpus: pa.Table | None, out: str
              cache_dir: str | Path | None = None, log: Log = print,
              protocol: metrics.Protocol = "strict",
              data_digests: Mapping[str, str] | None = None,
-             missing: Iterable[str] | None = None) -> EvalRun:
+             missing: Iterable[str] | None = None, vector_dtype: VectorDtype = "float32",
+             plots: bool = True) -> EvalRun:
     """Score ``encoder`` on the eval rows in each mode; write results, report and plot.
 
     ``model_id`` keys the cache (use :func:`checkpoint_digest`); ``mode_settings`` adds what
@@ -836,6 +946,9 @@ def evaluate(encoder: Encoder, rows: pa.Table, corpus: pa.Table | None, out: str
     changing the threshold recomputes adaptive embeddings only. ``protocol`` is the scoring
     protocol (``official`` | ``strict``); ``data_digests`` the digest of each task's source
     files (the MMEB loader's) and ``missing`` the tasks skipped, both for the provenance.
+    ``vector_dtype`` is how the cache stores vectors (float16 keys a cache of its own);
+    ``plots`` False skips the report's plot (made once, after every task is scored, never
+    in the per-task loop).
     """
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
@@ -849,18 +962,20 @@ def evaluate(encoder: Encoder, rows: pa.Table, corpus: pa.Table | None, out: str
     root_key = str(Path(image_root).resolve()) if image_root else ""
     log(f"[evaluate] suite {suite}: {len(tds)} task(s), modes {', '.join(modes)}; "
         f"cache {cache_root}")
-    mode_key = {m: _digest({"model": model_id, "mode": m, "settings": settings.get(m, {})})[:16]
-                for m in MODES}
+    vec_key = {} if vector_dtype == "float32" else {"vectors": vector_dtype}  # float32: as before
+    mode_key = {m: _digest({"model": model_id, "mode": m, "settings": settings.get(m, {}),
+                            **vec_key})[:16] for m in MODES}
     for n, td in enumerate(tds):
         scores += _score_one_task(encoder, td, f"{n + 1}/{len(tds)}", modes, suite,
                                   cache_root, mode_key, root_key, image_root, num_frames,
-                                  reason_on_candidates, chunk_size, log, protocol)
+                                  reason_on_candidates, chunk_size, log, protocol,
+                                  vector_dtype)
     results = _results_table(suite, scores)
     per_input = _per_input(scores)
     aggs = {m: metrics.aggregate(_agg_rows(results, m)) for m in modes}
     prov = provenance_rows(tds, scores, model_id, data_digests or {})
     files = write_report(out, results, aggs, per_input, baseline, baseline_name,
-                         model_id=model_id, provenance=prov, protocol=protocol)
+                         model_id=model_id, provenance=prov, protocol=protocol, plots=plots)
     files.update(write_provenance(out, prov, protocol, model_id, list(missing or [])))
     files.update(write_official_scores(out, scores, suite))
     ref = io.write(results, out / "results", EVAL_RESULTS)
@@ -872,7 +987,8 @@ def evaluate(encoder: Encoder, rows: pa.Table, corpus: pa.Table | None, out: str
 def _score_one_task(encoder: Encoder, td: TaskData, where: str, modes: Sequence[str],
                     suite: str, cache_root: Path, mode_key: dict[str, str], root_key: str,
                     image_root, num_frames: int, reason_on_candidates: bool,
-                    chunk_size: int, log: Log, protocol: metrics.Protocol) -> list[TaskScore]:
+                    chunk_size: int, log: Log, protocol: metrics.Protocol,
+                    vector_dtype: VectorDtype = "float32") -> list[TaskScore]:
     """One task of :func:`evaluate` in every mode, through its cache folder (keyed by the
     model and mode, the suite and task, and a digest of the task's rows, corpus, image root
     and frame policy), with its progress line."""
@@ -889,7 +1005,8 @@ def _score_one_task(encoder: Encoder, td: TaskData, where: str, modes: Sequence[
 
     got = score_task(encoder, td, modes, folder, image_root=image_root,
                      num_frames=num_frames, reason_on_candidates=reason_on_candidates,
-                     chunk_size=chunk_size, log=log, protocol=protocol)
+                     chunk_size=chunk_size, log=log, protocol=protocol,
+                     vector_dtype=vector_dtype)
     dt = time.perf_counter() - t0
     enc = sum(s.computed for s in got)
     parts = ", ".join(f"{s.mode} {100 * s.score:.1f}" for s in got)
@@ -1018,7 +1135,7 @@ def _demote(md: str) -> str:
 def write_report(out: Path, results: pa.Table, aggs: dict[str, dict], per_input: list[dict],
                  baseline: Mapping[str, float] | None, baseline_name: str = "baseline",
                  model_id: str = "", provenance: list[dict] | None = None,
-                 protocol: str | None = None) -> dict[str, Path]:
+                 protocol: str | None = None, plots: bool = True) -> dict[str, Path]:
     """``report.md`` (modes side by side, per-mode tables with the baseline, reasoning and
     latency, per-task provenance), ``reasoning.md``, ``accuracy_latency.png`` and
     ``aggregate.json`` under ``out``; a partial MMEB-V2 run says so in its first line."""
@@ -1047,9 +1164,15 @@ def write_report(out: Path, results: pa.Table, aggs: dict[str, dict], per_input:
         files["reasoning"] = out / "reasoning.md"
         lines += [rr, ""]
         points = accuracy_latency_points(aggs, summary)
-        if points:
+        if points:  # the points always (tiny); the plot (~1 s of matplotlib) on request
+            files["plot_points"] = out / report.PLOT_POINTS
+            atomic_write_json(files["plot_points"], points)
+        if points and plots:
             files["plot"] = report.plot_accuracy_latency(points, out / "accuracy_latency.png")
             lines += ["![accuracy vs latency](accuracy_latency.png)", ""]
+        elif points:
+            lines += [f"Plot skipped (`plots: false`); draw it from `{report.PLOT_POINTS}` with "
+                      f"`python -m mmemb.eval.report {out}`.", ""]
     (out / "report.md").write_text("\n".join(lines).rstrip() + "\n")
     files["report"] = out / "report.md"
     (out / "aggregate.json").write_text(json.dumps(

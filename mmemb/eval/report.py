@@ -17,6 +17,9 @@ import numpy as np
 from mmemb.eval.tasks import _SUITES
 
 DASH = "—"
+#: Beside the report: the accuracy-vs-latency plot's points, so the plot can be drawn later
+#: (``python -m mmemb.eval.report OUT``) when the evaluation ran with ``plots: false``.
+PLOT_POINTS = "accuracy_latency.json"
 
 
 def _num(score: float) -> str:
@@ -271,3 +274,27 @@ def mode_table(metrics: Mapping[str, float], results: Sequence[Mapping[str, Any]
              "latency_mean_ms": metrics.get(f"{md}.latency_mean_ms"),
              "latency_p95_ms": metrics.get(f"{md}.latency_p95_ms")} for md in modes]
 
+
+
+def plot_from_points(out: str | Path) -> Path:
+    """Draw ``OUT/accuracy_latency.png`` from ``OUT/accuracy_latency.json`` (the points an
+    evaluation writes whether it plots or not): plotting off the evaluation's path."""
+    import json
+
+    out = Path(out)
+    points = json.loads((out / PLOT_POINTS).read_text())
+    return plot_accuracy_latency(points, out / "accuracy_latency.png")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m mmemb.eval.report OUT``: draw an evaluation's plot after the fact."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        raise SystemExit("usage: python -m mmemb.eval.report EVALUATE_OUT_FOLDER")
+    print(plot_from_points(args[0]))
+
+
+if __name__ == "__main__":
+    main()

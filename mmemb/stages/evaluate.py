@@ -181,7 +181,8 @@ def run(cfg: EvaluateConfig, log: StepLogger = null_logger) -> StageResult:
             reason_on_candidates=cfg.reason_on_candidates, chunk_size=cfg.chunk_size,
             baseline=baseline, baseline_name=cfg.baseline_name, cache_dir=cache,
             log=lambda s: print(s, flush=True), protocol=cfg.protocol,
-            data_digests=task_digests(cfg, from_mmeb), missing=list(missing))
+            data_digests=task_digests(cfg, from_mmeb), missing=list(missing),
+            vector_dtype=cfg.vector_dtype, plots=cfg.plots)
     finally:
         if getattr(encoder, "vllm", None) is not None:
             encoder.vllm.close()

@@ -26,7 +26,7 @@ OPTIONS = {
     "eval": {"config", "--model", "--data", "--modes", "--out", "--run-dir", "--force", "--set",
              "--prefect-timeout"},
     "embed": {"--model", "--input", "--output", "--mode", "--batch-size", "--image-root",
-              "--budget", "--threshold"},
+              "--budget", "--threshold", "--vector-dtype"},
     "ui": {"--run-dir", "--host", "--port", "--backend-store-uri", "--workers", "--timeout"},
     "status": {"--run-dir", "--verify"},
     "config": {"config", "--stage", "--run-dir", "--set"},
@@ -99,6 +99,18 @@ def test_embed_direct_matches_the_embedder(tiny_model, tmp_path):
     ).embeddings
     assert torch.allclose(got, ref, atol=1e-5)
     assert torch.allclose(got.norm(dim=1), torch.ones(2), atol=1e-5)
+    # the vectors are one fixed-size-list column; float16 on request
+    import pyarrow as pa
+
+    from data_contracts.vectors import matrix
+
+    assert io.read(tmp_path / "emb", EMBEDDINGS).schema.field("embedding").type == \
+        pa.list_(pa.float32(), ref.shape[1])
+    assert main(["embed", "--model", str(tiny_model), "--input", str(src), "--output",
+                 str(tmp_path / "emb16"), "--mode", "direct", "--vector-dtype", "float16"]) == 0
+    half = io.read(tmp_path / "emb16", EMBEDDINGS).column("embedding")
+    assert half.type == pa.list_(pa.float16(), ref.shape[1])
+    assert torch.allclose(torch.from_numpy(matrix(half, "float32")), ref, atol=2e-3)
 
 
 def test_embed_adaptive_records_the_gate(tiny_model, synth, tmp_path):

@@ -203,7 +203,8 @@ class GenerateWorker:
         if self.teachers is None:
             self.teachers = Teachers(self.cfg)
         t_i, block = items[0]
-        return generate_shard(self.cfg, self.teachers, t_i, block)
+        with torch_threads(self.cfg.torch_threads):  # also inside a Ray actor
+            return generate_shard(self.cfg, self.teachers, t_i, block)
 
     @property
     def gpus_per_actor(self) -> int:

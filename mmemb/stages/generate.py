@@ -29,7 +29,7 @@ parallel inside it) on ``gpus_per_actor`` GPUs (default: the largest vLLM teache
 ``tensor_parallel_size``); the rows equal the in-process run's (every request is seeded)::
 
     python -m mmemb.stages.generate --config configs/demo.yaml --section generate \
-        --set distributed.backend=ray --set distributed.actors=2
+        --distributed.backend ray --distributed.actors 2
 """
 
 from __future__ import annotations

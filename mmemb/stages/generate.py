@@ -28,7 +28,7 @@ unfinished shards as a Ray Data pipeline over N actors, each with its own engine
 parallel inside it) on ``gpus_per_actor`` GPUs (default: the largest vLLM teacher's
 ``tensor_parallel_size``); the rows equal the in-process run's (every request is seeded)::
 
-    python -m mmemb.stages.generate --config configs/demo.yaml --section generate \
+    python -m mmemb.stages.generate --config configs/demo.yaml --section generate \\
         --distributed.backend ray --distributed.actors 2
 """
 

@@ -375,7 +375,7 @@ COMMANDS: dict[str, tuple] = {
                "FILE`.", [
                    _o("config", help="pipeline YAML"),
                    _o("--stage", choices=STAGES, help="print only this stage's section"),
-                   _RUN_DIR, _set("generate.replica=1")]),
+                   _RUN_DIR, _set("generate.distributed.actors=2")]),
     "sync": (cmd_sync, "send MLflow records spooled while the store was down", "Replay "
              "<run_dir>/_mlflow_spool/*.json to the tracking store (MLFLOW_TRACKING_URI, "
              "--tracking-uri or the run dir's SQLite).", [

@@ -16,10 +16,14 @@ A fingerprint (config + input digests) is stored beside the shards and beside th
 artifact (``_run.json``). Shards written under another fingerprint are discarded, not
 mixed in; a complete artifact with the same fingerprint is returned without recomputing.
 
-Data-parallel replicas (several GPUs, one engine each): start the same command with
-``replica=i, replicas=N``; replica ``i`` processes shards ``i, i+N, ...``. Only replica 0
-assembles the final artifact, once every shard exists; a later single-process rerun
-(``replicas=1``) also assembles, skipping all shards.
+Several GPUs or nodes: pass ``distributed`` with ``backend: ray`` and the unfinished shards
+run as a Ray Data pipeline over a pool of actors (:mod:`mmemb.distributed.ray_data`), one
+engine or embedder per actor; this process writes each shard as it arrives, so resumption
+is the same as above. ``process`` must then be picklable: a callable object holding its
+config, building its heavy state lazily on the first call and dropping it when pickled.
+
+Low level, without Ray: ``replica=i, replicas=N`` makes a process handle shards ``i, i+N,
+...``; only replica 0 assembles once every shard exists (the stages use Ray instead).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from data_contracts import io
 from data_contracts.files import atomic_write_json, json_digest
 from data_contracts.io import ArtifactRef, ContractError
 from data_contracts.schemas import Contract
+from mmemb.configs.distributed import DistributedSettings
 
 T = TypeVar("T")
 SHARDS = "_shards"
@@ -167,11 +172,14 @@ def split(items: Sequence[T], shard_size: int) -> list[list[T]]:
 def run_sharded(shards: Sequence[tuple[str, Sequence[T]]], out: str | Path, contract: Contract,
                 process: Callable[[str, Sequence[T]], list[dict] | pa.Table], fp: str, *,
                 resume: bool = True, replica: int = 0, replicas: int = 1,
-                progress: bool = True, log: Callable[[str], None] = print) -> ShardRun:
+                progress: bool = True, log: Callable[[str], None] = print,
+                distributed: DistributedSettings | None = None) -> ShardRun:
     """Run ``process`` on every unfinished shard, then assemble the artifact at ``out``.
 
     ``shards`` are ``(name, items)`` in the order the final artifact keeps; names must be
     unique and file-name safe. ``process(name, items)`` returns the shard's rows.
+    ``distributed`` with ``backend='ray'``: the shards run on a Ray Data actor pool and are
+    written here as they finish (any order); the artifact is the same.
     """
     t0 = time.perf_counter()
     names = [n for n, _ in shards]
@@ -179,6 +187,10 @@ def run_sharded(shards: Sequence[tuple[str, Sequence[T]]], out: str | Path, cont
         raise ValueError("shard names must be unique")
     if not 0 <= replica < replicas:
         raise ValueError(f"replica={replica} must be in [0, replicas={replicas})")
+    on_ray = distributed is not None and distributed.backend == "ray"
+    if on_ray and replicas > 1:
+        raise ValueError("replicas > 1 with distributed.backend='ray': Ray already spreads "
+                         "the shards over its actors; drop replica/replicas")
     if resume and complete_with(out, fp):
         log(f"[shards] {out} is complete for these inputs and config; nothing to do")
         return ShardRun(io.ref(out), len(names), skipped=names, reused=True,
@@ -190,20 +202,36 @@ def run_sharded(shards: Sequence[tuple[str, Sequence[T]]], out: str | Path, cont
     skipped = [n for _, n, _ in mine if n in done]
     if skipped:
         log(f"[shards] resuming: {len(skipped)} of {len(mine)} shard(s) already done")
-    processed = []
-    from tqdm.auto import tqdm
+    processed: list[str] = []
+    if on_ray:
+        from mmemb.distributed.ray_data import map_shards
 
-    for n, items in tqdm(todo, desc=f"shards -> {Path(out).name}", unit="shard",
-                         disable=not progress or not todo):
-        rows = process(n, items)
-        w.write(n, rows)
-        processed.append(n)
+        def keep(name: str, table: pa.Table) -> None:
+            w.write(name, table)
+            processed.append(name)
+
+        map_shards(todo, process, contract, distributed, keep, progress=progress, log=log)
+    else:
+        _run_here(todo, process, w, processed, progress, Path(out).name)
     missing = sorted(set(names) - w.finished())
     res = ShardRun(None, len(names), processed, skipped, missing)
     if missing:
         log(f"[shards] {len(missing)} shard(s) left to other replicas; rerun with "
             "replicas=1 (or let replica 0 finish last) to assemble")
     elif replica == 0:
-        res.ref = w.assemble(names)
+        backend = {"backend": "ray", "actors": distributed.actors} if on_ray else \
+            {"backend": "inprocess"}
+        res.ref = w.assemble(names, extra=backend)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _run_here(todo: Sequence[tuple[str, Sequence[T]]], process: Callable, w: ShardedWriter,
+              processed: list[str], progress: bool, label: str) -> None:
+    """The in-process backend: one shard after the other, each written when done."""
+    from tqdm.auto import tqdm
+
+    for n, items in tqdm(todo, desc=f"shards -> {label}", unit="shard",
+                         disable=not progress or not todo):
+        w.write(n, process(n, items))
+        processed.append(n)

@@ -215,7 +215,8 @@ def _wait(proc: subprocess.Popen, stage: str, timeout_s: float | None) -> int:
 
 def launch(launch_cfg: LaunchConfig, stage: str, cfg: StageConfig, state_dir: Path,
            env: dict[str, str] | None = None) -> tuple[StageResult, int]:
-    """Run the stage in fresh process(es); returns its result and the live-logged step count."""
+    """Run the stage in fresh process(es); returns its result and the live-logged step count.
+    ``launcher: replicas`` is an alias of one process with ``distributed.backend: ray``."""
     from tasks.cache import result_from_state
 
     if launch_cfg.launcher == "replicas":
@@ -234,42 +235,19 @@ def launch(launch_cfg: LaunchConfig, stage: str, cfg: StageConfig, state_dir: Pa
 
 def launch_replicas(launch_cfg: LaunchConfig, stage: str, cfg: StageConfig, state_dir: Path,
                     env: dict[str, str] | None = None) -> tuple[StageResult, int]:
-    """Data parallelism: N replica processes (each its own GPUs), then one assembling pass.
-
-    The stage must have ``replica``/``replicas`` settings and resumable shards (generation
-    has): replica i works on its share of the shards; the assembling pass, with the
-    pipeline's own config (``replicas: 1``), finds every shard finished and writes the
-    artifact, so the result and the cache key are those of a single-process run.
-    """
-    fields = type(cfg).model_fields
-    if "replica" not in fields or "replicas" not in fields:
-        raise ConfigError(f"launcher='replicas': stage {stage!r} has no replica/replicas "
-                          "settings; use 'subprocess' or 'torchrun'")
-    n, g = launch_cfg.nproc_per_node, launch_cfg.gpus_per_replica
-    procs: list[tuple[subprocess.Popen, Path]] = []
-    t0 = time.perf_counter()
-    try:
-        for i in range(n):
-            config_path, result_path = _prepare_paths(state_dir, f".r{i}")
-            cfg.model_copy(update={"replica": i, "replicas": n}).to_yaml(config_path)
-            cmd = [sys.executable, *worker_command(stage, config_path, result_path)]
-            e = _env(launch_cfg, env)
-            if g:
-                e["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in range(i * g, (i + 1) * g))
-            print(f"[{stage}] replica {i}/{n}: {shlex.join(cmd)}", flush=True)
-            procs.append((subprocess.Popen(cmd, env=e), result_path))
-        failed = None
-        for proc, result_path in procs:
-            rc = _wait(proc, stage, launch_cfg.timeout_s)
-            if (rc != 0 or not result_path.is_file()) and failed is None:
-                failed = _failure(stage, rc, result_path, time.perf_counter() - t0)
-    finally:  # one replica failing to start or timing out stops the others too
-        for proc, _ in procs:
-            stop_tree(proc)
-    if failed is not None:
-        raise failed
-    from mmemb.stages.base import run_stage
-
-    print(f"[{stage}] {n} replicas done in {time.perf_counter() - t0:.0f}s; assembling",
-          flush=True)
-    return run_stage(stage, cfg), 0
+    """``launcher: replicas``, kept as a thin alias of the Ray path: one process (the Ray
+    driver) runs the stage with ``distributed: {backend: ray, actors: nproc_per_node,
+    gpus_per_actor: gpus_per_replica}`` on a local Ray of this node, whose actor pool holds
+    the engines (one each). The result and the cache key are those of a single-process run
+    (``distributed`` is a runtime field)."""
+    if "distributed" not in type(cfg).model_fields:
+        raise ConfigError(f"launcher='replicas': stage {stage!r} has no distributed settings "
+                          "(only generate, score and evaluate do); use 'subprocess' or "
+                          "'torchrun'")
+    ray = {"backend": "ray", "address": None, "actors": launch_cfg.nproc_per_node,
+           "gpus_per_actor": launch_cfg.gpus_per_replica or None}
+    print(f"[{stage}] launcher 'replicas' is an alias: running with distributed={ray} "
+          f"(set {stage}.distributed and launcher 'subprocess' instead)", flush=True)
+    cfg = cfg.model_copy(update={"distributed": cfg.distributed.model_copy(update=ray)})
+    one = launch_cfg.model_copy(update={"launcher": "subprocess", "nproc_per_node": 1})
+    return launch(one, stage, cfg, state_dir, env)

@@ -27,16 +27,17 @@ class DistributedSettings(BaseModel):
         "inprocess", description="inprocess: this process; ray: Ray Data over an actor pool")
     address: str | None = Field(
         None, description="ray.init(address=...): 'auto' attaches to the cluster this node "
-        "belongs to (KubeRay pod, `ray start` under Slurm), 'ray://host:10001' to a remote "
-        "one; None starts a local Ray on this machine")
+        "belongs to (KubeRay pod, `ray start` under Slurm), 'host:6379' or "
+        "'ray://host:10001' to a given one; None starts a fresh local Ray on this machine "
+        "(address 'local', own temp folder; a Ray already running in this process is used)")
     actors: int = Field(1, ge=1, description="actors in the pool (one engine/embedder each)")
     gpus_per_actor: float | None = Field(
         None, ge=0, description="GPUs per actor (a vLLM teacher's tensor_parallel_size is "
         "inside one actor); None: 1 when this machine has CUDA, else 0")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per actor")
     rows_per_task: int | None = Field(
-        None, ge=1, description="rows per Ray Data batch sent to an actor; None: the stage's "
-        "own batch or shard size")
+        None, ge=1, description="evaluate: inputs per shard of the Ray pre-pass (None: "
+        "chunk_size); generate and score send one of their shards (shard_size) per task")
 
     @model_validator(mode="after")
     def _check(self) -> DistributedSettings:

@@ -146,13 +146,27 @@ class GenerateConfig(StageConfig):
         None, ge=1, description="torch threads in this process (None: torch's default); 1 "
         "suits tiny models on shared CPU cores")
     resume: bool = runtime_field(True, description="skip shards finished by an earlier run")
-    replica: int = runtime_field(0, ge=0, description="this process's index among data-parallel "
-                         "replicas (one engine per GPU)")
-    replicas: int = runtime_field(1, ge=1, description="number of data-parallel replicas "
-                                  "(launch.generate.launcher: replicas sets it)")
     distributed: DistributedSettings = runtime_field(
         default_factory=DistributedSettings, description="backend: ray runs the teachers' "
-        "engines as a Ray Data actor pool (mmemb.configs.distributed)")
+        "engines as a Ray Data actor pool (mmemb.configs.distributed); data parallelism "
+        "over N GPUs or nodes is distributed: {backend: ray, actors: N}")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_replicas(cls, data):
+        """``replica``/``replicas`` (the one-node replica processes) are retired: Ray Data's
+        actor pool replaces them. Their no-op values (0 and 1, as older saved configs hold
+        them) are dropped; anything else is refused with the replacement."""
+        if not isinstance(data, dict) or not ({"replica", "replicas"} & set(data)):
+            return data
+        data = dict(data)
+        replica, replicas = data.pop("replica", 0), data.pop("replicas", 1)
+        if replica not in (0, None) or replicas not in (1, None):
+            raise ValueError(f"replica={replica}, replicas={replicas}: replica processes are "
+                             "retired; for N engines set generate.distributed: {backend: "
+                             "ray, actors: N} (one actor per engine, gpus_per_actor GPUs "
+                             "each; see mmemb.configs.distributed)")
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> GenerateConfig:
@@ -161,8 +175,6 @@ class GenerateConfig(StageConfig):
         if dup:
             raise ValueError(f"teacher ids {dup} appear twice; every teacher needs its own id "
                              "(it is part of each rationale's key)")
-        if self.replica >= self.replicas:
-            raise ValueError(f"replica={self.replica} must be < replicas={self.replicas}")
         if len(set(self.sides)) != len(self.sides):
             raise ValueError(f"sides {self.sides} lists a side twice")
         return self

@@ -150,10 +150,10 @@ class LaunchConfig(StageConfig):
     ``torchrun``: ``torchrun --nnodes N --nproc_per_node P`` with a c10d rendezvous at
     ``rdzv_endpoint`` (multi-node: start the same command on every node, e.g. via ``prefix:
     [srun]`` on Slurm). ``deepspeed``: the DeepSpeed launcher, which reaches the hosts of
-    ``hostfile`` over ssh/pdsh from this one task. ``replicas``: data parallelism for a
-    stage with ``replica``/``replicas`` settings (generation): ``nproc_per_node`` processes,
-    each on its own ``gpus_per_replica`` GPUs (``CUDA_VISIBLE_DEVICES``), then one
-    assembling pass in the task.
+    ``hostfile`` over ssh/pdsh from this one task. ``replicas``: an alias kept for older
+    configs: one process running the stage with ``distributed: {backend: ray, actors:
+    nproc_per_node, gpus_per_actor: gpus_per_replica}`` on a local Ray (generate, score,
+    evaluate); set the stage's ``distributed`` block instead, which also reaches a cluster.
     """
 
     launcher: Literal["inprocess", "subprocess", "torchrun", "deepspeed", "replicas"] = \
@@ -166,8 +166,9 @@ class LaunchConfig(StageConfig):
     master_addr: str | None = None
     master_port: int | None = None
     prefix: list[str] = Field(default_factory=list, description="e.g. ['srun', '--nodes=2']")
-    gpus_per_replica: int = Field(1, ge=0, description="replicas: GPUs per process (= the "
-                                  "engine's tensor_parallel_size); 0 = no GPU pinning")
+    gpus_per_replica: int = Field(1, ge=0, description="replicas (alias): the Ray actors' "
+                                  "gpus_per_actor (= the engine's tensor_parallel_size); 0 "
+                                  "= the stage's default")
     env: dict[str, str] = Field(default_factory=dict)
     retries: int = Field(1, ge=0, description="retries after a transient failure only")
     retry_delay_s: float = Field(10.0, ge=0)
@@ -183,9 +184,10 @@ class LaunchConfig(StageConfig):
             raise ValueError("launcher='torchrun' with nnodes > 1 needs rdzv_endpoint "
                              "(host:port of node 0) so the nodes find each other")
         if self.launcher == "replicas" and self.nnodes > 1:
-            raise ValueError("launcher='replicas' runs on one node; for several nodes run "
-                             "one replica set per node (docs/deploy.md, Slurm array) and "
-                             "assemble once")
+            raise ValueError("launcher='replicas' runs a local Ray on one node; for several "
+                             "nodes use launcher 'subprocess' and the stage's distributed: "
+                             "{backend: ray, address: auto, actors: N} on a Ray cluster "
+                             "(docs/deploy.md)")
         if self.launcher in ("inprocess", "subprocess") and (self.nnodes > 1
                                                              or self.nproc_per_node > 1):
             raise ValueError(f"launcher={self.launcher!r} starts one process; for "

@@ -1246,3 +1246,31 @@ def load_eval_data(eval_path: str | Path, corpus_path: str | Path | None = None
         corpus_path = sib if io.exists(sib) else None
     corpus = io.read(corpus_path, EVAL_CORPUS) if corpus_path else None
     return rows, corpus
+
+
+def inputs_by_mode(rows: pa.Table, corpus: pa.Table | None, *, modes: Sequence[str],
+                   image_root: str | Path | None = None, tasks: Iterable[str] | None = None,
+                   categories: Iterable[str] | None = None,
+                   modalities: Iterable[str] | None = None, max_queries: int | None = None,
+                   num_frames: int = NUM_FRAMES, reason_on_candidates: bool = False,
+                   protocol: metrics.Protocol = "strict") -> dict[str, list[EmbedInput]]:
+    """Every input :func:`evaluate` with these arguments hands its encoder, per mode (with
+    repeats; unreadable media excluded, they never reach an encoder).
+
+    Why: a distributed backend embeds them all in one pass per mode before the evaluation
+    (:mod:`mmemb.distributed.eval_embed`) instead of loading a model per encoder call; the
+    same task selection, frame policy and candidate lists as :func:`score_task` apply.
+    """
+    _, tds = _group_tasks(rows, corpus, tasks, categories, modalities, max_queries)
+    out: dict[str, list[EmbedInput]] = {}
+    for td in tds:
+        n_frames, pad = frame_policy(td.spec, protocol, num_frames)
+        items, _, _ = _candidates(td, image_root, n_frames, pad)
+        queries = make_items([r["row_id"] for r in td.rows], [r["qry_inst"] for r in td.rows],
+                             [r["qry_text"] for r in td.rows],
+                             [r["qry_img_path"] for r in td.rows], image_root, n_frames, pad)
+        for mode in modes:
+            cmode = mode if reason_on_candidates else "direct"
+            out.setdefault(cmode, []).extend(it.inp for it in items if it.inp is not None)
+            out.setdefault(mode, []).extend(it.inp for it in queries if it.inp is not None)
+    return out

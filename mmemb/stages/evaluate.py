@@ -164,8 +164,16 @@ def run(cfg: EvaluateConfig, log: StepLogger = null_logger) -> StageResult:
     from_mmeb = not _is_artifact(Path(cfg.eval))
     baseline = load_baseline(cfg.baseline, cfg.baseline_mode) if cfg.baseline else None
     gate = gate_settings(cfg)
-    encoder, dtype = build_encoder(cfg, gate)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+    if cfg.distributed.backend == "ray":  # every input embedded up front on the actor pool
+        from mmemb.distributed.eval_embed import ray_encoder
+
+        encoder, dtype = ray_encoder(cfg, gate, rows, corpus, image_root,
+                                     None if from_mmeb else cfg.tasks,
+                                     lambda d: _model_key(cfg, d, cache),
+                                     _mode_settings(cfg, gate))
+    else:
+        encoder, dtype = build_encoder(cfg, gate)
     reasons = set(cfg.modes) - {"direct"}
     print(f"[evaluate] model {cfg.model} ({type(encoder).__name__}, {dtype}); modes "
           f"{', '.join(cfg.modes)}; candidates in "
@@ -186,6 +194,11 @@ def run(cfg: EvaluateConfig, log: StepLogger = null_logger) -> StageResult:
     finally:
         if getattr(encoder, "vllm", None) is not None:
             encoder.vllm.close()
+    if getattr(encoder, "misses", 0):
+        raise RuntimeError(f"{encoder.misses} input(s) reached the evaluation without being "
+                           "embedded by the Ray pre-pass (harness.inputs_by_mode disagrees "
+                           "with the harness): a bug; rerun with distributed.backend: "
+                           "inprocess meanwhile")
     for step, task in enumerate(dict.fromkeys(res.results.column("task").to_pylist())):
         log(step, {f"{r['mode']}.score": float(r["score"]) for r in res.results.to_pylist()
                    if r["task"] == task})

@@ -23,8 +23,13 @@ Run alone on the embedded default (after ``python -m mmemb.stages.prepare``)::
         --image-root runs/demo/data --model runs/demo/base_model --k 2 --oracle-k 4 \\
         --out runs/demo/generate
 
-Data-parallel on N GPUs: the same command with ``--replica i --replicas N`` per GPU
-(``CUDA_VISIBLE_DEVICES=i``), then once with ``--replicas 1`` to assemble.
+Data-parallel on N GPUs or nodes: ``distributed: {backend: ray, actors: N}`` runs the
+unfinished shards as a Ray Data pipeline over N actors, each with its own engine (tensor
+parallel inside it) on ``gpus_per_actor`` GPUs (default: the largest vLLM teacher's
+``tensor_parallel_size``); the rows equal the in-process run's (every request is seeded)::
+
+    python -m mmemb.stages.generate --config configs/demo.yaml --section generate \\
+        --distributed.backend ray --distributed.actors 2
 """
 
 from __future__ import annotations
@@ -121,13 +126,12 @@ def _run(cfg: GenerateConfig) -> StageResult:
         pairs = pairs[: cfg.limit]
     out = Path(cfg.out) / "rationales"
     fp = fingerprint("generate-v2", input_digest(cfg.pairs), cfg.digest_view("resume"))
-    teachers = Teachers(cfg)
+    worker = GenerateWorker(cfg)
     try:
         res = run_sharded([(n, [it]) for n, it in make_shards(cfg, pairs)], out, RATIONALES,
-                          lambda n, items: generate_shard(cfg, teachers, *items[0]), fp,
-                          resume=cfg.resume, replica=cfg.replica, replicas=cfg.replicas)
+                          worker, fp, resume=cfg.resume, distributed=cfg.distributed)
     finally:
-        teachers.close()
+        worker.close()
     outputs, metrics, summary = report(cfg, res, out, len(pairs))
     metrics["seconds"] = time.perf_counter() - t0
     print(f"[generate] {summary}", flush=True)
@@ -183,6 +187,42 @@ class Teachers:
         self.engines.clear()
 
 
+@dataclass
+class GenerateWorker:
+    """``process`` of the stage's sharded run: one shard's rows from its teacher.
+
+    Picklable, so a Ray actor can hold one: pickling keeps only the config, and each copy
+    (this process, or every actor of the pool) makes its own :class:`Teachers`, so its
+    engines on its first shard, and closes them with :meth:`close`.
+    """
+
+    cfg: GenerateConfig
+    teachers: Teachers | None = field(default=None, repr=False)
+
+    def __call__(self, name: str, items: list[tuple]) -> list[dict]:
+        if self.teachers is None:
+            self.teachers = Teachers(self.cfg)
+        t_i, block = items[0]
+        with torch_threads(self.cfg.torch_threads):  # also inside a Ray actor
+            return generate_shard(self.cfg, self.teachers, t_i, block)
+
+    @property
+    def gpus_per_actor(self) -> int:
+        """GPUs one actor needs on a GPU cluster: the largest engine's tensor parallel size
+        (1 for a transformers teacher, 0 when only the oracle runs)."""
+        need = [t.tensor_parallel_size if t.backend == "vllm" else 1
+                for t in self.cfg.teachers if t.backend != "oracle"]
+        return max(need, default=0)
+
+    def close(self) -> None:
+        if self.teachers is not None:
+            self.teachers.close()
+            self.teachers = None
+
+    def __getstate__(self) -> dict:
+        return {"cfg": self.cfg, "teachers": None}  # engines never travel
+
+
 def generate_shard(cfg: GenerateConfig, teachers: Teachers, t_i: int, block: list[dict]
                    ) -> list[dict]:
     """The rows of one shard: teacher ``t_i`` on every configured side of ``block``."""
@@ -196,7 +236,7 @@ def generate_shard(cfg: GenerateConfig, teachers: Teachers, t_i: int, block: lis
 def report(cfg: GenerateConfig, res, out: Path, n_pairs: int
            ) -> tuple[dict, dict[str, float], str]:
     """Outputs, metrics and summary; the status shares only once every shard is done (a
-    replica that leaves shards to others reports just its shard counts)."""
+    low-level replica run that leaves shards to others reports just its shard counts)."""
     metrics: dict[str, float] = {"shards": float(res.n_shards),
                                  "shards_processed": float(len(res.processed)),
                                  "shards_skipped": float(len(res.skipped)),

@@ -502,7 +502,7 @@ def test_stage_configs_refuse_nan_alone_too():
 
 
 @pytest.mark.parametrize("override, key, known", [
-    ("score.bogus_key=1", "score.bogus_key", "batch_size, device, dtype"),
+    ("score.bogus_key=1", "score.bogus_key", "batch_size, device, distributed, dtype"),
     ("train.lora={r: 4, bogus: 1}", "train.lora.bogus", "alpha, dropout, r, target_modules"),
     ("launch.train.bogus=1", "launch.train.bogus", "env, gpus_per_replica, hostfile"),
     ("generate.teachers=[{id: a, backend: oracle, k: 2, bogus: 1}]",

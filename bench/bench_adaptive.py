@@ -9,11 +9,12 @@ is given over every forward call, counted by a hook on the base model, so the fi
 means the same for any implementation of the modes.
 
     python bench/bench_adaptive.py --model runs/demo/gate/policy --eval runs/demo/data/eval \\
-        --image-root runs/demo/data [--limit N] [--vllm]
+        --image-root runs/demo/data [--limit N] [--repeat 3] [--vllm]
 
 ``--limit N`` takes every k-th row (all tasks stay represented); budget and threshold
 default to the ones the gate stage saved beside the policy (``mmemb_gate.json``, read by
 ``mmemb.model.gate_settings``; else 64 and 0.5).
+``--repeat R`` times each query R times per mode (interleaved) and takes the median.
 ``--vllm`` generates the rationales with a vLLM engine on the same weights (its tokens are
 then not counted: they run in the engine).
 
@@ -88,19 +89,26 @@ def load_queries(a, emb: Embedder):
     return rows, queries, {t: i for i, t in enumerate(cands)}, cvec
 
 
-def run_interleaved(enc: AdaptiveEncoder, queries: list[EmbedInput], counter: TokenCounter
-                    ) -> dict[str, list[tuple]]:
-    """Each query in the three modes back to back (rotating which goes first), so a load
-    change on a shared machine hits every mode alike: per mode, (result, wall ms, tokens)."""
+def run_interleaved(enc: AdaptiveEncoder, queries: list[EmbedInput], counter: TokenCounter,
+                    repeat: int = 3) -> dict[str, list[tuple]]:
+    """Each query in the three modes back to back (rotating which goes first), ``repeat``
+    times, so a load change on a shared machine hits every mode alike: per mode, (result,
+    median wall ms over the repeats, decoder tokens)."""
     enc.encode(queries[:2], mode="reason", batch_size=1)  # warm-up
     outs: dict[str, list[tuple]] = {m: [] for m in MODES}
     for i, q in enumerate(queries):
-        for k in range(len(MODES)):
-            mode = MODES[(i + k) % len(MODES)]
-            n0 = counter.n
-            t0 = time.perf_counter()
-            res = enc.encode([q], mode=mode, batch_size=1)
-            outs[mode].append((res, 1000 * (time.perf_counter() - t0), counter.n - n0))
+        walls: dict[str, list[float]] = {m: [] for m in MODES}
+        first: dict[str, tuple] = {}
+        for r in range(repeat):
+            for k in range(len(MODES)):
+                mode = MODES[(i + r + k) % len(MODES)]
+                n0 = counter.n
+                t0 = time.perf_counter()
+                res = enc.encode([q], mode=mode, batch_size=1)
+                walls[mode].append(1000 * (time.perf_counter() - t0))
+                first.setdefault(mode, (res, counter.n - n0))
+        for m in MODES:
+            outs[m].append((first[m][0], statistics.median(walls[m]), first[m][1]))
     return outs
 
 
@@ -152,6 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--budget", type=int)
     ap.add_argument("--threshold", type=float)
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="timed runs per query and mode (its latency: their median)")
     ap.add_argument("--vllm", action="store_true", help="generate rationales with vLLM")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -175,11 +185,13 @@ def main(argv: list[str] | None = None) -> dict:
     enc = AdaptiveEncoder(emb, budget=gate.budget, threshold=gate.threshold, vllm=vpol)
     rows, queries, cpos, cvec = load_queries(a, emb)
     counter = TokenCounter(emb)
-    results = summarise(run_interleaved(enc, queries, counter), rows, cpos, cvec)
+    results = summarise(run_interleaved(enc, queries, counter, a.repeat), rows, cpos,
+                        cvec)
     report(results, f"# adaptive inference bench: {len(rows)} queries, "
            f"{platform.processor() or 'cpu'}, torch {torch.__version__}, threads "
            f"{torch.get_num_threads()}, budget {gate.budget}, threshold {gate.threshold}, "
-           f"generation {'vLLM' if vpol else 'transformers'}, batch 1, interleaved")
+           f"generation {'vLLM' if vpol else 'transformers'}, batch 1, interleaved, "
+           f"median of {a.repeat} runs per query")
     if vpol is not None:
         vpol.close()
     tmp.cleanup()

@@ -297,7 +297,8 @@ class AdaptiveEncoder:
                                          device=st.ids.device)
         n_prompt = st.ids.shape[1]
         pad = self.emb.tokenizer.pad_token_id
-        stops = torch.tensor(self.stop_ids, device=st.ids.device)
+        # Padding ends a rationale too (as in _rollout), so the cache never runs past it.
+        stops = torch.tensor([*self.stop_ids, pad], device=st.ids.device)
         done = torch.zeros(st.ids.shape[0], dtype=torch.bool, device=st.ids.device)
         fed = torch.zeros_like(done, dtype=torch.long)  # [B] rationale tokens in the cache
         for step in range(self.budget):
@@ -377,7 +378,8 @@ class AdaptiveEncoder:
             for i, r in zip(idx, rolls, strict=True):
                 rat[i], ngen[i], malformed[i] = r.text, len(r.ids), not r.finished
         t_gen = time.perf_counter() - t0 - t_dec
-        think = [i in set(idx) for i in range(n)]
+        chosen = set(idx)
+        think = [i in chosen for i in range(n)]
         res.reasoned += think
         res.rationales += rat
         res.n_gen_tokens += ngen
@@ -389,7 +391,7 @@ class AdaptiveEncoder:
         return embs.cpu()
 
     def _encode_batch_passes(self, xs: list[EmbedInput], mode: Mode, res: EncodeResult
-                           ) -> torch.Tensor:
+                             ) -> torch.Tensor:
         """Embed one batch with rationales from :meth:`generate` (the vLLM engine when one
         is given) and one embedding pass per mode, appending its per-input fields to
         ``res``: the decision pass (adaptive), generation for the inputs that reason, then

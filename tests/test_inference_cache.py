@@ -185,3 +185,33 @@ def test_real_layouts_decode_like_generate(real_layout, synth, family):
     for i, (x, r) in enumerate(zip(xs, ref, strict=True)):
         torch.testing.assert_close(out.embeddings[i],
                                    _fresh_embedding(enc, x, r.ids, r.finished), **ATOL)
+
+
+class _FakeEngine:
+    """Stands in for :class:`mmemb.vllm_policy.VLLMPolicy`: a fixed rationale per input."""
+
+    budget = 8
+
+    def __init__(self, emb: Embedder):
+        self.ids = emb.tokenizer("two circles", add_special_tokens=False)["input_ids"]
+        self.end = emb.end_think_id
+        self.calls = 0
+
+    def generate(self, inputs, temperature, seeds):
+        from mmemb.inference import Rollout
+
+        self.calls += 1
+        return [Rollout([*self.ids, self.end], "two circles", True) for _ in inputs]
+
+
+def test_an_engine_writes_the_rationales_then_one_embedding_pass_reads_them(emb, synth):
+    """The vLLM route (a given engine) is kept: its rationale text, embedded in reasoning
+    mode by the embedder, with no decoding here."""
+    xs = _inputs(synth)
+    eng = _FakeEngine(emb)
+    out = AdaptiveEncoder(emb, budget=8, vllm=eng).encode(xs, mode="reason", batch_size=5)
+    assert eng.calls == 1 and out.rationales == ["two circles"] * 5
+    want = emb.embed([EmbedInput(x.text, x.instruction, x.images, "two circles") for x in xs],
+                     mode="reason").embeddings
+    torch.testing.assert_close(out.embeddings, want, **ATOL)
+    assert out.n_gen_tokens == [len(eng.ids) + 1] * 5

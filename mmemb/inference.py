@@ -1,18 +1,24 @@
 """Adaptive inference: reason only where the model's own gate says reasoning helps.
 
-``encode(inputs, mode)`` runs, per batch:
+``encode(inputs, mode)`` runs, per batch, everything from one KV cache:
 
-1. the decision pass: one forward pass over the *direct* prompts ``prefix <emb>``. The gate
-   is read at the token before ``<emb>`` (the next-token choice between ``<think>`` and
-   ``<emb>``; only those two rows of the LM head are applied), and since the model is
-   causal the same pass already holds the direct embedding at ``<emb>``: an input the gate
-   does not send to reasoning costs exactly what direct mode costs;
-2. generation only for the inputs that reason (``<think>`` ... ``</think>``, within a token
-   budget), by a vLLM engine when one is given (:mod:`mmemb.vllm_policy`), else
-   transformers ``generate``;
-3. a second embedding pass for those inputs only (``<think> r </think><emb>``).
+1. the decision pass: one forward pass over the *direct* prompts ``prefix <emb>``
+   (left-padded, so every row ends at ``<emb>``), keeping its cache. The gate is read at
+   the token before ``<emb>`` (the next-token choice between ``<think>`` and ``<emb>``;
+   only those two rows of the LM head are applied), and since the model is causal the same
+   pass already holds the direct embedding at ``<emb>``: an input the gate does not send
+   to reasoning costs exactly what direct mode costs;
+2. the inputs that reason keep their cache rows minus the ``<emb>`` position, take
+   ``<think>`` as the next input token and decode to ``</think>`` within the token budget
+   (greedy or sampled with the logits processors ``generate`` builds, rows stopping on
+   their own, finished rows fed as masked padding);
+3. ``</think><emb>`` is fed to the same cache and the embedding is read at ``<emb>``.
 
-Modes: ``direct`` (never reason), ``reason`` (always), ``adaptive`` (the gate decides).
+So an input that reasons is prefilled once, runs the vision tower once and is embedded
+from exactly the ids it generated (no re-tokenised text). ``reason`` prefills
+``prefix <think>`` and runs steps 2-3 for every input; ``direct`` is one embedding pass.
+With a vLLM engine (:mod:`mmemb.vllm_policy`) the engine writes the rationales and one
+reasoning-mode embedding pass reads them, as batch-oriented serving wants.
 
 Example::
 
@@ -31,7 +37,7 @@ from typing import Literal
 import torch
 
 from mmemb.eval.encoding import EncodeResult
-from mmemb.model.embedder import Embedder
+from mmemb.model.embedder import Embedder, hf_model
 from mmemb.model.prompts import EmbedInput, prompt_prefix
 
 Mode = Literal["direct", "reason", "adaptive"]
@@ -71,6 +77,7 @@ class AdaptiveEncoder:
                   "<|im_start|>", "<|endoftext|>", embedder.config.think_token]
         vocab = tok.get_vocab()
         self.suppress_ids = [vocab[t] for t in banned if t in vocab]
+        self._gen_configs: dict[tuple, object] = {}  # see _generation_config
 
     # ------------------------------------------------------------------ the gate
     def prefix_batch(self, inputs: list[EmbedInput], suffix: str = "",
@@ -119,28 +126,38 @@ class AdaptiveEncoder:
         batch = self.prefix_batch(inputs, suffix=self.emb.config.think_token,
                                   padding_side="left")
         n_in = batch["input_ids"].shape[1]
+        kw = self._generation_kwargs(sample, temp, max_new_tokens)
+        out = self.emb.model.generate(**batch, **kw,
+                                      num_return_sequences=num_return_sequences)  # [B*n, T+new]
+        return [self._rollout(row) for row in out[:, n_in:].tolist()]
+
+    def _generation_kwargs(self, sample: bool, temp: float, max_new_tokens: int | None = None
+                           ) -> dict:
+        """The ``generate`` options of a rationale; the cached decoder of :meth:`encode`
+        builds its logits processors from the same options, so both decode alike."""
         kw = dict(max_new_tokens=max_new_tokens or self.budget, do_sample=sample,
                   eos_token_id=self.stop_ids, pad_token_id=self.emb.tokenizer.pad_token_id,
-                  num_return_sequences=num_return_sequences, suppress_tokens=self.suppress_ids)
+                  suppress_tokens=self.suppress_ids)
         if sample:
             kw.update(temperature=max(temp, 1e-4), top_p=self.top_p, top_k=0)
-        out = self.emb.model.generate(**batch, **kw)  # [B * n, T + new]
-        rollouts = []
-        for row in out[:, n_in:].tolist():
-            ids: list[int] = []
-            finished = False
-            for t in row:
-                if t == self.emb.end_think_id:
-                    ids.append(t)
-                    finished = True
-                    break
-                if t in (self.im_end_id, self.emb.emb_id, self.emb.tokenizer.pad_token_id):
-                    break  # a stop other than </think>: malformed, rationale ends here
+        return kw
+
+    def _rollout(self, row: list[int]) -> Rollout:
+        """One row of generated ids (after ``<think>``) as a :class:`Rollout`: it ends at
+        ``</think>`` (kept, finished) or at any other stop or padding (dropped, malformed)."""
+        ids: list[int] = []
+        finished = False
+        for t in row:
+            if t == self.emb.end_think_id:
                 ids.append(t)
-            body = ids[:-1] if finished else ids
-            text = self.emb.tokenizer.decode(body, skip_special_tokens=True).strip()
-            rollouts.append(Rollout(ids, text, finished))
-        return rollouts
+                finished = True
+                break
+            if t in (self.im_end_id, self.emb.emb_id, self.emb.tokenizer.pad_token_id):
+                break  # a stop other than </think>: malformed, rationale ends here
+            ids.append(t)
+        body = ids[:-1] if finished else ids
+        text = self.emb.tokenizer.decode(body, skip_special_tokens=True).strip()
+        return Rollout(ids, text, finished)
 
     # ------------------------------------------------------------------ encode
     @torch.no_grad()
@@ -148,9 +165,9 @@ class AdaptiveEncoder:
                batch_size: int | None = None, show_progress: bool = False) -> EncodeResult:
         """Embed ``inputs`` in ``mode``; per-input latency is its share of its batch's time.
 
-        Latency accounting: the decision and embedding passes are shared equally by the
-        batch; generation time is shared by the inputs that reasoned. Run with
-        ``batch_size=1`` for true per-query latency (the benchmark does).
+        Latency accounting: the decision pass is shared equally by the batch; decoding and
+        reading ``<emb>`` by the inputs that reasoned. Run with ``batch_size=1`` for true
+        per-query latency (the benchmark does).
         """
         from tqdm.auto import tqdm
 
@@ -161,9 +178,10 @@ class AdaptiveEncoder:
         self.emb.model.eval()
         res = EncodeResult(torch.zeros(0))
         chunks = []
+        step = self._encode_batch_passes if self.vllm is not None else self._encode_batch
         try:
             for s in tqdm(range(0, len(inputs), bs), disable=not show_progress, desc=mode):
-                chunks.append(self._encode_batch(inputs[s:s + bs], mode, res))
+                chunks.append(step(inputs[s:s + bs], mode, res))
         finally:
             self.emb.model.train(was_training)
         res.embeddings = (torch.cat(chunks) if chunks
@@ -173,26 +191,212 @@ class AdaptiveEncoder:
     @torch.no_grad()
     def gate_and_direct(self, inputs: list[EmbedInput]
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One pass over the direct prompts ``prefix <emb>``: p(``<think>``) [N] read at the
-        token before ``<emb>`` and the direct embeddings [N, H] at ``<emb>``, plus prompt
-        token counts [N]. The model is causal, so the gate's hidden state is the one the
-        prefix alone gives; an input the gate does not send to reasoning is then done."""
-        batch = self.emb.tokenize(self.emb.prompts(inputs, "direct"),
-                                  [x.images for x in inputs])
-        hidden = self.emb.hidden_states(batch)  # [N, T, H]
-        ids = batch["input_ids"]  # [N, T]
-        t = torch.arange(ids.shape[1], device=ids.device)
-        at_emb = torch.where(ids == self.emb.emb_id, t, torch.full_like(t, -1)).max(1).values
-        h = hidden[torch.arange(ids.shape[0], device=ids.device), at_emb - 1]  # [N, H]
-        w = self.emb.model.lm_head.weight[[self.emb.emb_id, self.emb.think_id]]  # [2, H]
-        p = torch.softmax((h @ w.T).float(), dim=-1)[:, 1].cpu()  # [N]
-        return p, self.emb.pool(hidden, ids), batch["attention_mask"].sum(1)
+        """The decision pass alone: p(``<think>``) [N], the direct embeddings [N, H] and
+        the direct prompts' token counts [N] (see :meth:`_decision_pass`)."""
+        p, direct, n_tok, _ = self._decision_pass(inputs)
+        return p, direct, n_tok
+
+    # ------------------------------------------------------------------ one-cache path
+    def _base(self) -> torch.nn.Module:
+        """The HF base model (vision tower + decoder, no LM head) under any peft wrapper."""
+        hf = hf_model(self.emb.model)
+        return hf.model if hasattr(hf, "model") else hf
+
+    def _left_batch(self, texts: list[str], images: list[list]) -> dict[str, torch.Tensor]:
+        """Processor batch, left-padded: every row's last prompt token is its last column."""
+        tok = self.emb.tokenizer
+        old = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            return self.emb.tokenize(texts, images)
+        finally:
+            tok.padding_side = old
+
+    def _rope_positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Position ids [3, B, T] of a (left-padded) prompt batch, as ``generate`` gives them:
+        the model's own ``get_rope_index`` (M-RoPE, padding-aware) when the batch has images
+        or video, else the count of real tokens before each one on all three axes."""
+        mask = batch["attention_mask"]  # [B, T]
+        if batch.get("image_grid_thw") is None and batch.get("video_grid_thw") is None:
+            return (mask.long().cumsum(-1) - 1).clamp(min=0)[None].expand(3, -1, -1)
+        extra = {k: batch[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+                 if batch.get(k) is not None}
+        pos, _ = self._base().get_rope_index(batch["input_ids"],
+                                             mm_token_type_ids=batch["mm_token_type_ids"],
+                                             attention_mask=mask, **extra)
+        return pos  # [3, B, T]
+
+    def _prefill(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, _Stream]:
+        """One forward pass over a left-padded prompt batch that keeps its KV cache; the only
+        pass that sees the images. Returns the last hidden states [B, T, H] and the stream
+        positioned after the prompt."""
+        from transformers import DynamicCache
+
+        pos = self._rope_positions(batch)  # [3, B, T]
+        cache = DynamicCache(config=hf_model(self.emb.model).config)
+        out = self._base()(**{k: v for k, v in batch.items() if k != "labels"},
+                           position_ids=pos, past_key_values=cache, use_cache=True,
+                           return_dict=True)
+        # Text after the prompt continues on all three M-RoPE axes from the last position.
+        st = _Stream(cache, batch["attention_mask"].long(), batch["input_ids"],
+                     pos[0, :, -1] + 1, out.last_hidden_state[:, -1],
+                     batch["attention_mask"].sum(1))
+        return out.last_hidden_state, st
+
+    def _decision_pass(self, xs: list[EmbedInput]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, _Stream]:
+        """The pass over ``prefix <emb>`` that decides: p(``<think>``) [N] read at the token
+        before ``<emb>``, the direct embeddings [N, H] at ``<emb>``, the prompt token
+        counts [N], and the stream over ``prefix`` alone (``<emb>`` dropped from the cache)
+        from which the inputs that reason continue. The model is causal, so the gate's
+        hidden state is the one the prefix alone gives."""
+        batch = self._left_batch(self.emb.prompts(xs, "direct"), [x.images for x in xs])
+        hidden, st = self._prefill(batch)  # [N, T, H]; every row ends at <emb>
+        w = hf_model(self.emb.model).lm_head.weight[[self.emb.emb_id, self.emb.think_id]]
+        p = torch.softmax((hidden[:, -2] @ w.T).float(), dim=-1)[:, 1].cpu()  # [N]
+        direct = self.emb.pool(hidden, batch["input_ids"])  # [N, H]
+        n_tok = batch["attention_mask"].sum(1)  # [N]
+        st.cache.crop(-1)  # drop <emb>: <think> takes its position
+        st.mask, st.ids, st.next_pos = st.mask[:, :-1], st.ids[:, :-1], st.next_pos - 1
+        st.n_prefix = n_tok - 1
+        return p, direct, n_tok, st
+
+    def _feed(self, st: _Stream, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Run ``tokens`` [B, k] through the model on ``st``'s cache; ``real`` [B, k] marks
+        the ones that belong to their row (the rest are padding, masked from then on and
+        given no position). Returns the last hidden states [B, k, H]."""
+        real = real.long()
+        pos = st.next_pos[:, None] + (real.cumsum(1) - 1).clamp(min=0)  # [B, k]
+        st.mask = torch.cat([st.mask, real], dim=1)  # [B, S + k]
+        out = self._base()(input_ids=tokens, attention_mask=st.mask,
+                           position_ids=pos[None].expand(3, -1, -1), past_key_values=st.cache,
+                           use_cache=True, return_dict=True)
+        st.next_pos = st.next_pos + real.sum(1)
+        return out.last_hidden_state
+
+    def _think_from(self, st: _Stream, rows: list[int]) -> _Stream:
+        """The rows of the decision stream that reason, continued with ``<think>``."""
+        idx = torch.tensor(rows, device=st.mask.device)
+        st.cache.batch_select_indices(idx)
+        sub = _Stream(st.cache, st.mask[idx], st.ids[idx], st.next_pos[idx], None,
+                      st.n_prefix[idx])
+        think = torch.full((len(rows), 1), self.emb.think_id, device=idx.device)
+        sub.hidden = self._feed(sub, think, torch.ones_like(think, dtype=torch.bool))[:, -1]
+        sub.ids = torch.cat([sub.ids, think], dim=1)
+        return sub
+
+    def _decode(self, st: _Stream) -> tuple[list[Rollout], list[int]]:
+        """Decode every row of ``st`` (last fed token ``<think>``) to a stop or the budget,
+        with the logits processors ``generate`` would build from :meth:`_generation_kwargs`
+        (so at temperature 0 the rationales are ``generate``'s). Returns the rollouts and
+        per row how many of its rationale tokens are already in the cache."""
+        hf = hf_model(self.emb.model)
+        sample = self.temperature > 0
+        procs = hf._get_logits_processor(self._generation_config(sample, st.ids.device),
+                                         input_ids_seq_length=st.ids.shape[1],
+                                         device=st.ids.device)
+        n_prompt = st.ids.shape[1]
+        pad = self.emb.tokenizer.pad_token_id
+        # Padding ends a rationale too (as in _rollout), so the cache never runs past it.
+        stops = torch.tensor([*self.stop_ids, pad], device=st.ids.device)
+        done = torch.zeros(st.ids.shape[0], dtype=torch.bool, device=st.ids.device)
+        fed = torch.zeros_like(done, dtype=torch.long)  # [B] rationale tokens in the cache
+        for step in range(self.budget):
+            scores = procs(st.ids, hf.lm_head(st.hidden).float())  # [B, V]
+            nxt = (torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1) if sample
+                   else scores.argmax(dim=-1))  # [B]
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            st.ids = torch.cat([st.ids, nxt[:, None]], dim=1)
+            done = done | torch.isin(nxt, stops)
+            if bool(done.all()) or step + 1 == self.budget:
+                break
+            st.hidden = self._feed(st, nxt[:, None], ~done[:, None])[:, -1]
+            fed += (~done).long()
+        rolls = [self._rollout(row) for row in st.ids[:, n_prompt:].tolist()]
+        return rolls, fed.tolist()
+
+    def _generation_config(self, sample: bool, device: torch.device):
+        """The GenerationConfig ``generate`` would merge from the checkpoint's defaults and
+        :meth:`_generation_kwargs`, built once per setting (building it costs tens of ms,
+        a fifth of a batch-1 query on the demo model)."""
+        key = (sample, self.temperature, self.top_p, self.budget, str(device))
+        if key not in self._gen_configs:
+            hf = hf_model(self.emb.model)
+            cfg, _ = hf._prepare_generation_config(None, **self._generation_kwargs(
+                sample, self.temperature))
+            hf._prepare_special_tokens(cfg, device=device)
+            self._gen_configs[key] = cfg
+        return self._gen_configs[key]
+
+    def _embed_after(self, st: _Stream, rolls: list[Rollout], fed: list[int]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed each row's rationale tokens not yet in the cache, then ``</think><emb>``
+        (left-padded to one width), and read the embedding at ``<emb>`` exactly as the
+        embedder pools it: [B, H], plus each sequence's length ``prefix <think> r
+        </think><emb>`` [B]."""
+        end, emb, pad = self.emb.end_think_id, self.emb.emb_id, self.emb.tokenizer.pad_token_id
+        bodies = [r.ids[:-1] if r.finished else r.ids for r in rolls]
+        tails = [b[f:] + [end, emb] for b, f in zip(bodies, fed, strict=True)]
+        k = max(len(t) for t in tails)
+        tokens = torch.tensor([[pad] * (k - len(t)) + t for t in tails],
+                              device=st.ids.device)  # [B, k]
+        real = torch.tensor([[False] * (k - len(t)) + [True] * len(t) for t in tails],
+                            device=st.ids.device)  # [B, k]
+        hidden = self._feed(st, tokens, real)  # [B, k, H]
+        n_tok = st.n_prefix + 3 + torch.tensor([len(b) for b in bodies], device=st.ids.device)
+        return self.emb.pool(hidden, tokens), n_tok
 
     def _encode_batch(self, xs: list[EmbedInput], mode: Mode, res: EncodeResult
                       ) -> torch.Tensor:
-        """Embed one batch in ``mode`` ([n, H]), appending its per-input fields to ``res``:
-        the decision pass (adaptive), generation for the inputs that reason, then the
-        embedding pass (adaptive: only for those inputs, the rest keep the direct one)."""
+        """Embed one batch in ``mode`` ([n, H]) from one KV cache, appending its per-input
+        fields to ``res``: the decision pass (adaptive) or the ``prefix <think>`` prefill
+        (reason), decoding for the inputs that reason, then ``</think><emb>``."""
+        n = len(xs)
+        if mode == "direct":
+            return self._encode_batch_passes(xs, mode, res)  # one embedding pass, no engine
+        t0 = time.perf_counter()
+        if mode == "adaptive":
+            p, embs, n_tok, st = self._decision_pass(xs)
+            embs, n_tok = embs.cpu(), n_tok.cpu()
+            idx = [i for i in range(n) if float(p[i]) > self.threshold]
+            st = self._think_from(st, idx) if idx else st
+        else:
+            prompts = [t.removesuffix(self.emb.config.emb_token) + self.emb.config.think_token
+                       for t in self.emb.prompts(xs, "direct")]
+            _, st = self._prefill(self._left_batch(prompts, [x.images for x in xs]))
+            st.n_prefix = st.n_prefix - 1  # the prompt's last token is <think>
+            p, idx = torch.ones(n), list(range(n))
+            embs, n_tok = torch.zeros(n, self.emb.hidden_size), torch.zeros(n, dtype=torch.long)
+        t_dec = time.perf_counter() - t0 if mode == "adaptive" else 0.0
+        rat: list[str | None] = [None] * n
+        ngen, malformed = [0] * n, [False] * n
+        if idx:
+            rolls, fed = self._decode(st)
+            r_embs, r_tok = self._embed_after(st, rolls, fed)
+            embs[idx] = r_embs.to(embs.dtype).cpu()
+            n_tok[idx] = r_tok.to(n_tok.dtype).cpu()
+            for i, r in zip(idx, rolls, strict=True):
+                rat[i], ngen[i], malformed[i] = r.text, len(r.ids), not r.finished
+        t_gen = time.perf_counter() - t0 - t_dec
+        chosen = set(idx)
+        think = [i in chosen for i in range(n)]
+        res.reasoned += think
+        res.rationales += rat
+        res.n_gen_tokens += ngen
+        res.n_prompt_tokens += n_tok.tolist()
+        res.p_think += p.tolist()
+        res.malformed += malformed
+        res.latency_ms += [1000 * (t_dec / n + (t_gen / len(idx) if think[i] else 0.0))
+                           for i in range(n)]
+        return embs.cpu()
+
+    def _encode_batch_passes(self, xs: list[EmbedInput], mode: Mode, res: EncodeResult
+                             ) -> torch.Tensor:
+        """Embed one batch with rationales from :meth:`generate` (the vLLM engine when one
+        is given) and one embedding pass per mode, appending its per-input fields to
+        ``res``: the decision pass (adaptive), generation for the inputs that reason, then
+        the embedding pass (adaptive: only for those inputs, the rest keep the direct one).
+        Also the ``direct`` mode of every encoder (no generation at all)."""
         n = len(xs)
         t0 = time.perf_counter()
         direct = None
@@ -241,6 +445,18 @@ class AdaptiveEncoder:
             res.latency_ms += [1000 * (t_dec / n + ((gen_share + t_emb / len(idx))
                                                     if think[i] else 0.0)) for i in range(n)]
         return embs.cpu()
+
+
+@dataclass
+class _Stream:
+    """A left-padded batch part-way through generation on one KV cache."""
+
+    cache: object  # transformers DynamicCache, one row per batch row
+    mask: torch.Tensor  # [B, S] 1 where the cache column is a real token of the row
+    ids: torch.Tensor  # [B, S'] prompt + generated ids, as generate's logits processors see them
+    next_pos: torch.Tensor  # [B] position of the row's next real token (all M-RoPE axes)
+    hidden: torch.Tensor | None  # [B, H] last hidden state of the row's last fed token
+    n_prefix: torch.Tensor  # [B] real tokens of the row's prompt before <think> / <emb>
 
 
 class GateProbe:

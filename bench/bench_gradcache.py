@@ -51,6 +51,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     "engine each (1: the gradcache default)")
     ap.add_argument("--reduce", default="step", choices=["step", "backward"],
                     help="TrainConfig.gradcache_reduce (ZeRO-2/3 only)")
+    ap.add_argument("--embed-chunks", type=int, default=None, help="TrainConfig."
+                    "gradcache_embed_chunks: chunks per no-graph forward (default: the "
+                    "config's default; 1: one forward per chunk)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                     help="TrainConfig.precision (auto: bf16 on a GPU, fp32 on CPU)")
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported
@@ -93,9 +96,10 @@ def build(a: argparse.Namespace, dev: str, zero: int):
     from mmemb.training.deepspeed_config import ds_config, lr_scheduler
     from mmemb.training.module import EmbedTrainModule
 
+    extra = {} if a.embed_chunks is None else {"gradcache_embed_chunks": a.embed_chunks}
     cfg = TrainConfig(model=a.model, data=a.data, batch_size=a.batch, chunk_size=a.chunk,
                       zero_stage=zero, gradcache_reduce=a.reduce, warmup_steps=0,
-                      steps=1000, precision=a.dtype)
+                      steps=1000, precision=a.dtype, **extra)
     dims = size_of(a)
     if dims or a.max_pixels:  # fp32 master weights: DeepSpeed casts the module for bf16
         emb = sized_embedder(a.model, dims, torch.float32, dev, a.max_pixels)
@@ -116,7 +120,7 @@ def run_stage(a: argparse.Namespace, dev: str, zero: int, rows, sampler) -> dict
     from mmemb.losses.gradcache import gradcache_step, plain_step
     from mmemb.losses.objective import Stage4Objective
     from mmemb.stages.train import build_items, make_loss_fn
-    from mmemb.training.module import make_chunks
+    from mmemb.training.module import make_chunks, merged_embed
     from mmemb.training.reduction import count_reduces, one_reduce_per_step
 
     cfg, emb, engine = build(a, dev, zero)
@@ -131,6 +135,7 @@ def run_stage(a: argparse.Namespace, dev: str, zero: int, rows, sampler) -> dict
         engine.set_gradient_accumulation_boundary(last)
         engine.backward(loss)
 
+    embed = merged_embed(encode, emb, cfg.gradcache_embed_chunks)
     cuda = dev == "cuda"
     res: dict = {"peak": {}, "extra": {}, "reduces": {}, "times": {"plain": [], "gradcache": []}}
 
@@ -144,9 +149,12 @@ def run_stage(a: argparse.Namespace, dev: str, zero: int, rows, sampler) -> dict
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         t = time.perf_counter()
+        loss_fn, lm_weight = make_loss_fn(obj, info), obj.lm_weight(n_lm)
         with count_reduces() as n, one_reduce_per_step(engine, zero, gc, cfg.gradcache_reduce):
-            (gradcache_step if gc else plain_step)(chunks, encode, make_loss_fn(obj, info),
-                                                   backward, obj.lm_weight(n_lm))
+            if gc:
+                gradcache_step(chunks, encode, loss_fn, backward, lm_weight, embed)
+            else:
+                plain_step(chunks, encode, loss_fn, backward, lm_weight)
         engine.step()
         if cuda:
             torch.cuda.synchronize()
@@ -165,6 +173,7 @@ def run_stage(a: argparse.Namespace, dev: str, zero: int, rows, sampler) -> dict
     res["med"] = {k: sorted(v)[len(v) // 2] for k, v in res["times"].items()}
     res["ratio"] = res["med"]["gradcache"] / res["med"]["plain"]
     res["bf16"] = bool(engine.bfloat16_enabled())
+    res["embed_chunks"] = cfg.gradcache_embed_chunks
     res["params"] = sum(p.numel() for p in emb.model.parameters())
     res["text_config"] = emb.model.config.text_config
     engine.destroy()
@@ -178,7 +187,8 @@ def report(a: argparse.Namespace, dev: str, zero: int, r: dict) -> None:
              f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"model {a.model} (hidden {tc.hidden_size}, {tc.num_hidden_layers} layers, vocab "
           f"{tc.vocab_size}, {r['params'] / 1e6:.1f} M params, bf16 {r['bf16']}) on {dev} "
-          f"({where}), ZeRO-{zero} (gradcache_reduce {a.reduce}), contrastive batch "
+          f"({where}), ZeRO-{zero} (gradcache_reduce {a.reduce}, {r['embed_chunks']} chunks "
+          f"per no-graph forward), contrastive batch "
           f"{a.batch} (+1 hard negative each), median of {a.steps} steps")
     for k, label in (("plain", "plain (one graph)        "),
                      ("gradcache", f"gradcache (chunks of {a.chunk:>2})")):

@@ -114,6 +114,12 @@ class TrainConfig(ImageResolution):
     gradcache: bool = Field(True, description="GradCache: the contrastive batch is embedded "
                             "in chunks, so it can exceed what one forward with a graph fits")
     chunk_size: int = Field(8, ge=1, description="inputs per forward under gradcache")
+    gradcache_embed_chunks: int = runtime_field(
+        4, ge=1, description="chunks merged into one forward of gradcache's no-graph pass "
+        "(1: one forward per chunk). Without a graph a forward holds one layer's "
+        "activations, with one every layer's, so 4 x chunk_size rows without a graph need "
+        "less memory than chunk_size with a graph for any model of 8+ layers; fewer, larger "
+        "forwards cost less per row")
     zero_stage: Literal[0, 1, 2, 3] = Field(
         1, description="DeepSpeed ZeRO stage; when not set: 1 with gradcache (whole "
         "gradients, one reduce per optimizer step, optimizer states partitioned), 2 without "

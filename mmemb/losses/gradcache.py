@@ -99,16 +99,27 @@ def plain_step(chunks: list[Chunk], encode: EncodeFn, loss_fn: LossFn, backward:
     return StepResult(out, lm_sum.detach(), 1)
 
 
+#: embed(chunks) -> per chunk its embeddings [b, H], computed without a graph
+EmbedFn = Callable[[list[Chunk]], list[torch.Tensor]]
+
+
 def gradcache_step(chunks: list[Chunk], encode: EncodeFn, loss_fn: LossFn,
-                   backward: BackwardFn, lm_weight: float = 0.0) -> StepResult:
+                   backward: BackwardFn, lm_weight: float = 0.0,
+                   embed: EmbedFn | None = None) -> StepResult:
     """GradCache: no-graph embed, loss + embedding gradients, chunk-wise re-forward/backward.
 
     ``lm_weight`` multiplies each chunk's LM sum in its surrogate (the caller passes
-    ``lam / total_rationale_tokens``), so the LM gradient is exact as well.
+    ``lam / total_rationale_tokens``), so the LM gradient is exact as well. ``embed``
+    replaces the no-graph pass (default: one ``encode`` per chunk); the stage merges
+    several chunks per no-graph forward (:func:`mmemb.training.module.merged_embed`), as a
+    forward without a graph keeps one layer's activations, not every layer's.
     """
     # 1. embeddings without a graph
     with torch.no_grad():
-        cached = [encode([c], False)[0][0].detach() for c in chunks]  # each [b, H]
+        if embed is not None:
+            cached = [e.detach() for e in embed(chunks)]  # each [b, H]
+        else:
+            cached = [encode([c], False)[0][0].detach() for c in chunks]  # each [b, H]
     # 2. loss and dL/de on leaves
     leaves = [e.requires_grad_(True) for e in cached]
     reps = _by_group(chunks, leaves)

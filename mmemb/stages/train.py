@@ -74,6 +74,7 @@ from mmemb.training.module import (
     Item,
     align_chunks,
     make_chunks,
+    merged_embed,
 )
 from mmemb.training.reduction import describe, one_reduce_per_step
 
@@ -694,9 +695,12 @@ def joint_micro(t: Trainer, idx: list[int], acc: StepTotals) -> None:
     items, info = build_items([t.plan.rows[i] for i in idx], t.plan.max_k)
     chunks = t.chunks(items)
     n_lm = sum(c.meta["n_lm_tokens"] for c in chunks)
-    step_fn = gradcache_step if t.cfg.gradcache else plain_step
-    res = step_fn(chunks, t.encode, make_loss_fn(t.obj, info), t.backward,
-                  t.obj.lm_weight(n_lm))
+    loss_fn, lm_weight = make_loss_fn(t.obj, info), t.obj.lm_weight(n_lm)
+    if t.cfg.gradcache:
+        res = gradcache_step(chunks, t.encode, loss_fn, t.backward, lm_weight,
+                             merged_embed(t.encode, t.model.emb, t.cfg.gradcache_embed_chunks))
+    else:
+        res = plain_step(chunks, t.encode, loss_fn, t.backward, lm_weight)
     parts = t.obj.add_lm(res.out, res.lm_sum, n_lm).parts()
     parts["reason_share"] = float(info["has_r"].float().mean())
     for k, v in parts.items():

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmemb.losses.gradcache import Chunk
+from mmemb.losses.gradcache import Chunk, EmbedFn, EncodeFn
 from mmemb.losses.lm import rationale_lm_loss, rationale_target_mask
 from mmemb.model.embedder import Embedder, hf_model
 from mmemb.model.prompts import EmbedInput
@@ -129,6 +129,71 @@ def align_chunks(emb: Embedder, chunks: list[Chunk], vision_row: bool = False) -
                                       lm=g == "q_reason", meta={"dummy": True},
                                       vision_row=vision_row))
     return out
+
+
+def merge_batches(emb: Embedder, batches: list[dict]) -> dict:
+    """The rows of several tokenised batches as one batch.
+
+    Token-level tensors (``[b_i, T_i]``, as ``input_ids``) are padded to the longest
+    ``T`` on the tokenizer's padding side (``input_ids`` with its pad id, masks and type
+    ids with 0) and stacked; image tensors (patches ``[n_i, D]``, grids ``[m_i, 3]``) are
+    concatenated in batch order, the order in which the model hands image features to
+    image tokens. Padding is masked out, so each row embeds as in its own batch (up to
+    float rounding of the larger matmuls)."""
+    tok = getattr(emb.processor, "tokenizer", emb.processor)
+    left = getattr(tok, "padding_side", "right") == "left"
+    T = max(int(b["input_ids"].shape[1]) for b in batches)
+    keys = list(dict.fromkeys(k for b in batches for k in b))
+    out = {}
+    for k in keys:
+        vals = [(b, b[k]) for b in batches if k in b]
+        if all(torch.is_tensor(v) and v.shape == b["input_ids"].shape for b, v in vals) \
+                and len(vals) == len(batches):  # token-level: [b_i, T_i]
+            fill = tok.pad_token_id if k == "input_ids" else 0
+            padded = []
+            for _, v in vals:
+                pad = v.new_full((v.shape[0], T - v.shape[1]), fill)
+                padded.append(torch.cat([pad, v] if left else [v, pad], dim=1))
+            out[k] = torch.cat(padded)  # [sum b_i, T]
+        else:
+            out[k] = torch.cat([v for _, v in vals])  # image patches / grids, in order
+    return out
+
+
+def merged_embed(encode: EncodeFn, emb: Embedder, per_forward: int) -> EmbedFn | None:
+    """GradCache's no-graph pass with up to ``per_forward`` consecutive chunks of a group
+    merged into one forward (None for 1: one forward per chunk).
+
+    Why: a forward without a graph holds one layer's activations at a time, a chunk's
+    forward with a graph holds every layer's, so the no-graph pass fits several chunks in
+    less memory than the graph pass needs for one, and fewer, larger forwards cost less
+    per row (the per-call overhead of small chunks dominates on CPU and leaves a GPU idle).
+    The merge depends only on chunk positions, so every rank runs the same forwards."""
+    if per_forward <= 1:
+        return None
+
+    def embed(chunks: list[Chunk]) -> list[torch.Tensor]:
+        runs: list[list[int]] = []  # consecutive chunk indices of one group
+        for i, c in enumerate(chunks):
+            if runs and chunks[runs[-1][0]].group == c.group and len(runs[-1]) < per_forward:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        merged = []
+        for run in runs:
+            batch = merge_batches(emb, [chunks[i].batch for i in run])
+            merged.append(Chunk(chunks[run[0]].group, batch,
+                                meta={"n": int(batch["input_ids"].shape[0])}))
+        cached: list[torch.Tensor] = [None] * len(chunks)  # type: ignore[list-item]
+        for run, (e, _) in zip(runs, encode(merged, False), strict=True):  # e [sum b_i, H]
+            off = 0
+            for i in run:
+                b = int(chunks[i].batch["input_ids"].shape[0])
+                cached[i] = e[off:off + chunks[i].meta.get("n", b)]  # real rows only
+                off += b
+        return cached
+
+    return embed
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from mmemb.losses.objective import Stage4Objective
 from mmemb.model.embedder import Embedder
 from mmemb.stages.train import build_items, make_loss_fn
 from mmemb.training.data import load_rows
-from mmemb.training.module import EmbedTrainModule, make_chunks
+from mmemb.training.module import EmbedTrainModule, make_chunks, merged_embed
 
 
 def _rows(synth, n=10):
@@ -51,11 +51,12 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-@pytest.mark.parametrize("chunk", [3])
-def test_gradcache_equals_full_batch_gradient(tiny_model, synth, chunk, device, one_thread,
-                                              no_tf32):
+@pytest.mark.parametrize("chunk, embed_chunks", [(3, 1), (3, 3)])
+def test_gradcache_equals_full_batch_gradient(tiny_model, synth, chunk, embed_chunks, device,
+                                              one_thread, no_tf32):
     """Loss parts and every gradient equal the one-graph step's (on a GPU too: atomic adds
-    in CUDA backward kernels sum in varying order, hence the 1e-4 relative tolerance)."""
+    in CUDA backward kernels sum in varying order, hence the 1e-4 relative tolerance), with
+    one no-graph forward per chunk and with ``embed_chunks`` chunks merged per forward."""
     torch.manual_seed(0)
     emb = Embedder.from_pretrained(tiny_model, device=device)
     emb.model.train()
@@ -82,7 +83,8 @@ def test_gradcache_equals_full_batch_gradient(tiny_model, synth, chunk, device, 
             calls.append(last)
             loss.backward()
 
-        res = fn(chunks, encode, make_loss_fn(obj, info), backward, obj.lm_weight(n_lm))
+        kw = {"embed": merged_embed(encode, emb, embed_chunks)} if name == "gc" else {}
+        res = fn(chunks, encode, make_loss_fn(obj, info), backward, obj.lm_weight(n_lm), **kw)
         out = obj.add_lm(res.out, res.lm_sum, n_lm)
         losses[name] = out.parts()
         grads[name] = _grads(mod)

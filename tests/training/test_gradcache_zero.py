@@ -42,7 +42,7 @@ from mmemb.stages.train import build_items, make_loss_fn, prepare_model
 from mmemb.training.data import load_rows
 from mmemb.training.deepspeed_config import ds_config, lr_scheduler
 from mmemb.training.distributed import free_port, init_deepspeed
-from mmemb.training.module import EmbedTrainModule, make_chunks
+from mmemb.training.module import EmbedTrainModule, make_chunks, merged_embed
 from mmemb.training.reduction import one_reduce_per_step
 
 OBJ = Stage4Objective(alpha=1.0, lam=0.5, tau=0.05)
@@ -82,10 +82,10 @@ def _cfg(tiny_model, stage):
                        warmup_steps=0, steps=10, lr_schedule="constant", grad_clip=0.0)
 
 
-def _step(fn, chunk, emb, items, info, encode, backward):
+def _step(fn, chunk, emb, items, info, encode, backward, **kw):
     chunks = make_chunks(emb, items, chunk)
     n_lm = sum(c.meta["n_lm_tokens"] for c in chunks)
-    return fn(chunks, encode, make_loss_fn(OBJ, info), backward, OBJ.lm_weight(n_lm))
+    return fn(chunks, encode, make_loss_fn(OBJ, info), backward, OBJ.lm_weight(n_lm), **kw)
 
 
 def _reference_grads(tiny_model, items, info, cfg):
@@ -125,9 +125,11 @@ def _ds_run(tiny_model, cfg, gradcache, batches):
 
     grads, n_backward = None, []
     for items, info in batches:
+        # as stage 4 runs it: merged no-graph forwards, the vision tower's output reused
+        kw = {"embed": merged_embed(encode, emb, cfg.gradcache_embed_chunks)} if gradcache else {}
         with one_reduce_per_step(engine, cfg.zero_stage, gradcache, cfg.gradcache_reduce):
             res = _step(gradcache_step if gradcache else plain_step,
-                        3 if gradcache else 10**6, emb, items, info, encode, backward)
+                        3 if gradcache else 10**6, emb, items, info, encode, backward, **kw)
         n_backward.append(res.n_backward)
         if grads is None:
             grads = {n: safe_get_full_grad(p).detach().clone()

@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -46,7 +47,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--image-root")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--chunk", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per mode (+1 warm-up)")
+    ap.add_argument("--steps", type=int, default=10,
+                    help="timed steps per mode (+1 warm-up)")
     ap.add_argument("--zero-stages", default="1,2", help="comma-separated ZeRO stages, one "
                     "engine each (1: the gradcache default)")
     ap.add_argument("--reduce", default="step", choices=["step", "backward"],
@@ -114,69 +116,86 @@ def build(a: argparse.Namespace, dev: str, zero: int):
     return cfg, emb, engine
 
 
-def run_stage(a: argparse.Namespace, dev: str, zero: int, rows, sampler) -> dict:
-    """Alternating plain / gradcache steps on the same batches under one ZeRO stage:
-    median step times, reduces per step and (on a GPU) peak memory per mode."""
-    from mmemb.losses.gradcache import gradcache_step, plain_step
-    from mmemb.losses.objective import Stage4Objective
-    from mmemb.stages.train import build_items, make_loss_fn
-    from mmemb.training.module import make_chunks, merged_embed
-    from mmemb.training.reduction import count_reduces, one_reduce_per_step
+class StageBench:
+    """One ZeRO stage's engine and the stage-4 step in both modes, on the same batches."""
 
-    cfg, emb, engine = build(a, dev, zero)
-    obj = Stage4Objective(cfg.alpha, cfg.lam, cfg.tau)
+    def __init__(self, a: argparse.Namespace, dev: str, zero: int, rows, sampler):
+        from mmemb.losses.objective import Stage4Objective
+        from mmemb.training.module import merged_embed
 
-    def encode(cs, with_lm):
-        embs, lms = engine([c.batch for c in cs], [with_lm and c.lm for c in cs])
+        self.a, self.zero, self.rows, self.sampler = a, zero, rows, sampler
+        self.cfg, self.emb, self.engine = build(a, dev, zero)
+        self.obj = Stage4Objective(self.cfg.alpha, self.cfg.lam, self.cfg.tau)
+        self.embed = merged_embed(self.encode, self.emb, self.cfg.gradcache_embed_chunks)
+        self.cuda = dev == "cuda"
+        self.peak: dict[str, float] = {}
+        self.extra: dict[str, float] = {}
+        self.reduces: dict[str, int] = {}
+
+    def encode(self, cs, with_lm):
+        embs, lms = self.engine([c.batch for c in cs], [with_lm and c.lm for c in cs])
         return [(e, lm if with_lm and c.lm else None)
                 for e, lm, c in zip(embs, lms, cs, strict=True)]
 
-    def backward(loss, last):
-        engine.set_gradient_accumulation_boundary(last)
-        engine.backward(loss)
+    def backward(self, loss, last):
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss)
 
-    embed = merged_embed(encode, emb, cfg.gradcache_embed_chunks)
-    cuda = dev == "cuda"
-    res: dict = {"peak": {}, "extra": {}, "reduces": {}, "times": {"plain": [], "gradcache": []}}
+    def step(self, i: int, gc: bool) -> float:
+        """One optimizer step on batch ``i`` (tokenised before the clock starts): seconds."""
+        from mmemb.losses.gradcache import gradcache_step, plain_step
+        from mmemb.stages.train import build_items, make_loss_fn
+        from mmemb.training.module import make_chunks
+        from mmemb.training.reduction import count_reduces, one_reduce_per_step
 
-    def step(i: int, gc: bool, timed: bool = True) -> None:
-        k = "gradcache" if gc else "plain"
-        items, info = build_items([rows[j] for j in sampler.indices(i, 0, a.batch)], 1)
-        chunks = make_chunks(emb, items, a.chunk if gc else 10**9)
-        n_lm = sum(c.meta["n_lm_tokens"] for c in chunks)
-        if cuda:
+        a, k = self.a, ("gradcache" if gc else "plain")
+        items, info = build_items([self.rows[j] for j in self.sampler.indices(i, 0, a.batch)], 1)
+        chunks = make_chunks(self.emb, items, a.chunk if gc else 10**9)
+        loss_fn = make_loss_fn(self.obj, info)
+        lm_weight = self.obj.lm_weight(sum(c.meta["n_lm_tokens"] for c in chunks))
+        if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         t = time.perf_counter()
-        loss_fn, lm_weight = make_loss_fn(obj, info), obj.lm_weight(n_lm)
-        with count_reduces() as n, one_reduce_per_step(engine, zero, gc, cfg.gradcache_reduce):
-            if gc:
-                gradcache_step(chunks, encode, loss_fn, backward, lm_weight, embed)
-            else:
-                plain_step(chunks, encode, loss_fn, backward, lm_weight)
-        engine.step()
-        if cuda:
+        with count_reduces() as n:
+            with one_reduce_per_step(self.engine, self.zero, gc, self.cfg.gradcache_reduce):
+                if gc:
+                    gradcache_step(chunks, self.encode, loss_fn, self.backward, lm_weight,
+                                   self.embed)
+                else:
+                    plain_step(chunks, self.encode, loss_fn, self.backward, lm_weight)
+            self.engine.step()
+        if self.cuda:
             torch.cuda.synchronize()
             top = torch.cuda.max_memory_allocated()
-            res["peak"][k] = max(res["peak"].get(k, 0.0), top / 2**20)
-            res["extra"][k] = max(res["extra"].get(k, 0.0), (top - before) / 2**20)
-        if timed:
-            res["times"][k].append(time.perf_counter() - t)
-            res["reduces"][k] = sum(n.values())
+            self.peak[k] = max(self.peak.get(k, 0.0), top / 2**20)
+            self.extra[k] = max(self.extra.get(k, 0.0), (top - before) / 2**20)
+        self.reduces[k] = sum(n.values())
+        return time.perf_counter() - t
 
-    step(0, False, False)  # warm-up of both paths
-    step(0, True, False)
-    for i in range(1, a.steps + 1):  # alternate, same batch for both modes
-        step(i, False)
-        step(i, True)
-    res["med"] = {k: sorted(v)[len(v) // 2] for k, v in res["times"].items()}
-    res["ratio"] = res["med"]["gradcache"] / res["med"]["plain"]
-    res["bf16"] = bool(engine.bfloat16_enabled())
-    res["embed_chunks"] = cfg.gradcache_embed_chunks
-    res["params"] = sum(p.numel() for p in emb.model.parameters())
-    res["text_config"] = emb.model.config.text_config
-    engine.destroy()
+
+def run_stage(a: argparse.Namespace, dev: str, zero: int, rows, sampler) -> dict:
+    """Alternating plain / gradcache steps on the same batches under one ZeRO stage (which
+    goes first alternates too, so a drifting machine load biases neither): per-mode median
+    step times, R = the median over steps of gradcache / plain, reduces per step and (on a
+    GPU) peak memory per mode."""
+    b = StageBench(a, dev, zero, rows, sampler)
+    b.step(0, False)  # warm-up of both paths
+    b.step(0, True)
+    times: dict[str, list[float]] = {"plain": [], "gradcache": []}
+    for i in range(1, a.steps + 1):  # same batch i for both modes
+        for gc in ((False, True) if i % 2 else (True, False)):
+            times["gradcache" if gc else "plain"].append(b.step(i, gc))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = statistics.median(g / p for g, p in zip(times["gradcache"], times["plain"],
+                                                    strict=True))
+    res = {"med": med, "ratio": ratio, "peak": b.peak, "extra": b.extra,
+           "reduces": b.reduces, "bf16": bool(b.engine.bfloat16_enabled()),
+           "embed_chunks": b.cfg.gradcache_embed_chunks,
+           "params": sum(p.numel() for p in b.emb.model.parameters()),
+           "text_config": b.emb.model.config.text_config}
+    b.engine.destroy()
     return res
 
 
@@ -194,7 +213,8 @@ def report(a: argparse.Namespace, dev: str, zero: int, r: dict) -> None:
                      ("gradcache", f"gradcache (chunks of {a.chunk:>2})")):
         print(f"  {label}: {med[k] * 1000:8.1f} ms/step {a.batch / med[k]:7.1f} pairs/s, "
               f"{r['reduces'][k]} reducing collectives per step")
-    print(f"  gradcache / plain        : {r['ratio']:8.2f}x time")
+    print(f"  gradcache / plain        : {r['ratio']:8.2f}x time (median over steps; ratio "
+          f"of the medians {med['gradcache'] / med['plain']:.2f}x)")
     if dev == "cuda":
         print(f"  peak GPU memory          : plain {r['peak']['plain']:.0f} MiB, gradcache "
               f"{r['peak']['gradcache']:.0f} MiB; added by a step (activations): plain "

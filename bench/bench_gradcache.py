@@ -12,9 +12,12 @@ the reducing collectives DeepSpeed issues per step are counted for both modes.
         [--zero-stages 1,2] [--reduce step|backward]
     python bench/bench_gradcache.py --device cuda --preset qwen2vl-2b   # bf16 on a GPU
 
-It ends with one line per ZeRO stage run, ``gradcache/plain chunks=C zero=Z R`` (R: median
-gradcache step time over median plain step time, steps alternating). ZeRO-1 is what
-``gradcache: true`` gets by default (``TrainConfig.zero_stage``).
+It ends with one line per ZeRO stage run, ``gradcache/plain chunks=C zero=Z R`` (R: the
+median over alternating step pairs of gradcache / plain step time). ZeRO-1 is what
+``gradcache: true`` gets by default (``TrainConfig.zero_stage``). On CPU a step's time is
+this process's CPU time (``--clock``; one intra-op thread with ``OMP_NUM_THREADS=1``): on a
+shared machine other jobs preempt the process, which inflates wall time by whatever the
+load happens to be during either step; on a GPU it is the wall clock.
 
 Without ``--model`` it builds the tiny Qwen2-VL and the smoke synthetic data in a temp dir.
 The size flags (shared with bench_embed.py) swap in a random model of a real model's
@@ -56,6 +59,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--embed-chunks", type=int, default=None, help="TrainConfig."
                     "gradcache_embed_chunks: chunks per no-graph forward (default: the "
                     "config's default; 1: one forward per chunk)")
+    ap.add_argument("--clock", default="auto", choices=["auto", "wall", "cpu"],
+                    help="step time: wall clock, or this process's CPU time (auto: CPU time "
+                    "on CPU, where a shared machine's other jobs would inflate wall time "
+                    "by preempting; wall clock on a GPU)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                     help="TrainConfig.precision (auto: bf16 on a GPU, fp32 on CPU)")
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported
@@ -128,6 +135,8 @@ class StageBench:
         self.obj = Stage4Objective(self.cfg.alpha, self.cfg.lam, self.cfg.tau)
         self.embed = merged_embed(self.encode, self.emb, self.cfg.gradcache_embed_chunks)
         self.cuda = dev == "cuda"
+        cpu_clock = a.clock == "cpu" or (a.clock == "auto" and not self.cuda)
+        self.clock = time.process_time if cpu_clock else time.perf_counter
         self.peak: dict[str, float] = {}
         self.extra: dict[str, float] = {}
         self.reduces: dict[str, int] = {}
@@ -157,7 +166,7 @@ class StageBench:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-        t = time.perf_counter()
+        t = self.clock()
         with count_reduces() as n:
             with one_reduce_per_step(self.engine, self.zero, gc, self.cfg.gradcache_reduce):
                 if gc:
@@ -172,7 +181,7 @@ class StageBench:
             self.peak[k] = max(self.peak.get(k, 0.0), top / 2**20)
             self.extra[k] = max(self.extra.get(k, 0.0), (top - before) / 2**20)
         self.reduces[k] = sum(n.values())
-        return time.perf_counter() - t
+        return self.clock() - t
 
 
 def run_stage(a: argparse.Namespace, dev: str, zero: int, rows, sampler) -> dict:
@@ -193,6 +202,7 @@ def run_stage(a: argparse.Namespace, dev: str, zero: int, rows, sampler) -> dict
     res = {"med": med, "ratio": ratio, "peak": b.peak, "extra": b.extra,
            "reduces": b.reduces, "bf16": bool(b.engine.bfloat16_enabled()),
            "embed_chunks": b.cfg.gradcache_embed_chunks,
+           "clock": "CPU time" if b.clock is time.process_time else "wall clock",
            "params": sum(p.numel() for p in b.emb.model.parameters()),
            "text_config": b.emb.model.config.text_config}
     b.engine.destroy()
@@ -208,7 +218,7 @@ def report(a: argparse.Namespace, dev: str, zero: int, r: dict) -> None:
           f"{tc.vocab_size}, {r['params'] / 1e6:.1f} M params, bf16 {r['bf16']}) on {dev} "
           f"({where}), ZeRO-{zero} (gradcache_reduce {a.reduce}, {r['embed_chunks']} chunks "
           f"per no-graph forward), contrastive batch "
-          f"{a.batch} (+1 hard negative each), median of {a.steps} steps")
+          f"{a.batch} (+1 hard negative each), median of {a.steps} steps ({r['clock']})")
     for k, label in (("plain", "plain (one graph)        "),
                      ("gradcache", f"gradcache (chunks of {a.chunk:>2})")):
         print(f"  {label}: {med[k] * 1000:8.1f} ms/step {a.batch / med[k]:7.1f} pairs/s, "

@@ -32,7 +32,9 @@ def test_derived_from_the_pydantic_config():
 def test_cpu_is_fp32():
     c = ds_config(cfg(zero_stage=2), world_size=1, device="cpu")
     assert c["bf16"]["enabled"] is False and c["zero_optimization"]["overlap_comm"] is False
-    assert ds_config(cfg(), 1, "cpu")["zero_optimization"] == {"stage": 1}  # gradcache default
+    # the gradcache default: ZeRO-1 without per-parameter gradient hooks
+    assert ds_config(cfg(), 1, "cpu")["zero_optimization"] == {"stage": 1,
+                                                               "contiguous_gradients": False}
     assert ds_config(cfg(precision="bf16"), 1, "cpu")["bf16"]["enabled"] is True
     assert ds_config(cfg(zero_stage=0), 1, "cpu")["zero_optimization"] == {"stage": 0}
 

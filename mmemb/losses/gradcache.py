@@ -17,9 +17,11 @@ state replayed).
 
 Under DeepSpeed every chunk of step 3 is one ``engine(...)`` + ``engine.backward(...)``; the
 caller's ``backward(loss, is_last)`` marks the gradient-accumulation boundary on the last
-chunk only (``engine.set_gradient_accumulation_boundary``), so ZeRO-2/3 accumulate and
-reduce the chunk gradients like micro-batches of gradient accumulation and the optimizer
-steps once. See :mod:`mmemb.stages.train` and docs/training.md.
+chunk only (``engine.set_gradient_accumulation_boundary``) and the optimizer steps once.
+The chunk gradients are reduced across ranks once per step: ZeRO-0/1 do that at the
+boundary, ZeRO-2/3 inside :func:`mmemb.training.reduction.one_reduce_per_step`. Step 1 may
+merge several chunks per forward (``embed``; no graph, so one layer's activations at a
+time). See :mod:`mmemb.stages.train` and docs/training.md.
 
 Example (plain torch; two chunks of a linear encoder)::
 

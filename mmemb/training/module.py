@@ -18,6 +18,10 @@ backward). Three things make that hold whatever the data:
   weights module by module in call order, so a text-only chunk on one rank beside an
   image chunk on another would mismatch), and the projector gets a (zero) gradient on
   every rank (ZeRO-2 buckets match).
+
+GradCache's re-forward may reuse the frozen vision tower's output of the no-graph pass
+(:meth:`EmbedTrainModule.vision_cacheable`): it then calls only the merger, on every rank
+alike, since whether a batch has images is the same on every rank (``vision_row``).
 """
 
 from __future__ import annotations

@@ -114,7 +114,22 @@ class TrainConfig(ImageResolution):
     gradcache: bool = Field(True, description="GradCache: the contrastive batch is embedded "
                             "in chunks, so it can exceed what one forward with a graph fits")
     chunk_size: int = Field(8, ge=1, description="inputs per forward under gradcache")
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage")
+    gradcache_embed_chunks: int = runtime_field(
+        4, ge=1, description="chunks merged into one forward of gradcache's no-graph pass "
+        "(1: one forward per chunk). Without a graph a forward holds one layer's "
+        "activations, with one every layer's, so 4 x chunk_size rows without a graph need "
+        "less memory than chunk_size with a graph for any model of 8+ layers; fewer, larger "
+        "forwards cost less per row")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        1, description="DeepSpeed ZeRO stage; when not set: 1 with gradcache (whole "
+        "gradients, one reduce per optimizer step, optimizer states partitioned), 2 without "
+        "(see mmemb/training/reduction.py for what each costs in memory)")
+    gradcache_reduce: Literal["step", "backward"] = runtime_field(
+        "step", description="with gradcache under ZeRO-2/3: 'step' holds the step's whole "
+        "gradients and reduces them once per optimizer step (DeepSpeed's "
+        "coalesce_grad_reduction; ZeRO-1's gradient memory), 'backward' keeps ZeRO-2's "
+        "partitioned gradients and pays one reduce per chunk backward. ZeRO-0/1 always "
+        "reduce once per step")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 on a GPU, fp32 on CPU")
     gradient_checkpointing: bool = Field(False, description="HF gradient checkpointing; "
@@ -137,6 +152,17 @@ class TrainConfig(ImageResolution):
                                         "of the evaluation")
     max_text_tokens: int = Field(2048, ge=8, description="longer texts are truncated to "
                                  "this many tokens")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_zero_stage(cls, data):
+        """An unset ``zero_stage`` follows ``gradcache``: ZeRO-1 keeps whole gradients, so
+        the chunk backwards of a step accumulate locally and are reduced once (ZeRO-2 would
+        reduce-scatter on every chunk); without gradcache ZeRO-2's partitioned gradients
+        cost nothing extra. Set ``zero_stage`` to override."""
+        if isinstance(data, dict) and data.get("zero_stage") is None:
+            data = {**data, "zero_stage": 1 if data.get("gradcache", True) else 2}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

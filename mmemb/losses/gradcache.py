@@ -17,9 +17,11 @@ state replayed).
 
 Under DeepSpeed every chunk of step 3 is one ``engine(...)`` + ``engine.backward(...)``; the
 caller's ``backward(loss, is_last)`` marks the gradient-accumulation boundary on the last
-chunk only (``engine.set_gradient_accumulation_boundary``), so ZeRO-2/3 accumulate and
-reduce the chunk gradients like micro-batches of gradient accumulation and the optimizer
-steps once. See :mod:`mmemb.stages.train` and docs/training.md.
+chunk only (``engine.set_gradient_accumulation_boundary``) and the optimizer steps once.
+The chunk gradients are reduced across ranks once per step: ZeRO-0/1 do that at the
+boundary, ZeRO-2/3 inside :func:`mmemb.training.reduction.one_reduce_per_step`. Step 1 may
+merge several chunks per forward (``embed``; no graph, so one layer's activations at a
+time). See :mod:`mmemb.stages.train` and docs/training.md.
 
 Example (plain torch; two chunks of a linear encoder)::
 
@@ -99,16 +101,27 @@ def plain_step(chunks: list[Chunk], encode: EncodeFn, loss_fn: LossFn, backward:
     return StepResult(out, lm_sum.detach(), 1)
 
 
+#: embed(chunks) -> per chunk its embeddings [b, H], computed without a graph
+EmbedFn = Callable[[list[Chunk]], list[torch.Tensor]]
+
+
 def gradcache_step(chunks: list[Chunk], encode: EncodeFn, loss_fn: LossFn,
-                   backward: BackwardFn, lm_weight: float = 0.0) -> StepResult:
+                   backward: BackwardFn, lm_weight: float = 0.0,
+                   embed: EmbedFn | None = None) -> StepResult:
     """GradCache: no-graph embed, loss + embedding gradients, chunk-wise re-forward/backward.
 
     ``lm_weight`` multiplies each chunk's LM sum in its surrogate (the caller passes
-    ``lam / total_rationale_tokens``), so the LM gradient is exact as well.
+    ``lam / total_rationale_tokens``), so the LM gradient is exact as well. ``embed``
+    replaces the no-graph pass (default: one ``encode`` per chunk); the stage merges
+    several chunks per no-graph forward (:func:`mmemb.training.module.merged_embed`), as a
+    forward without a graph keeps one layer's activations, not every layer's.
     """
     # 1. embeddings without a graph
     with torch.no_grad():
-        cached = [encode([c], False)[0][0].detach() for c in chunks]  # each [b, H]
+        if embed is not None:
+            cached = [e.detach() for e in embed(chunks)]  # each [b, H]
+        else:
+            cached = [encode([c], False)[0][0].detach() for c in chunks]  # each [b, H]
     # 2. loss and dL/de on leaves
     leaves = [e.requires_grad_(True) for e in cached]
     reps = _by_group(chunks, leaves)

@@ -74,7 +74,9 @@ from mmemb.training.module import (
     Item,
     align_chunks,
     make_chunks,
+    merged_embed,
 )
+from mmemb.training.reduction import describe, one_reduce_per_step
 
 
 def _say(msg: str) -> None:
@@ -531,6 +533,7 @@ def build_engine(cfg: TrainConfig, plan: Plan, device: str, out: Path) -> Model:
          f"{'gradcache chunks of ' + str(cfg.chunk_size) if cfg.gradcache else 'no gradcache'}"
          f" | trainable {n_train:,} of {n_all:,} params"
          f"{' (LoRA r=' + str(cfg.lora.r) + ')' if cfg.lora else ''} | vision {cfg.vision}")
+    _say(f"gradient reduction: {describe(cfg.zero_stage, cfg.gradcache, cfg.gradcache_reduce)}")
     return Model(emb, module, engine, bf16, prints)
 
 
@@ -650,7 +653,9 @@ class Trainer:
 
     def backward(self, loss: torch.Tensor, is_last: bool) -> None:
         # One optimizer step = every chunk of every micro-batch: only the very last backward
-        # is DeepSpeed's accumulation boundary (ZeRO reduces/partitions, then step()).
+        # is DeepSpeed's accumulation boundary (ZeRO-0/1 reduce there; ZeRO-2/3 reduce once
+        # when train_phase leaves one_reduce_per_step, or per backward with
+        # gradcache_reduce=backward), then step().
         engine = self.model.engine
         engine.set_gradient_accumulation_boundary(self.last_micro and is_last)
         engine.backward(loss)
@@ -690,9 +695,12 @@ def joint_micro(t: Trainer, idx: list[int], acc: StepTotals) -> None:
     items, info = build_items([t.plan.rows[i] for i in idx], t.plan.max_k)
     chunks = t.chunks(items)
     n_lm = sum(c.meta["n_lm_tokens"] for c in chunks)
-    step_fn = gradcache_step if t.cfg.gradcache else plain_step
-    res = step_fn(chunks, t.encode, make_loss_fn(t.obj, info), t.backward,
-                  t.obj.lm_weight(n_lm))
+    loss_fn, lm_weight = make_loss_fn(t.obj, info), t.obj.lm_weight(n_lm)
+    if t.cfg.gradcache:
+        res = gradcache_step(chunks, t.encode, loss_fn, t.backward, lm_weight,
+                             merged_embed(t.encode, t.model.emb, t.cfg.gradcache_embed_chunks))
+    else:
+        res = plain_step(chunks, t.encode, loss_fn, t.backward, lm_weight)
     parts = t.obj.add_lm(res.out, res.lm_sum, n_lm).parts()
     parts["reason_share"] = float(info["has_r"].float().mean())
     for k, v in parts.items():
@@ -707,10 +715,13 @@ def train_phase(t: Trainer, state: RunState, phase: Phase) -> None:
     for step in range(max(state.start, phase.first), phase.stop):
         t0 = time.perf_counter()
         acc = StepTotals()
-        for a in range(A):
-            idx = phase.sampler.indices((step - phase.first) * A + a, rank(), B)
-            t.last_micro = a == A - 1
-            (lm_micro if phase.lm_only else joint_micro)(t, idx, acc)
+        # every backward of the step (chunks x micro-batches) inside: one gradient reduce
+        with one_reduce_per_step(t.model.engine, t.cfg.zero_stage, t.cfg.gradcache,
+                                 t.cfg.gradcache_reduce):
+            for a in range(A):
+                idx = phase.sampler.indices((step - phase.first) * A + a, rank(), B)
+                t.last_micro = a == A - 1
+                (lm_micro if phase.lm_only else joint_micro)(t, idx, acc)
         if phase.lm_only:
             acc.sums["loss"] = acc.sums["loss/lm"]
             acc.sums["phase_lm_warmup"] = 1.0

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mmemb.configs.train import TrainConfig
 from mmemb.losses.gradcache import gradcache_step, plain_step
 from mmemb.losses.objective import Stage4Objective
 from mmemb.model.embedder import Embedder
-from mmemb.stages.train import build_items, make_loss_fn
+from mmemb.stages.train import build_items, make_loss_fn, prepare_model
 from mmemb.training.data import load_rows
-from mmemb.training.module import EmbedTrainModule, make_chunks
+from mmemb.training.module import VISION_KEY, EmbedTrainModule, make_chunks, merged_embed
 
 
 def _rows(synth, n=10):
@@ -51,15 +52,21 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
-@pytest.mark.parametrize("chunk", [3])
-def test_gradcache_equals_full_batch_gradient(tiny_model, synth, chunk, device, one_thread,
-                                              no_tf32):
+@pytest.mark.parametrize("chunk, embed_chunks, vision", [(3, 1, "train"), (3, 3, "merger")])
+def test_gradcache_equals_full_batch_gradient(tiny_model, synth, chunk, embed_chunks, vision,
+                                              device, one_thread, no_tf32):
     """Loss parts and every gradient equal the one-graph step's (on a GPU too: atomic adds
-    in CUDA backward kernels sum in varying order, hence the 1e-4 relative tolerance)."""
+    in CUDA backward kernels sum in varying order, hence the 1e-4 relative tolerance): one
+    no-graph forward per chunk with everything trained, and ``embed_chunks`` chunks merged
+    per no-graph forward with the vision tower frozen below its merger (so the re-forward
+    reuses the tower's output and re-runs only the merger)."""
     torch.manual_seed(0)
     emb = Embedder.from_pretrained(tiny_model, device=device)
+    if vision != "train":
+        prepare_model(emb, TrainConfig(model="m", pairs="p", vision=vision))
     emb.model.train()
     mod = EmbedTrainModule(emb)
+    assert mod.vision_cacheable() == (vision != "train")
     rows = _rows(synth)
     items, info = build_items(rows, k=1)
     obj = Stage4Objective(alpha=0.7, lam=0.3, tau=0.05)
@@ -82,12 +89,15 @@ def test_gradcache_equals_full_batch_gradient(tiny_model, synth, chunk, device, 
             calls.append(last)
             loss.backward()
 
-        res = fn(chunks, encode, make_loss_fn(obj, info), backward, obj.lm_weight(n_lm))
+        kw = {"embed": merged_embed(encode, emb, embed_chunks)} if name == "gc" else {}
+        res = fn(chunks, encode, make_loss_fn(obj, info), backward, obj.lm_weight(n_lm), **kw)
         out = obj.add_lm(res.out, res.lm_sum, n_lm)
         losses[name] = out.parts()
         grads[name] = _grads(mod)
         if name == "gc":
             assert len(chunks) > 4 and calls == [False] * (len(chunks) - 1) + [True]
+            cached = [VISION_KEY in c.batch for c in chunks if "pixel_values" in c.batch]
+            assert cached and all(cached) == (vision != "train"), cached
             assert n_lm > 10
     for k in ("loss", "loss/nce_reason", "loss/nce_direct", "loss/lm"):
         assert losses["gc"][k] == pytest.approx(losses["plain"][k], rel=1e-5, abs=1e-6), k

@@ -30,8 +30,11 @@ def test_derived_from_the_pydantic_config():
 
 
 def test_cpu_is_fp32():
-    c = ds_config(cfg(), world_size=1, device="cpu")
+    c = ds_config(cfg(zero_stage=2), world_size=1, device="cpu")
     assert c["bf16"]["enabled"] is False and c["zero_optimization"]["overlap_comm"] is False
+    # the gradcache default: ZeRO-1 without per-parameter gradient hooks
+    assert ds_config(cfg(), 1, "cpu")["zero_optimization"] == {"stage": 1,
+                                                               "contiguous_gradients": False}
     assert ds_config(cfg(precision="bf16"), 1, "cpu")["bf16"]["enabled"] is True
     assert ds_config(cfg(zero_stage=0), 1, "cpu")["zero_optimization"] == {"stage": 0}
 
@@ -64,4 +67,13 @@ def test_bad_combinations_say_why(kw, msg):
 def test_defaults_are_the_documented_ones():
     c = cfg()
     assert (c.tau, c.alpha, c.lam) == (0.02, 1.0, 0.5)
-    assert c.gradcache and c.zero_stage == 2 and c.vision == "merger" and c.lora is None
+    assert c.gradcache and c.zero_stage == 1 and c.vision == "merger" and c.lora is None
+    assert c.gradcache_reduce == "step"
+
+
+def test_zero_stage_follows_gradcache_unless_set():
+    # ZeRO-1 with gradcache (whole gradients: one reduce per optimizer step), ZeRO-2 without
+    assert cfg().zero_stage == 1 and cfg(zero_stage=None).zero_stage == 1
+    assert cfg(gradcache=False).zero_stage == 2
+    assert cfg(zero_stage=2).zero_stage == 2 and cfg(gradcache=False, zero_stage=0).zero_stage == 0
+    assert ds_config(cfg(), 1, "cpu")["zero_optimization"]["stage"] == 1

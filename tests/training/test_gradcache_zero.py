@@ -1,6 +1,9 @@
-"""GradCache under DeepSpeed ZeRO-2 and ZeRO-3 (one CPU process, gloo): the gradient at the
-accumulation boundary equals the plain full-batch gradient of plain torch, and the weights
-after optimizer steps equal those of the same run without gradient caching.
+"""GradCache under DeepSpeed ZeRO-1, ZeRO-2 and ZeRO-3 (one CPU process, gloo): the gradient at
+the accumulation boundary equals the plain full-batch gradient of plain torch, and the
+weights after optimizer steps equal those of the same run without gradient caching. The
+backwards of a step run inside ``one_reduce_per_step`` as in stage 4 (ZeRO-2/3: DeepSpeed's
+``coalesce_grad_reduction``, one reduce per step; the per-backward reduce is checked in
+test_gradcache_reduce_count.py).
 
 Tolerances, and why they hold on any machine (issue 13, item 22). GradCache sums each
 gradient over 8+ chunk backwards where the reference sums it in one, so the two differ by
@@ -39,7 +42,8 @@ from mmemb.stages.train import build_items, make_loss_fn, prepare_model
 from mmemb.training.data import load_rows
 from mmemb.training.deepspeed_config import ds_config, lr_scheduler
 from mmemb.training.distributed import free_port, init_deepspeed
-from mmemb.training.module import EmbedTrainModule, make_chunks
+from mmemb.training.module import EmbedTrainModule, make_chunks, merged_embed
+from mmemb.training.reduction import one_reduce_per_step
 
 OBJ = Stage4Objective(alpha=1.0, lam=0.5, tau=0.05)
 
@@ -78,10 +82,10 @@ def _cfg(tiny_model, stage):
                        warmup_steps=0, steps=10, lr_schedule="constant", grad_clip=0.0)
 
 
-def _step(fn, chunk, emb, items, info, encode, backward):
+def _step(fn, chunk, emb, items, info, encode, backward, **kw):
     chunks = make_chunks(emb, items, chunk)
     n_lm = sum(c.meta["n_lm_tokens"] for c in chunks)
-    return fn(chunks, encode, make_loss_fn(OBJ, info), backward, OBJ.lm_weight(n_lm))
+    return fn(chunks, encode, make_loss_fn(OBJ, info), backward, OBJ.lm_weight(n_lm), **kw)
 
 
 def _reference_grads(tiny_model, items, info, cfg):
@@ -121,8 +125,11 @@ def _ds_run(tiny_model, cfg, gradcache, batches):
 
     grads, n_backward = None, []
     for items, info in batches:
-        res = _step(gradcache_step if gradcache else plain_step, 3 if gradcache else 10**6,
-                    emb, items, info, encode, backward)
+        # as stage 4 runs it: merged no-graph forwards, the vision tower's output reused
+        kw = {"embed": merged_embed(encode, emb, cfg.gradcache_embed_chunks)} if gradcache else {}
+        with one_reduce_per_step(engine, cfg.zero_stage, gradcache, cfg.gradcache_reduce):
+            res = _step(gradcache_step if gradcache else plain_step,
+                        3 if gradcache else 10**6, emb, items, info, encode, backward, **kw)
         n_backward.append(res.n_backward)
         if grads is None:
             grads = {n: safe_get_full_grad(p).detach().clone()
@@ -133,7 +140,7 @@ def _ds_run(tiny_model, cfg, gradcache, batches):
     return grads, weights, n_backward
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_gradcache_under_zero(process_group, tiny_model, batches, stage):
     cfg = _cfg(tiny_model, stage)
     ref = _reference_grads(tiny_model, *batches[0], cfg)

@@ -27,6 +27,7 @@ Example (the engine takes 15-30 s to start on CPU)::
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -137,9 +138,8 @@ class VLLMEmbedder:
         if not inputs:
             return EncoderOutput(torch.zeros(0, self.hidden_size),
                                  torch.zeros(0, dtype=torch.long))
-        from vllm import PoolingParams
-
         prompts = self.prompts(inputs, mode)
+        PoolingParams = vllm_api()[2]  # noqa: N806 - a class
         reqs = [self._request(p, x.images) for p, x in zip(prompts, inputs, strict=True)]
         params = PoolingParams(use_activation=self.config.normalize)
         outs = self.llm.embed(reqs, pooling_params=params, use_tqdm=False)
@@ -186,6 +186,34 @@ class VLLMEmbedder:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def vllm_api() -> tuple:
+    """``(LLM, PoolerConfig, PoolingParams)``, imported the first time from a thread of
+    its own.
+
+    Why: importing vLLM keeps an ImportError of an optional backend (its audio module
+    without torchcodec) with its traceback, and a traceback holds every frame of the stack
+    that imported it: imported inside a stage, the stage's frames, with the embedder and
+    its engine in them, would stay alive after the stage (the engine's processes never
+    closed). A thread's stack holds nothing of the caller's.
+    """
+    if not _API:
+        def load() -> None:
+            from vllm import LLM, PoolingParams
+            from vllm.config import PoolerConfig
+
+            _API.extend((LLM, PoolerConfig, PoolingParams))
+
+        t = threading.Thread(target=load, name="mmemb-import-vllm")
+        t.start()
+        t.join()
+        if not _API:  # the import failed in the thread: fail here, with its error
+            from vllm import LLM, PoolingParams  # noqa: F401
+    return tuple(_API)
+
+
+_API: list = []
 
 
 def _close(llm) -> None:
@@ -246,8 +274,7 @@ def start_pooling_engine(name: str, src: Path | str, grid: Grid | None, *,
 
     check_model("embedder", str(src))
     prepare_environment()
-    from vllm import LLM
-    from vllm.config import PoolerConfig
+    LLM, PoolerConfig, _ = vllm_api()  # noqa: N806 - classes
 
     gpu = _on_gpu()
     if isinstance(dtype, torch.dtype):

@@ -131,3 +131,21 @@ def test_stage2_on_the_pooling_engine_equals_the_embedder(tiny_model, small, tmp
     while left() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left()
+
+
+def test_evaluate_direct_on_the_pooling_engine_equals_the_embedder(tiny_model, synth,
+                                                                     tmp_path):
+    from data_contracts.schemas import EVAL_RESULTS
+    from mmemb.configs.evaluate import EvaluateConfig
+    from mmemb.stages import evaluate
+
+    scores = {}
+    for engine_name in ("embedder", "vllm"):
+        cfg = EvaluateConfig(model=str(tiny_model), eval=str(synth["eval"]),
+                             image_root=str(synth["image_root"]), modes=["direct"],
+                             max_queries=8, out=str(tmp_path / engine_name),
+                             embed_engine=engine_name)
+        res = evaluate.run(cfg)
+        rows = io.read(res.outputs["results"].uri, EVAL_RESULTS).to_pylist()
+        scores[engine_name] = {(r["task"], r["mode"]): (r["score"], r["status"]) for r in rows}
+    assert scores["vllm"] == scores["embedder"] and len(scores["vllm"]) >= 2

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from mmemb.model.embedder import Embedder, EncoderOutput, Mode, load_image
+from mmemb.model.embedder import Embedder, EncoderOutput, Mode
 from mmemb.model.images import DEFAULT_MAX_DECODE_PIXELS
 from mmemb.model.prompts import EmbeddingConfig, EmbedInput
 from mmemb.model.resolution import Grid, fit_image
@@ -44,11 +44,12 @@ class VLLMEmbedder:
     """Inference surface of :class:`Embedder` (``hidden_size``, ``embed``, ``encode``,
     ``close``) over a running ``vllm.LLM`` in pooling mode. No gradients, no ``hidden``."""
 
-    # The Embedder's own prompt building, clipping and image sizing, bound to this class:
-    # they read only config, tokenizer, grid and the pixel/text limits set in __init__.
+    # The Embedder's own prompt building, clipping, image decoding and sizing, bound to
+    # this class: they read only config, tokenizer, grid and the limits set in __init__.
     prompts = Embedder.prompts
     _clip = Embedder._clip
     target_size = Embedder.target_size
+    load_image = Embedder.load_image
 
     def __init__(self, llm, tokenizer, config: EmbeddingConfig, grid: Grid | None, *,
                  hidden_size: int, max_pixels: int | None = 1024 * 1024,
@@ -114,11 +115,6 @@ class VLLMEmbedder:
     @property
     def hidden_size(self) -> int:
         return self._hidden_size
-
-    def load_image(self, path_or_img):
-        """An image decoded as :meth:`Embedder.load_image` decodes it (same limits)."""
-        return load_image(path_or_img, max_decode_pixels=self.max_decode_pixels,
-                          target=self.target_size)
 
     def _request(self, prompt: str, images: list) -> dict:
         """One vLLM prompt: the string, and its images resized onto the processor grid

@@ -27,6 +27,7 @@ Example (the engine takes 15-30 s to start on CPU)::
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import weakref
@@ -83,7 +84,9 @@ class VLLMEmbedder:
 
         ``dtype``: as :meth:`Embedder.from_pretrained` (default float32 on CPU, bfloat16 on
         CUDA). ``max_images``: images per prompt the engine admits (the evaluation's video
-        frames need more; vLLM reserves memory for that many). ``engine_kwargs`` go to
+        frames need more; vLLM reserves memory for that many). ``max_model_len``: default
+        :func:`default_max_len` (what a clipped prompt can reach, not the checkpoint's 32k
+        or 256k context, which the KV cache would have to hold). ``engine_kwargs`` go to
         ``vllm.LLM`` last (e.g. ``tensor_parallel_size``, ``gpu_memory_utilization``).
         A failed start raises
         :class:`mmemb.teachers.vllm.EngineStartError` naming the model and the cause.
@@ -101,6 +104,8 @@ class VLLMEmbedder:
                              "needs a prepared checkpoint (run the prepare stage on it, "
                              "prepare.source: existing) or use embed_engine: embedder")
         grid = Grid.of(processor) if hasattr(processor, "image_processor") else None
+        if max_model_len is None:
+            max_model_len = default_max_len(src, grid, max_text_tokens, max_images, max_pixels)
         llm = start_pooling_engine(str(model), src, grid, dtype=dtype, max_pixels=max_pixels,
                                    min_pixels=min_pixels, max_model_len=max_model_len,
                                    max_images=max_images, seed=seed, log=log,
@@ -182,6 +187,25 @@ class VLLMEmbedder:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def default_max_len(src: Path | str, grid: Grid | None, max_text_tokens: int,
+                    max_images: int, max_pixels: int | None) -> int:
+    """The longest prompt the Embedder's clipping lets through: text and rationale of
+    ``max_text_tokens`` each, ``max_images`` images at the grid's largest token count,
+    512 for the instruction and chat markup; at most the checkpoint's own context."""
+    per_image = 1280
+    if grid is not None:
+        hi = min(grid.max_pixels, max_pixels or grid.max_pixels)
+        per_image = hi // (grid.factor * grid.factor)
+    budget = 2 * max_text_tokens + max(1, max_images) * per_image + 512
+    try:
+        cfg = json.loads(Path(str(src), "config.json").read_text())
+    except (OSError, ValueError):
+        return budget  # a hub id: vLLM checks the length against the model itself
+    own = (cfg.get("text_config") or {}).get("max_position_embeddings") \
+        or cfg.get("max_position_embeddings")
+    return min(budget, int(own)) if own else budget
 
 
 def vllm_api() -> tuple:

@@ -149,3 +149,25 @@ def test_evaluate_direct_on_the_pooling_engine_equals_the_embedder(tiny_model, s
         rows = io.read(res.outputs["results"].uri, EVAL_RESULTS).to_pylist()
         scores[engine_name] = {(r["task"], r["mode"]): (r["score"], r["status"]) for r in rows}
     assert scores["vllm"] == scores["embedder"] and len(scores["vllm"]) >= 2
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_pooling_engine_equals_the_embedder_on_a_real_layout(real_layout, family, synth,
+                                                            tmp_path):
+    """The hub folders' own tokenizer, chat template and processor (prepared: the method's
+    tokens added), through both paths."""
+    from mmemb.model.vllm_embedder import VLLMEmbedder
+    from mmemb.stages.prepare import prepare_base
+
+    base = prepare_base(real_layout(family), tmp_path / family)[0]
+    xs = _inputs(synth)[:3]
+    reasoned = [EmbedInput(x.text, x.instruction, x.images, rationale="it is red, so three")
+                for x in xs]
+    hf = Embedder.from_pretrained(base)
+    want = [hf.encode(xs), hf.encode(reasoned, mode="reason")]
+    del hf
+    with VLLMEmbedder.from_pretrained(base) as engine:
+        got = [engine.encode(xs), engine.encode(reasoned, mode="reason")]
+    for g, w in zip(got, want, strict=True):
+        assert float(_cos(g.embeddings, w.embeddings).min()) >= 0.99999
+        assert g.n_tokens.tolist() == w.n_tokens.tolist()

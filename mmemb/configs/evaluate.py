@@ -91,7 +91,9 @@ class EvaluateConfig(ImageResolution):
     embed_engine: Literal["embedder", "vllm"] = Field(
         "embedder", description="what computes direct/reason embeddings: the transformers "
         "Embedder, or vLLM's pooling runner (LAST pooling at <emb>; equal to it within "
-        "float error, faster on large passes)")
+        "float error, faster on large passes). Affects the embedding passes of every mode "
+        "(direct prompts, and prompts with their rationale); adaptive's gate and its "
+        "direct pass stay in transformers, rationales are written as `generation` says")
 
     @model_validator(mode="after")
     def _check(self) -> EvaluateConfig:

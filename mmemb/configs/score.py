@@ -48,7 +48,9 @@ class ScoreConfig(ImageResolution):
     embed_engine: Literal["embedder", "vllm"] = Field(
         "embedder", description="what computes direct/reason embeddings: the transformers "
         "Embedder, or vLLM's pooling runner (LAST pooling at <emb>; equal to it within "
-        "float error, faster on large passes)")
+        "float error, faster on large passes). Affects every embedding of stage 2: "
+        "targets and queries in direct mode, each query with each rationale in reasoning "
+        "mode; vllm needs a prepared checkpoint (with <think>, </think>, <emb>)")
 
     @model_validator(mode="after")
     def _check(self) -> ScoreConfig:

@@ -114,11 +114,19 @@ def build_encoder(cfg: EvaluateConfig, gate: GateSettings | None = None):
     dtype = cfg.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    direct_only = set(cfg.modes) <= {"direct"}
+    if cfg.embed_engine == "vllm" and direct_only:  # no gate: the pooling engine alone
+        return harness.EmbedderEncoder(_pooling_engine(cfg, dtype),
+                                       batch_size=cfg.batch_size), dtype
     emb = Embedder.from_pretrained(cfg.model, dtype=dtype, device=device,
                                    max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels,
                                    max_decode_pixels=cfg.max_decode_pixels)
-    if set(cfg.modes) <= {"direct"}:
+    if direct_only:
         return harness.EmbedderEncoder(emb, batch_size=cfg.batch_size), dtype
+    if cfg.embed_engine == "vllm":  # the gate and generation stay in transformers
+        from mmemb.model.vllm_embedder import SplitEmbedder
+
+        emb = SplitEmbedder(emb, _pooling_engine(cfg, dtype, shared_gpu=True))
     from mmemb.inference import AdaptiveEncoder
 
     vllm = None
@@ -129,6 +137,23 @@ def build_encoder(cfg: EvaluateConfig, gate: GateSettings | None = None):
     return AdaptiveEncoder(emb, budget=gate.budget, threshold=gate.threshold,
                            temperature=cfg.temperature, top_p=cfg.top_p,
                            batch_size=cfg.batch_size, vllm=vllm), dtype
+
+
+def _pooling_engine(cfg: EvaluateConfig, dtype: str, shared_gpu: bool = False):
+    """``embed_engine: vllm``: a vLLM pooling engine admitting a video's frames; on a GPU
+    it shares with the transformers model (and a rollout engine), it takes less memory."""
+    import torch
+
+    from mmemb.model.vllm_embedder import VLLMEmbedder
+
+    extra = {"gpu_memory_utilization": 0.3} if shared_gpu and torch.cuda.is_available() else {}
+    videos = cfg.modalities is None or "video" in cfg.modalities  # frames: images of one input
+    return VLLMEmbedder.from_pretrained(cfg.model, dtype=dtype, max_pixels=cfg.max_pixels,
+                                        min_pixels=cfg.min_pixels,
+                                        max_decode_pixels=cfg.max_decode_pixels,
+                                        max_images=cfg.num_frames if videos else 1,
+                                        seed=cfg.seed,
+                                        **extra)
 
 
 def _seed(seed: int) -> None:
@@ -145,7 +170,8 @@ def _model_key(cfg: EvaluateConfig, dtype: str, cache: Path) -> str:
         cfg.model, cache / "_checkpoint_digests.json"), "dtype": dtype,
         "max_pixels": cfg.max_pixels, "min_pixels": cfg.min_pixels,
         **({"max_decode_pixels": cfg.max_decode_pixels}
-           if cfg.max_decode_pixels != DEFAULT_MAX_DECODE_PIXELS else {})})
+           if cfg.max_decode_pixels != DEFAULT_MAX_DECODE_PIXELS else {}),
+        **({"embed_engine": cfg.embed_engine} if cfg.embed_engine != "embedder" else {})})
 
 
 def _mode_settings(cfg: EvaluateConfig, gate: GateSettings) -> dict[str, dict]:

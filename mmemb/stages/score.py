@@ -203,10 +203,19 @@ def _load(cfg: ScoreConfig) -> tuple[list[dict], dict[str, list[dict]], int]:
 
 
 def _load_embedder(cfg: ScoreConfig):
-    from mmemb.model.embedder import Embedder
-
+    """The reference embedder of ``cfg.embed_engine``: the transformers Embedder, or a vLLM
+    pooling engine with the same inference surface (``embed``, ``hidden_size``) whose
+    processes end with it (:class:`mmemb.model.vllm_embedder.VLLMEmbedder`)."""
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    if cfg.embed_engine == "vllm":
+        from mmemb.model.vllm_embedder import VLLMEmbedder
+
+        return VLLMEmbedder.from_pretrained(cfg.model, dtype=dtype, max_pixels=cfg.max_pixels,
+                                            min_pixels=cfg.min_pixels,
+                                            max_decode_pixels=cfg.max_decode_pixels)
+    from mmemb.model.embedder import Embedder
+
     emb = Embedder.from_pretrained(cfg.model, dtype=dtype, device=device,
                                    max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels,
                                    max_decode_pixels=cfg.max_decode_pixels)

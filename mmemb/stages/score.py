@@ -6,10 +6,14 @@ For pair i with candidate pool C_i = {t_i+} + negatives, and a reference embedde
     delta_ik = s(q_i + r_ik) - s(q_i)        # do(r = r_ik) versus do(r = none)
 
 ``q + r`` is the query embedded in reasoning mode (``<think> r </think><emb>``), ``q`` the
-same query in direct mode. Each query is embedded without reasoning once (reused for its K
-candidates) and every distinct target once. Pools: the positive, the pair's hard negatives
-(``neg_text``) when present, then positives of other pairs of the same dataset (in-batch
-negatives), sampled with a per-pair seed so pools do not depend on sharding.
+same query in direct mode. Pools: the positive, the pair's hard negatives (``neg_text``)
+when present, then positives of other pairs of the same dataset (in-batch negatives),
+drawn in O(pool size) per pair with a per-pair seed so pools do not depend on sharding.
+
+Two resumable artifacts: ``<out>/vectors`` holds the embedding of every *distinct* input
+(key: mode, instruction, text, images, rationale), so a target shared by pools, a query
+reused by its K candidates and a repeated rationale each cost one forward pass; then
+``<out>/scores`` is computed from those vectors, pair by pair (pure math).
 
 Rows (contract ``scores``): s_with, s_without, delta, both cosines to the positive, the
 positive's rank (1 = first; ties count against it) with and without. A candidate whose
@@ -406,11 +410,20 @@ class EmbedShard:
         cache = getattr(self.emb, "image_cache", None)
         if cache is not None:  # room for every image of the shard: each decoded once
             cache.max_items = max(cache.max_items, len(images))
-        vecs, errs = embed_sorted(self.emb, inputs, "auto", self.cfg.batch_size,
-                                  f"{name} inputs", self.cfg.progress)  # [N, H]
+        vecs = np.full((len(items), self.emb.hidden_size), np.nan, np.float32)  # [N, H]
+        errs: list[str | None] = [None] * len(items)
+        for mode in ("direct", "reason"):  # one pass per mode: any engine's embed() serves
+            idx = [i for i, (_, k) in enumerate(items) if k[0] == mode]
+            got, got_err = embed_sorted(self.emb, [inputs[i] for i in idx], mode,
+                                        self.cfg.batch_size, f"{name} {mode}",
+                                        self.cfg.progress)  # [n, H]
+            if idx:
+                vecs[idx] = got.numpy()
+            for i, e in zip(idx, got_err, strict=True):
+                errs[i] = e
         if cache is not None:
             cache.clear()  # the next shard holds other queries
-        return vector_table(items, vecs.numpy(), errs)
+        return vector_table(items, vecs, errs)
 
 
 def vector_table(items: list[tuple[str, InputKey]], vecs: np.ndarray,

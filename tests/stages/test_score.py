@@ -133,26 +133,26 @@ def test_score_resumes_by_shard(tiny_model, small, tmp_path, monkeypatch):
     tau (same inputs: the vectors are reused), load no model."""
     kw = dict(**small, model=str(tiny_model), pool_size=3, shard_size=8, progress=False,
               torch_threads=1)
-    calls = {"n": 0}
+    calls = {"n": 0, "crash": True}
     real = score.embed_sorted
 
-    def crash_in_second_shard(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:  # one pass per vectors shard: the second one dies
+    def crash_in_second_shard(emb, inputs, mode, batch_size, desc, *a, **k):
+        calls["n"] += 1  # two passes (direct, reason) per vectors shard
+        if calls["crash"] and desc.startswith("00001 "):
             raise RuntimeError("simulated crash")
-        return real(*a, **k)
+        return real(emb, inputs, mode, batch_size, desc, *a, **k)
 
     monkeypatch.setattr(score, "embed_sorted", crash_in_second_shard)
     with pytest.raises(RuntimeError, match="simulated crash"):
         score.run(ScoreConfig(out=str(tmp_path / "a"), **kw))
     assert len(list((tmp_path / "a" / "vectors" / "_shards").glob("*.parquet"))) == 1
     assert not (tmp_path / "a" / "scores").exists()
-    calls["n"] = 10  # no more crashes; count the passes of the rerun
+    calls.update(n=0, crash=False)  # count the passes of the rerun
     resumed = score.run(ScoreConfig(out=str(tmp_path / "a"), **kw))
     n_shards = len(score.plan_inputs(score.load_score_inputs(ScoreConfig(
         out=str(tmp_path / "a"), **kw)), 8).shards)
     assert resumed.metrics["vector_shards_skipped"] == 1
-    assert calls["n"] - 10 == n_shards - 1  # only the shards left were embedded
+    assert calls["n"] == 2 * (n_shards - 1)  # only the shards left were embedded
     monkeypatch.setattr(score, "embed_sorted", real)
     straight = score.run(ScoreConfig(out=str(tmp_path / "b"), **kw))
     a = io.read(resumed.outputs["scores"].uri, SCORES).to_pylist()

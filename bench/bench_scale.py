@@ -141,14 +141,22 @@ class Clock:
         self.cpu, self.wall = time.process_time() - self._c, time.perf_counter() - self._w
 
 
-def best(fn, repeats: int) -> Clock:
-    """The run with the least CPU time of ``repeats``."""
-    runs = []
+def interleaved(part: str, what: str, calls: dict[int, object], repeats: int,
+                note=None) -> list[float]:
+    """CPU seconds per size: ``repeats`` rounds, each timing every size once (so a burst of
+    load from other jobs hits all sizes alike), the least CPU time per size kept."""
+    runs: dict[int, list[Clock]] = {n: [] for n in calls}
     for _ in range(repeats):
-        with Clock() as c:
-            fn()
-        runs.append(c)
-    return min(runs, key=lambda c: c.cpu)
+        for n, fn in calls.items():
+            with Clock() as c:
+                fn()
+            runs[n].append(c)
+    secs = []
+    for n, cs in runs.items():
+        c = min(cs, key=lambda c: c.cpu)
+        secs.append(c.cpu)
+        _line(part, n, what, c, note(n) if note else "")
+    return secs
 
 
 def _line(part: str, n: int, what: str, c: Clock, extra: str = "") -> None:
@@ -160,13 +168,9 @@ def bench_pools(repeats: int) -> tuple[list[int], list[float]]:
     from mmemb.stages.score import build_pools
 
     sizes = geometric(4000)
-    secs = []
-    for n in sizes:
-        pairs = make_pairs(n, None)
-        c = best(lambda pairs=pairs: build_pools(pairs, 8, 0), repeats)
-        secs.append(c.cpu)
-        _line("pools", n, "pairs", c)
-    return sizes, secs
+    pairs = {n: make_pairs(n, None) for n in sizes}
+    calls = {n: (lambda p=pairs[n]: build_pools(p, 8, 0)) for n in sizes}
+    return sizes, interleaved("pools", "pairs", calls, repeats)
 
 
 def write_inputs(n: int, root: Path) -> tuple[str, str, Path]:
@@ -210,16 +214,19 @@ def plain_pass(cfg) -> int:
 def bench_score(model: Path, work: Path, repeats: int, base: int
                 ) -> tuple[list[int], list[float], float]:
     sizes = geometric(base)
-    secs = []
-    cfg = None
+    cfgs, metrics = {}, {}
     for n in sizes:
         p, r, root = write_inputs(n, work / f"score-{n}")
-        cfg = score_config(model, p, r, root, work / f"score-{n}" / "out")
-        m: dict = {}
-        c = best(lambda cfg=cfg, m=m: m.update(run_score(cfg)), repeats)
-        secs.append(c.cpu)
-        _line("score", n, "pairs", c, f"; {int(m['inputs_embedded'])} distinct inputs of "
-              f"{int(m['inputs_needed'])} ({m['duplicate_share']:.0%} duplicates)")
+        cfgs[n] = score_config(model, p, r, root, work / f"score-{n}" / "out")
+    calls = {n: (lambda n=n: metrics.__setitem__(n, run_score(cfgs[n]))) for n in sizes}
+
+    def note(n: int) -> str:
+        m = metrics[n]
+        return (f"; {int(m['inputs_embedded'])} distinct inputs of {int(m['inputs_needed'])} "
+                f"({m['duplicate_share']:.0%} duplicates)")
+
+    secs = interleaved("score", "pairs", calls, repeats, note)
+    cfg = cfgs[sizes[-1]]
     stage, plain = [], []
     for _ in range(repeats):  # alternate, so a load change on the machine hits both
         with Clock() as c:
@@ -240,7 +247,7 @@ def bench_select(work: Path, repeats: int) -> tuple[list[int], list[float]]:
     from mmemb.stages import select
 
     sizes = geometric(2000)
-    secs = []
+    calls = {}
     for n in sizes:
         d = work / f"select-{n}"
         pairs = make_pairs(n, None)
@@ -249,10 +256,8 @@ def bench_select(work: Path, repeats: int) -> tuple[list[int], list[float]]:
         r = io.write(rats, d / "rationales", RATIONALES).uri
         s = io.write(make_scores(rats, random.Random(n)), d / "scores", SCORES).uri
         cfg = SelectConfig(pairs=p, rationales=r, scores=s, out=str(d / "out"), plots=False)
-        c = best(lambda cfg=cfg: select.run(cfg), repeats)
-        secs.append(c.cpu)
-        _line("select", n, "pairs", c)
-    return sizes, secs
+        calls[n] = lambda cfg=cfg: select.run(cfg)
+    return sizes, interleaved("select", "pairs", calls, repeats)
 
 
 def _topk():
@@ -275,18 +280,15 @@ def bench_rank(repeats: int) -> tuple[list[int], list[float], str]:
     rng = np.random.default_rng(0)
     queries = rng.standard_normal((256, 512), dtype=np.float32)  # [Q, H]
     sizes = geometric(6250)
-    secs = []
-    for n in sizes:
-        cands = rng.standard_normal((n, 512), dtype=np.float32)  # [C, H]
-        c = best(lambda c=cands: topk(queries, c, 10), repeats)
-        secs.append(c.cpu)
-        _line("rank", n, "candidates x 256 queries", c)
-    return sizes, secs, name
+    corpus = rng.standard_normal((sizes[-1], 512), dtype=np.float32)  # [C, H]
+    calls = {n: (lambda c=corpus[:n]: topk(queries, c, 10)) for n in sizes}  # row views
+    return sizes, interleaved("rank", "candidates x 256 queries", calls, repeats), name
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, default=2, help="best of N per point")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds over the sizes; the best "
+                    "of N per point (pools: at least 5, it is cheap)")
     ap.add_argument("--score-base", type=int, default=64, help="stage 2's smallest size "
                     "(pairs); the largest is 16x")
     ap.add_argument("--out", default=None, help="work folder (default: a temp dir, removed)")
@@ -302,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
         print("encoder: the tiny real-architecture Qwen2-VL (mmemb.model.tiny: 2 layers, "
               "hidden 64, vision tower on), CPU, 1 torch thread", flush=True)
         parts = {}
-        parts["pools"] = bench_pools(a.repeats)
+        parts["pools"] = bench_pools(max(5, a.repeats))
         s_sizes, s_secs, ratio = bench_score(model, work, a.repeats, a.score_base)
         parts["score"] = (s_sizes, s_secs)
         parts["select"] = bench_select(work, a.repeats)

@@ -443,13 +443,20 @@ class VectorStore:
         self.rows = {d: i for i, d in enumerate(table.column("key").to_pylist())}
         self.vectors = vector_matrix(table.column("vector"), np.float32)  # [N, H]
         self.errors = table.column("error").to_pylist()
+        self._row_of: dict[InputKey, int] = {}  # a pool member is looked up by many pairs
+
+    def row(self, key: InputKey) -> int:
+        i = self._row_of.get(key)
+        if i is None:
+            i = self._row_of[key] = self.rows[key_digest(key)]
+        return i
 
     def get(self, key: InputKey) -> tuple[torch.Tensor, str | None]:
-        i = self.rows[key_digest(key)]
+        i = self.row(key)
         return torch.from_numpy(self.vectors[i].copy()), self.errors[i]  # [H]
 
     def stack(self, keys: list[InputKey]) -> torch.Tensor:
-        return torch.from_numpy(self.vectors[[self.rows[key_digest(k)] for k in keys]])
+        return torch.from_numpy(self.vectors[[self.row(k) for k in keys]])  # [P, H]
 
 
 CandKey = tuple[str, str, int]  # (pair_id, teacher_id, cand_idx)

@@ -403,6 +403,8 @@ class EmbedShard:
         return {**self.__dict__, "emb": None}
 
     def __call__(self, name: str, items: list[tuple[str, InputKey]]) -> pa.Table:
+        """The shard's vectors rows, in ``items`` order: one length-sorted pass per mode;
+        an input that fails keeps a NaN vector and its error (status ``error``)."""
         if self.emb is None:
             self.emb = _load_embedder(self.cfg)
         inputs = [embed_input(k, self.cfg.image_root) for _, k in items]

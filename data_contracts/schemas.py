@@ -291,3 +291,28 @@ def get_contract(name: str) -> Contract:
         return CONTRACTS[name]
     except KeyError:
         raise KeyError(f"unknown contract {name!r}; known: {sorted(CONTRACTS)}") from None
+
+
+# --------------------------------------------------------------------------- stage 2 vectors
+
+VECTORS = Contract(
+    name="vectors",
+    version=1,
+    schema=_s(
+        # sha256 (32 hex digits) of the input: (mode, instruction, text, images, rationale)
+        pa.field("key", _str, nullable=False),
+        pa.field("mode", _str),  # "direct" | "reason"
+        # One [H] embedding per row, written from a fixed-size-list array
+        # (data_contracts.vectors.vector_array) and read back as one [N, H] view
+        # (vectors.matrix); declared as a list so the contract holds for every model width.
+        pa.field("vector", pa.list_(pa.float32()), nullable=False),
+        pa.field("status", _str, nullable=False),  # ok | error (its vector is NaN)
+        pa.field("error", _str),
+        name="vectors",
+    ),
+    key=("key",),
+    non_empty=("key", "status"),
+    enums={"status": STATUS_VALUES, "mode": ("direct", "reason")},
+    doc="Stage 2's store of every distinct input's embedding (embedded once, resumable).",
+)
+CONTRACTS[VECTORS.name] = VECTORS

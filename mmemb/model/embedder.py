@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import mmemb  # noqa: F401  (CPU torchvision shim)
-from mmemb.model.images import DEFAULT_MAX_DECODE_PIXELS, TargetFn
+from mmemb.model.images import DEFAULT_MAX_DECODE_PIXELS, ImageCache, TargetFn, file_identity
 from mmemb.model.prompts import EMBEDDING_CONFIG_FILE, EmbeddingConfig, EmbedInput, embed_prompt
 from mmemb.model.resolution import Grid, fit_image, target_size
 
@@ -132,6 +132,7 @@ class Embedder(torch.nn.Module):
         self.config = config or EmbeddingConfig()
         self.max_pixels = max_pixels
         self.grid = Grid.of(processor) if hasattr(processor, "image_processor") else None
+        self.image_cache = ImageCache()  # processed images by file and resolution settings
         missing = [t for t in (self.config.think_token, self.config.end_think_token,
                                self.config.emb_token)
                    if self.tokenizer.convert_tokens_to_ids(t) in (None,
@@ -231,8 +232,7 @@ class Embedder(torch.nn.Module):
                 raise ValueError(f"input {i}: its prompt has {n} image slot(s) ({IMAGE_PAD}) "
                                  f"for {len(ims)} image(s); build prompts with "
                                  "mmemb.model.prompts (it escapes markup found in the data)")
-        flat = [fit_image(self.load_image(im), self.grid, self.max_pixels, self.min_pixels)
-                for ims in images for im in ims]  # the run's resolution (mmemb.model.resolution)
+        flat = [self.processed_image(im) for ims in images for im in ims]
         kw = dict(text=texts, padding=True, return_tensors="pt")
         if flat:
             kw["images"] = flat
@@ -245,6 +245,24 @@ class Embedder(torch.nn.Module):
             return _capped(width, height, self.max_pixels) if self.max_pixels else (width,
                                                                                     height)
         return target_size(width, height, self.grid, self.max_pixels, self.min_pixels)
+
+    def processed_image(self, path_or_img):
+        """One image at the run's resolution (:mod:`mmemb.model.resolution`), as the
+        processor gets it; a file is decoded and resized once while it stays in
+        ``image_cache`` (keyed by its path, size, mtime and the resolution settings), so a
+        query embedded direct and with K rationales shares one decode."""
+        def make():
+            return fit_image(self.load_image(path_or_img), self.grid, self.max_pixels,
+                             self.min_pixels)
+
+        ident = file_identity(path_or_img) if isinstance(path_or_img, (str, Path)) else None
+        cache = getattr(self, "image_cache", None)  # absent on objects built without __init__
+        if ident is None or cache is None:
+            return make()
+        grid = None if self.grid is None else (self.grid.patch_size, self.grid.merge_size,
+                                               self.grid.min_pixels, self.grid.max_pixels)
+        key = (*ident, self.max_pixels, self.min_pixels, self.max_decode_pixels, grid)
+        return cache.get(key, make)
 
     def load_image(self, path_or_img):
         """One image as the embedder sees it before :func:`fit_image`: decoded within

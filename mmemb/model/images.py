@@ -155,3 +155,59 @@ def reduce_for(img, want: tuple[int, int] | None):
 
     # Image.reduce, not img.reduce: JPEG 2000 files shadow it with their decode level
     return Image.Image.reduce(img, f) if f >= 2 else img
+
+
+class ImageCache:
+    """A small LRU of images as the processor gets them (decoded, reduced, fitted to the
+    grid), bounded in entries and in pixel bytes.
+
+    Why: stage 2 embeds a query direct and with each of its K rationales, and the evaluation
+    embeds a query in several modes; each of those prompts holds the same image, which
+    without a cache is opened, decoded and resized K + 1 times. Callers key an entry by the
+    file's identity (path, size, mtime) and the resolution settings, so a changed file or
+    another resolution is a miss. Failures are not cached: an unreadable image raises each
+    time, with its own message. Entries are shared, so callers must not modify them (the
+    processor converts them to arrays; it does not).
+    """
+
+    def __init__(self, max_items: int = 1024, max_bytes: int = 256 << 20):
+        from collections import OrderedDict
+
+        self.max_items, self.max_bytes = max_items, max_bytes
+        self._items: OrderedDict = OrderedDict()  # key -> (image, bytes)
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key, make: Callable):
+        """The cached image for ``key``, or ``make()``'s, kept if it fits the budget."""
+        if key in self._items:
+            self._items.move_to_end(key)
+            self.hits += 1
+            return self._items[key][0]
+        img = make()
+        self.misses += 1
+        size = img.width * img.height * len(img.getbands())  # bytes at 8 bits per band
+        if self.max_items > 0 and size <= self.max_bytes:
+            self._items[key] = (img, size)
+            self.bytes += size
+            while len(self._items) > self.max_items or self.bytes > self.max_bytes:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self.bytes -= dropped
+        return img
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.bytes = 0
+
+
+def file_identity(path: str | Path) -> tuple | None:
+    """``(path, size, mtime_ns)`` of an existing file (links followed), else None (the
+    caller then opens it uncached, which raises the right :class:`ImageInputError`)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (str(path), st.st_size, st.st_mtime_ns)

@@ -39,6 +39,7 @@ from mmemb.losses.objective import ObjectiveOutput, Stage4Objective
 from mmemb.model.embedder import Embedder
 from mmemb.model.gate_settings import GateSettings
 from mmemb.model.prompts import EmbedInput
+from mmemb.pools import PoolIndex
 from mmemb.procs import reaping
 from mmemb.stages.base import StageResult, StepLogger, null_logger
 from mmemb.training.data import (
@@ -102,19 +103,27 @@ def _skip_unreadable_queries(queries: list[Query], check, cfg: GateConfig, out: 
     return kept, rep
 
 
+_POOL_INDEX: list = [None, 0, {}]  # (query list, its length, task -> PoolIndex)
+
+
 def _pools(queries: list[Query], idx: list[int], size: int, rng: random.Random
            ) -> list[list[str]]:
-    """Per query: [positive, hard negatives..., other positives of the same task...]."""
-    by_task: dict[str, list[str]] = defaultdict(list)
-    for q in queries:
-        by_task[q.dataset].append(q.positive)
+    """Per query: [positive, hard negatives..., other positives of the same task...]; the
+    others drawn from each task's distinct positives in O(pool size) per query (the index
+    is built once per query list, not every step)."""
+    if _POOL_INDEX[0] is not queries or _POOL_INDEX[1] != len(queries):
+        by_task: dict[str, set[str]] = defaultdict(set)
+        for q in queries:
+            by_task[q.dataset].add(q.positive)
+        _POOL_INDEX[:] = [queries, len(queries),
+                          {t: PoolIndex(sorted(ps)) for t, ps in by_task.items()}]
+    index = _POOL_INDEX[2]
     pools = []
     for i in idx:
         q = queries[i]
-        negs = [n for n in q.negatives if n and n != q.positive]
-        others = sorted({p for p in by_task[q.dataset] if p != q.positive} - set(negs))
-        rng.shuffle(others)
-        pools.append([q.positive] + (negs + others)[: size - 1])
+        negs = [n for n in q.negatives if n and n != q.positive][: size - 1]
+        others = index[q.dataset].sample(rng, size - 1 - len(negs), [q.positive, *negs])
+        pools.append([q.positive] + negs + others)
     return pools
 
 

@@ -6,10 +6,14 @@ For pair i with candidate pool C_i = {t_i+} + negatives, and a reference embedde
     delta_ik = s(q_i + r_ik) - s(q_i)        # do(r = r_ik) versus do(r = none)
 
 ``q + r`` is the query embedded in reasoning mode (``<think> r </think><emb>``), ``q`` the
-same query in direct mode. Each query is embedded without reasoning once (reused for its K
-candidates) and every distinct target once. Pools: the positive, the pair's hard negatives
-(``neg_text``) when present, then positives of other pairs of the same dataset (in-batch
-negatives), sampled with a per-pair seed so pools do not depend on sharding.
+same query in direct mode. Pools: the positive, the pair's hard negatives (``neg_text``)
+when present, then positives of other pairs of the same dataset (in-batch negatives),
+drawn in O(pool size) per pair with a per-pair seed so pools do not depend on sharding.
+
+Two resumable artifacts: ``<out>/vectors`` holds the embedding of every *distinct* input
+(key: mode, instruction, text, images, rationale), so a target shared by pools, a query
+reused by its K candidates and a repeated rationale each cost one forward pass; then
+``<out>/scores`` is computed from those vectors, pair by pair (pure math).
 
 Rows (contract ``scores``): s_with, s_without, delta, both cosines to the positive, the
 positive's rank (1 = first; ties count against it) with and without. A candidate whose
@@ -25,22 +29,36 @@ Run alone on the embedded default (after stage 1)::
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import torch
 
 from data_contracts import io
 from data_contracts.io import ContractError
-from data_contracts.schemas import PAIRS, RATIONALES, SCORES
+from data_contracts.schemas import PAIRS, RATIONALES, SCORES, VECTORS
+from data_contracts.vectors import matrix as vector_matrix
+from data_contracts.vectors import vector_array
 from mmemb.configs.cli import stage_main
 from mmemb.configs.score import ScoreConfig
 from mmemb.model.prompts import EmbedInput
-from mmemb.sharding import fingerprint, input_digest, run_sharded, split, torch_threads
+from mmemb.pools import PoolIndex
+from mmemb.sharding import (
+    complete_with,
+    fingerprint,
+    input_digest,
+    run_sharded,
+    split,
+    torch_threads,
+)
 from mmemb.stages.base import StageResult, StepLogger, null_logger
 from mmemb.teachers.base import reserved_in
 
@@ -89,32 +107,37 @@ def counterfactual(q_without: torch.Tensor, q_with: torch.Tensor, pool: torch.Te
 # --------------------------------------------------------------------------- pools
 
 
+def target_key(inst: str | None, text: str | None, img: str | None) -> TargetKey:
+    return (inst or "", text or "", img or "")
+
+
 def build_pools(pairs: list[dict], pool_size: int, seed: int, hard_negatives: bool = True
                 ) -> dict[str, list[TargetKey]]:
     """Per pair: [positive, hard negatives..., in-batch positives of the same dataset...].
 
     Negatives equal to the positive (same text and image) are left out: a duplicate of the
-    positive is not a negative. The in-batch choice is seeded per pair, so a pair's pool is
-    the same whichever shard it is scored in.
+    positive is not a negative. Each dataset's distinct positives are indexed once (sorted,
+    so the pairs' order does not matter); a pair draws its in-batch negatives from that index
+    in O(pool size) (:class:`mmemb.pools.PoolIndex`), with a generator seeded by the pair, so
+    its pool is the same whichever shard it is scored in.
     """
-    def key(inst, text, img) -> TargetKey:
-        return (inst or "", text or "", img or "")
-
-    by_ds: dict[str, set[TargetKey]] = defaultdict(set)
+    members: dict[str, set[TargetKey]] = defaultdict(set)
     for p in pairs:
-        by_ds[p["dataset"]].add(key(p["pos_inst"], p["pos_text"], p["pos_img_path"]))
+        members[p["dataset"]].add(target_key(p["pos_inst"], p["pos_text"], p["pos_img_path"]))
+    index = {ds: PoolIndex(sorted(m)) for ds, m in members.items()}
     pools = {}
     for p in pairs:
-        pos = key(p["pos_inst"], p["pos_text"], p["pos_img_path"])
+        pos = target_key(p["pos_inst"], p["pos_text"], p["pos_img_path"])
         negs: list[TargetKey] = []
         if hard_negatives:
             for t, im in zip(p["neg_text"] or [], p["neg_img_path"] or [], strict=True):
-                k = key(p["pos_inst"], t, im)
+                k = target_key(p["pos_inst"], t, im)
                 if k != pos and k not in negs:
                     negs.append(k)
-        others = sorted(by_ds[p["dataset"]] - {pos} - set(negs))
-        random.Random(f"{seed}:{p['pair_id']}").shuffle(others)
-        pools[p["pair_id"]] = [pos] + (negs + others)[: pool_size - 1]
+        negs = negs[: pool_size - 1]
+        rng = random.Random(f"{seed}:{p['pair_id']}")
+        others = index[p["dataset"]].sample(rng, pool_size - 1 - len(negs), [pos, *negs])
+        pools[p["pair_id"]] = [pos, *negs, *others]
     return pools
 
 
@@ -241,20 +264,27 @@ def run(cfg: ScoreConfig, log: StepLogger = null_logger) -> StageResult:
 
 
 def _run(cfg: ScoreConfig) -> StageResult:
-    """The recipe: inputs and pools, the resume fingerprint, every shard scored (the model
-    loaded only if one is left to do), metrics."""
+    """The recipe: inputs and pools; every distinct input embedded once into
+    ``<out>/vectors`` (resumable shards; the model loaded only if one is left to do); then
+    every pair scored from those vectors into ``<out>/scores`` (pure math, resumable too)."""
     t0 = time.perf_counter()
     data = load_score_inputs(cfg)
-    out = Path(cfg.out) / "scores"
-    fp = fingerprint("score-v1", input_digest(cfg.pairs), input_digest(cfg.rationales),
-                     _model_stamp(cfg.model, cfg.out),
+    out = Path(cfg.out)
+    stamp = _model_stamp(cfg.model, cfg.out)
+    fp = fingerprint("score-v2", input_digest(cfg.pairs), input_digest(cfg.rationales), stamp,
                      cfg.digest_view("resume"))
-    targets = TargetVectors(cfg, data.pools)
+    plan = plan_inputs(data, cfg.shard_size)
+    vec_res = None
+    if not (cfg.resume and complete_with(out / "scores", fp)):
+        vec_res = run_sharded(plan.shards, out / "vectors", VECTORS, EmbedShard(cfg),
+                              vectors_fingerprint(cfg, plan, stamp), resume=cfg.resume,
+                              progress=cfg.progress)
     blocks = split(data.pairs, cfg.shard_size)
-    res = run_sharded([(f"{i:05d}", b) for i, b in enumerate(blocks)], out, SCORES,
-                      lambda name, block: score_block(cfg, data, targets, name, block),
-                      fp, resume=cfg.resume, progress=cfg.progress)
-    return stage_result(cfg, data, res, out, time.perf_counter() - t0)
+    res = run_sharded([(f"{i:05d}", b) for i, b in enumerate(blocks)], out / "scores", SCORES,
+                      ScoreShard(cfg, data, out / "vectors"), fp, resume=cfg.resume,
+                      progress=cfg.progress)
+    return stage_result(cfg, data, res, out / "scores", time.perf_counter() - t0, plan,
+                        vec_res)
 
 
 @dataclass
@@ -276,31 +306,168 @@ def load_score_inputs(cfg: ScoreConfig) -> ScoreInputs:
                        build_pools(pairs, cfg.pool_size, cfg.seed, cfg.hard_negatives))
 
 
+# --------------------------------------------------------------------------- distinct inputs
+
+#: One thing stage 2 embeds: (mode, instruction, text, image paths as in the row, rationale).
+#: Equal keys give equal prompts, so each distinct key is embedded once per stage: a target
+#: shared by many pools, a query that is also a target, and a rationale repeated by a
+#: teacher (36.5% of the oracle's (query, rationale) inputs) cost one forward pass.
+InputKey = tuple[str, str, str, tuple[str, ...], str | None]
+
+
+def query_key(pair: dict, rationale: str | None = None) -> InputKey:
+    """The pair's query, direct (no rationale) or reasoning with ``rationale``."""
+    img = pair["qry_img_path"]
+    return ("direct" if rationale is None else "reason", pair["qry_inst"] or "",
+            pair["qry_text"] or "", (img,) if img else (), rationale)
+
+
+def pool_key(target: TargetKey) -> InputKey:
+    inst, text, img = target
+    return ("direct", inst, text, (img,) if img else (), None)
+
+
+def key_digest(key: InputKey) -> str:
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
+
+
+def embed_input(key: InputKey, image_root: str | None) -> EmbedInput:
+    _, inst, text, images, rationale = key
+    return EmbedInput(text, inst, [str(Path(image_root) / p) if image_root else p
+                                   for p in images], rationale)
+
+
+def pair_inputs(data: ScoreInputs, pair: dict) -> tuple[InputKey | None,
+                                                         list[tuple[dict, InputKey]]]:
+    """The pair's direct query (None when no candidate is usable, so nothing needs it) and
+    each usable candidate with its reasoning input."""
+    usable = [c for c in data.candidates(pair) if skip_reason(c) is None]
+    if not usable:
+        return None, []
+    return query_key(pair), [(c, query_key(pair, c["text"])) for c in usable]
+
+
 @dataclass
-class TargetVectors:
-    """The embedder and every distinct pool member's embedding, computed on first use (a
-    fully resumed run loads no model)."""
+class InputPlan:
+    """The distinct inputs in shards of ``(digest, key)``: shard i holds the inputs first
+    needed by the pairs of block i (its pools' targets, its queries, its (query, rationale)
+    inputs), so a query's K + 1 prompts share a shard and its image cache."""
+
+    shards: list[tuple[str, list[tuple[str, InputKey]]]]
+    needed: int  # inputs before deduplication: distinct targets + queries + (q, r) inputs
+
+    @property
+    def distinct(self) -> int:
+        return sum(len(items) for _, items in self.shards)
+
+
+def plan_inputs(data: ScoreInputs, shard_size: int) -> InputPlan:
+    """Every distinct input once, in O(total pool and candidate size)."""
+    seen: set[InputKey] = set()
+    targets: set[TargetKey] = set()
+    shards, per_pair = [], 0
+    for i, block in enumerate(split(data.pairs, shard_size)):
+        items = []
+        for p in block:
+            direct, reasoned = pair_inputs(data, p)
+            pool = data.pools[p["pair_id"]]
+            targets.update(pool)
+            keys = [pool_key(t) for t in pool]
+            if direct is not None:
+                keys += [direct, *(k for _, k in reasoned)]
+                per_pair += 1 + len(reasoned)
+            for k in keys:
+                if k not in seen:
+                    seen.add(k)
+                    items.append((key_digest(k), k))
+        if items:
+            shards.append((f"{i:05d}", items))
+    return InputPlan(shards, per_pair + len(targets))
+
+
+#: Config fields that change scores but not embeddings: changing one reuses the vectors.
+SCORE_ONLY = ("pairs", "rationales", "pool_size", "hard_negatives", "tau", "seed",
+              "shard_size", "side")
+
+
+def vectors_fingerprint(cfg: ScoreConfig, plan: InputPlan, stamp: list) -> str:
+    """What the vectors depend on: the inputs (by shard), the weights, the settings that
+    change an embedding (resolution, dtype, image root...), not the pools or tau."""
+    view = {k: v for k, v in cfg.digest_view("resume").items() if k not in SCORE_ONLY}
+    return fingerprint("score-vectors-v1", [(n, [d for d, _ in items])
+                                            for n, items in plan.shards], stamp, view)
+
+
+@dataclass
+class EmbedShard:
+    """``run_sharded``'s process for ``<out>/vectors``: one shard's inputs embedded in
+    length-sorted batches. A picklable object, not a closure: the embedder is created on
+    the first call in the process (or Ray actor) that runs it and is never pickled, so a
+    fully resumed run loads no model and a worker loads its own."""
 
     cfg: ScoreConfig
-    pools: dict[str, list[TargetKey]]
-    emb: object = None
-    vecs: dict[TargetKey, torch.Tensor] | None = None
+    emb: object = field(default=None, repr=False, compare=False)
 
-    def get(self) -> tuple[object, dict[TargetKey, torch.Tensor]]:
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "emb": None}
+
+    def __call__(self, name: str, items: list[tuple[str, InputKey]]) -> pa.Table:
+        """The shard's vectors rows, in ``items`` order: one length-sorted pass per mode;
+        an input that fails keeps a NaN vector and its error (status ``error``)."""
         if self.emb is None:
-            cfg = self.cfg
-            self.emb = _load_embedder(cfg)
-            keys = sorted({k for pool in self.pools.values() for k in pool})
-            inputs = [EmbedInput.from_row(i, t, im, cfg.image_root) for i, t, im in keys]
-            vecs, errs = embed_sorted(self.emb, inputs, "direct", cfg.batch_size, "targets",
-                                      cfg.progress)
-            bad = [(k, e) for k, e in zip(keys, errs, strict=True) if e]
-            if bad:
-                raise ContractError(cfg.pairs, f"target {bad[0][0]} cannot be embedded "
-                                    f"({bad[0][1]})", column="pos_text",
-                                    fix="fix or remove the pair's target (or its image).")
-            self.vecs = dict(zip(keys, vecs, strict=True))
-        return self.emb, self.vecs
+            self.emb = _load_embedder(self.cfg)
+        inputs = [embed_input(k, self.cfg.image_root) for _, k in items]
+        images = {p for x in inputs for p in x.images}
+        cache = getattr(self.emb, "image_cache", None)
+        if cache is not None:  # room for every image of the shard: each decoded once
+            cache.max_items = max(cache.max_items, len(images))
+        vecs = np.full((len(items), self.emb.hidden_size), np.nan, np.float32)  # [N, H]
+        errs: list[str | None] = [None] * len(items)
+        for mode in ("direct", "reason"):  # one pass per mode: any engine's embed() serves
+            idx = [i for i, (_, k) in enumerate(items) if k[0] == mode]
+            got, got_err = embed_sorted(self.emb, [inputs[i] for i in idx], mode,
+                                        self.cfg.batch_size, f"{name} {mode}",
+                                        self.cfg.progress)  # [n, H]
+            if idx:
+                vecs[idx] = got.numpy()
+            for i, e in zip(idx, got_err, strict=True):
+                errs[i] = e
+        if cache is not None:
+            cache.clear()  # the next shard holds other queries
+        return vector_table(items, vecs, errs)
+
+
+def vector_table(items: list[tuple[str, InputKey]], vecs: np.ndarray,
+                 errors: list[str | None]) -> pa.Table:
+    """The vectors rows of one shard: ``vecs`` [N, H] as one fixed-size-list buffer."""
+    col = vector_array(vecs.astype(np.float32, copy=False)).cast(pa.list_(pa.float32()))
+    return pa.table({"key": [d for d, _ in items], "mode": [k[0] for _, k in items],
+                     "vector": col, "status": ["ok" if e is None else "error" for e in errors],
+                     "error": errors})
+
+
+class VectorStore:
+    """``<out>/vectors`` read once as an ``[N, H]`` matrix and a digest -> row index."""
+
+    def __init__(self, path: Path):
+        table = io.read(path, VECTORS)
+        self.rows = {d: i for i, d in enumerate(table.column("key").to_pylist())}
+        self.vectors = vector_matrix(table.column("vector"), np.float32)  # [N, H]
+        self.errors = table.column("error").to_pylist()
+        self._row_of: dict[InputKey, int] = {}  # a pool member is looked up by many pairs
+
+    def row(self, key: InputKey) -> int:
+        i = self._row_of.get(key)
+        if i is None:
+            i = self._row_of[key] = self.rows[key_digest(key)]
+        return i
+
+    def get(self, key: InputKey) -> tuple[torch.Tensor, str | None]:
+        i = self.row(key)
+        return torch.from_numpy(self.vectors[i].copy()), self.errors[i]  # [H]
+
+    def stack(self, keys: list[InputKey]) -> torch.Tensor:
+        return torch.from_numpy(self.vectors[[self.row(k) for k in keys]])  # [P, H]
 
 
 CandKey = tuple[str, str, int]  # (pair_id, teacher_id, cand_idx)
@@ -310,44 +477,45 @@ def cand_key(cand: dict) -> CandKey:
     return (cand["pair_id"], cand["teacher_id"], cand["cand_idx"])
 
 
-def score_block(cfg: ScoreConfig, data: ScoreInputs, targets: TargetVectors, name: str,
-                block: list[dict]) -> list[dict]:
-    """The score rows of one shard: each query embedded once in direct mode, each usable
-    candidate once with its rationale, then the counterfactual per pair."""
-    emb, target_vecs = targets.get()
-    queries = [EmbedInput.from_row(p["qry_inst"], p["qry_text"], p["qry_img_path"],
-                                   cfg.image_root) for p in block]
-    direct, direct_err = embed_direct(cfg, emb, data, block, queries, name)
-    todo = [(b, c) for b, p in enumerate(block) for c in data.candidates(p)
-            if skip_reason(c) is None and direct_err[b] is None]
-    reasoned_inputs = [EmbedInput(queries[b].text, queries[b].instruction, queries[b].images,
-                                  rationale=c["text"]) for b, c in todo]
-    reasoned, reasoned_err = embed_sorted(emb, reasoned_inputs, "reason", cfg.batch_size,
-                                          f"{name} q+r", cfg.progress)  # [N, H]
-    with_rationale = {cand_key(c): (reasoned[n], reasoned_err[n])
-                      for n, (_, c) in enumerate(todo)}
-    rows = []
-    for b, p in enumerate(block):
-        pool = torch.stack([target_vecs[k] for k in data.pools[p["pair_id"]]])  # [P, H]
-        rows += pair_rows(cfg, p, data.candidates(p), direct[b], direct_err[b], pool,
-                          with_rationale)
-    return [{k: r.get(k) for k in SCORES.columns} for r in rows]
+@dataclass
+class ScoreShard:
+    """``run_sharded``'s process for ``<out>/scores``: one block of pairs scored from the
+    vectors (read on the first call, so a complete artifact reads none). A target that could
+    not be embedded stops the stage, as it would corrupt every pool holding it."""
+
+    cfg: ScoreConfig
+    data: ScoreInputs
+    path: Path
+    store: VectorStore | None = field(default=None, repr=False)
+
+    def load(self) -> VectorStore:
+        if self.store is None:
+            self.store = VectorStore(self.path)
+            check_targets(self.cfg, self.data, self.store)
+        return self.store
+
+    def __call__(self, name: str, block: list[dict]) -> list[dict]:
+        store = self.load()
+        rows = []
+        for p in block:
+            direct_key, reasoned = pair_inputs(self.data, p)
+            pool = store.stack([pool_key(t) for t in self.data.pools[p["pair_id"]]])  # [P, H]
+            direct, direct_err = (torch.full((pool.shape[1],), float("nan")), None) \
+                if direct_key is None else store.get(direct_key)
+            with_rationale = {cand_key(c): store.get(k) for c, k in reasoned}
+            rows += pair_rows(self.cfg, p, self.data.candidates(p), direct, direct_err, pool,
+                              with_rationale)
+        return [{k: r.get(k) for k in SCORES.columns} for r in rows]
 
 
-def embed_direct(cfg: ScoreConfig, emb, data: ScoreInputs, block: list[dict],
-                 queries: list[EmbedInput], name: str
-                 ) -> tuple[torch.Tensor, list[str | None]]:
-    """Direct-mode embeddings ``[B, H]`` (NaN where not needed) and errors of the block's
-    queries; only queries with a usable candidate are embedded, each once for its K."""
-    need = [b for b, p in enumerate(block)
-            if any(skip_reason(c) is None for c in data.candidates(p))]
-    got, got_err = embed_sorted(emb, [queries[b] for b in need], "direct", cfg.batch_size,
-                                f"{name} queries", cfg.progress)
-    direct = torch.full((len(block), got.shape[1] if len(need) else 1), float("nan"))
-    direct_err: list[str | None] = [None] * len(block)
-    for n, b in enumerate(need):
-        direct[b], direct_err[b] = got[n], got_err[n]
-    return direct, direct_err
+def check_targets(cfg: ScoreConfig, data: ScoreInputs, store: VectorStore) -> None:
+    """Refuse pools holding a target whose embedding failed, naming it."""
+    for target in sorted({t for pool in data.pools.values() for t in pool}):
+        _, err = store.get(pool_key(target))
+        if err:
+            raise ContractError(cfg.pairs, f"target {target} cannot be embedded ({err})",
+                                column="pos_text",
+                                fix="fix or remove the pair's target (or its image).")
 
 
 def pair_rows(cfg: ScoreConfig, pair: dict, cands: list[dict], direct: torch.Tensor,
@@ -378,9 +546,10 @@ def pair_rows(cfg: ScoreConfig, pair: dict, cands: list[dict], direct: torch.Ten
     return rows
 
 
-def stage_result(cfg: ScoreConfig, data: ScoreInputs, res, out: Path, seconds: float
-                 ) -> StageResult:
-    """Metrics over the whole artifact (resumed shards included) and the summary."""
+def stage_result(cfg: ScoreConfig, data: ScoreInputs, res, out: Path, seconds: float,
+                 plan: InputPlan, vec_res=None) -> StageResult:
+    """Metrics over the whole artifact (resumed shards included) and the summary;
+    ``vec_res`` None: the scores were complete, no vector shard was looked at."""
     table = io.read(out, SCORES)
     deltas = [d for d, s in zip(table.column("delta").to_pylist(),
                                 table.column("status").to_pylist(), strict=True) if s == "ok"]
@@ -390,10 +559,16 @@ def stage_result(cfg: ScoreConfig, data: ScoreInputs, res, out: Path, seconds: f
                "mean_delta": sum(deltas) / max(1, len(deltas)),
                "share_delta_positive": sum(d > 0 for d in deltas) / max(1, len(deltas)),
                "mean_pool_size": sum(len(v) for v in pools.values()) / max(1, len(pools)),
-               "shards_skipped": float(len(res.skipped)), "seconds": seconds}
+               "shards_skipped": float(len(res.skipped)), "seconds": seconds,
+               "inputs_needed": float(plan.needed), "inputs_embedded": float(plan.distinct),
+               "duplicate_share": 1 - plan.distinct / max(1, plan.needed),
+               "vector_shards_skipped": float(len(plan.shards) if vec_res is None
+                                              else len(vec_res.skipped))}
     summary = (f"score: {len(deltas)} candidates scored, {n - len(deltas)} skipped; mean delta "
                f"{metrics['mean_delta']:+.3f}, {metrics['share_delta_positive']:.0%} positive; "
-               f"pools of {metrics['mean_pool_size']:.1f} (tau {cfg.tau})")
+               f"pools of {metrics['mean_pool_size']:.1f} (tau {cfg.tau}); {plan.distinct} "
+               f"distinct inputs of {plan.needed} embedded "
+               f"({metrics['duplicate_share']:.0%} duplicates)")
     print(f"[score] {summary}", flush=True)
     return StageResult("score", outputs={"scores": res.ref}, metrics=metrics, summary=summary)
 

@@ -128,28 +128,48 @@ def test_score_stage_rows_match_a_direct_recomputation(tiny_model, small, tmp_pa
 
 
 def test_score_resumes_by_shard(tiny_model, small, tmp_path, monkeypatch):
+    """A crash in the second embedding shard keeps the first; the rerun embeds only the
+    shards left and equals an uninterrupted run; a complete run, and a rescoring at another
+    tau (same inputs: the vectors are reused), load no model."""
     kw = dict(**small, model=str(tiny_model), pool_size=3, shard_size=8, progress=False,
               torch_threads=1)
-    calls = {"n": 0}
+    calls = {"n": 0, "crash": True}
     real = score.embed_sorted
 
-    def crash_in_second_shard(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:  # targets, shard 1 queries, shard 1 q+r, then shard 2 dies
+    def crash_in_second_shard(emb, inputs, mode, batch_size, desc, *a, **k):
+        calls["n"] += 1  # two passes (direct, reason) per vectors shard
+        if calls["crash"] and desc.startswith("00001 "):
             raise RuntimeError("simulated crash")
-        return real(*a, **k)
+        return real(emb, inputs, mode, batch_size, desc, *a, **k)
 
     monkeypatch.setattr(score, "embed_sorted", crash_in_second_shard)
     with pytest.raises(RuntimeError, match="simulated crash"):
         score.run(ScoreConfig(out=str(tmp_path / "a"), **kw))
-    assert len(list((tmp_path / "a" / "scores" / "_shards").glob("*.parquet"))) == 1
-    monkeypatch.setattr(score, "embed_sorted", real)
+    assert len(list((tmp_path / "a" / "vectors" / "_shards").glob("*.parquet"))) == 1
+    assert not (tmp_path / "a" / "scores").exists()
+    calls.update(n=0, crash=False)  # count the passes of the rerun
     resumed = score.run(ScoreConfig(out=str(tmp_path / "a"), **kw))
-    assert resumed.metrics["shards_skipped"] == 1
+    n_shards = len(score.plan_inputs(score.load_score_inputs(ScoreConfig(
+        out=str(tmp_path / "a"), **kw)), 8).shards)
+    assert resumed.metrics["vector_shards_skipped"] == 1
+    assert calls["n"] == 2 * (n_shards - 1)  # only the shards left were embedded
+    monkeypatch.setattr(score, "embed_sorted", real)
     straight = score.run(ScoreConfig(out=str(tmp_path / "b"), **kw))
     a = io.read(resumed.outputs["scores"].uri, SCORES).to_pylist()
     b = io.read(straight.outputs["scores"].uri, SCORES).to_pylist()
     assert a == b and len(a) == 60
+
+    def no_model(cfg):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(score, "_load_embedder", no_model)
+    again = score.run(ScoreConfig(out=str(tmp_path / "b"), **kw))
+    assert io.read(again.outputs["scores"].uri, SCORES).to_pylist() == b
+    hotter = score.run(ScoreConfig(out=str(tmp_path / "b"), **{**kw, "tau": 0.5}))
+    assert hotter.metrics["vector_shards_skipped"] == n_shards
+    c = io.read(hotter.outputs["scores"].uri, SCORES).to_pylist()
+    assert [r["cos_with"] for r in c] == [r["cos_with"] for r in b]  # same vectors
+    assert [r["s_with"] for r in c] != [r["s_with"] for r in b]  # another temperature
 
 
 def test_rationales_of_unknown_pairs_are_a_clear_error(tiny_model, small, tmp_path):

@@ -312,6 +312,7 @@ VECTORS = Contract(
     ),
     key=("key",),
     non_empty=("key", "status"),
+    vectors=("vector",),
     enums={"status": STATUS_VALUES, "mode": ("direct", "reason")},
     doc="Stage 2's store of every distinct input's embedding (embedded once, resumable).",
 )

@@ -278,7 +278,7 @@ def _run(cfg: ScoreConfig) -> StageResult:
     if not (cfg.resume and complete_with(out / "scores", fp)):
         vec_res = run_sharded(plan.shards, out / "vectors", VECTORS, EmbedShard(cfg),
                               vectors_fingerprint(cfg, plan, stamp), resume=cfg.resume,
-                              progress=cfg.progress)
+                              progress=cfg.progress, distributed=cfg.distributed)
     blocks = split(data.pairs, cfg.shard_size)
     res = run_sharded([(f"{i:05d}", b) for i, b in enumerate(blocks)], out / "scores", SCORES,
                       ScoreShard(cfg, data, out / "vectors"), fp, resume=cfg.resume,
@@ -440,7 +440,7 @@ class EmbedShard:
 def vector_table(items: list[tuple[str, InputKey]], vecs: np.ndarray,
                  errors: list[str | None]) -> pa.Table:
     """The vectors rows of one shard: ``vecs`` [N, H] as one fixed-size-list buffer."""
-    col = vector_array(vecs.astype(np.float32, copy=False)).cast(pa.list_(pa.float32()))
+    col = vector_array(vecs.astype(np.float32, copy=False))  # fixed_size_list<float32, H>
     return pa.table({"key": [d for d, _ in items], "mode": [k[0] for _, k in items],
                      "vector": col, "status": ["ok" if e is None else "error" for e in errors],
                      "error": errors})

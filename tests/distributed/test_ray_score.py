@@ -3,7 +3,6 @@ process, the float columns allclose."""
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 
@@ -11,7 +10,8 @@ import numpy as np
 import pytest
 
 from data_contracts import io
-from data_contracts.schemas import PAIRS, RATIONALES, SCORES
+from data_contracts.schemas import PAIRS, RATIONALES, SCORES, VECTORS
+from data_contracts.vectors import matrix
 from mmemb.configs.generate import GenerateConfig
 from mmemb.configs.score import ScoreConfig
 from mmemb.sharding import RUN_FILE
@@ -19,7 +19,6 @@ from mmemb.stages import generate, score
 
 N_PAIRS = 12
 FLOATS = ("cos_with", "cos_without", "s_with", "s_without", "delta")
-WIRED = "distributed=cfg.distributed" in inspect.getsource(score)
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +37,6 @@ def score_inputs(synth, tmp_path_factory) -> tuple[Path, Path]:
     return root / "pairs", root / "rationales"
 
 
-@pytest.mark.skipif(not WIRED, reason="stage 2 does not pass cfg.distributed to run_sharded "
-                    "yet: its embedding phase is being restructured into a picklable "
-                    "worker (issue 16, item 1); the lead wires it at merge")
 def test_two_ray_actors_give_the_in_process_scores(local_ray, tiny_model, synth,
                                                    score_inputs, tmp_path):
     pairs, rats = score_inputs
@@ -62,5 +58,11 @@ def test_two_ray_actors_give_the_in_process_scores(local_ray, tiny_model, synth,
             else:
                 np.testing.assert_allclose(rb[k], ra[k], rtol=1e-4, atol=1e-5)
     assert sum(r["status"] == "skipped" for r in b) == 1
-    run = json.loads((Path(ray.outputs["scores"].uri) / RUN_FILE).read_text())
+    # the embedding pass ran on the actors (the scoring math after it is this process's)
+    run = json.loads((tmp_path / "ray" / "vectors" / RUN_FILE).read_text())
     assert run["backend"] == "ray" and run["actors"] == 2
+    vec_a = io.read(tmp_path / "here" / "vectors", VECTORS)
+    vec_b = io.read(tmp_path / "ray" / "vectors", VECTORS)
+    assert vec_b.column("key").to_pylist() == vec_a.column("key").to_pylist()
+    np.testing.assert_allclose(matrix(vec_b.column("vector")), matrix(vec_a.column("vector")),
+                               rtol=1e-4, atol=1e-5)

@@ -54,6 +54,10 @@ def make_inputs(n: int, size: int, words: int) -> list[EmbedInput]:
 # Qwen2-VL-2B's shapes (its config.json): text and vision tower.
 PRESETS = {
     "tiny": {},
+    # The tiny checkpoint's layout, wide enough (8.1 M parameters) that a forward's cost
+    # grows with its rows on CPU; at 0.2 M parameters a pass costs the same for 8 rows as
+    # for 32, so a ratio of passes measures per-call overhead, not the method.
+    "cpu-8m": dict(hidden=256, layers=8, heads=4, kv_heads=2, intermediate=1024),
     "qwen2vl-2b": dict(hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960,
                        vocab=151936, vision_depth=32, vision_dim=1280, vision_heads=16),
 }

@@ -39,7 +39,7 @@ def test_dockerfile_builds_the_gpu_image_the_deployments_name():
     assert "export MMEMB_IMAGE=registry/mmemb:0.1.0 MMEMB_HOME=/opt/mmemb" in \
         (ROOT / "docs" / "deploy.md").read_text()
     runs = " ".join(v for k, v in ins if k == "RUN")
-    assert args["EXTRAS"] == "gpu,kubernetes" and 'pip install ".[${EXTRAS}]"' in runs
+    assert args["EXTRAS"] == "gpu,kubernetes,ray" and 'pip install ".[${EXTRAS}]"' in runs
     # every package setuptools installs is copied, and the configs the deployments name
     pkgs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
         "packages"]["find"]["include"]

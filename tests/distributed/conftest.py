@@ -17,10 +17,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_ray():
     """A local Ray with 4 logical CPUs (2 actors of 1 CPU, plus room for Ray Data's own
-    tasks), no dashboard, in its own short temp folder; the workers import this checkout."""
+    tasks), no dashboard, in its own short temp folder; the workers import this checkout. One for
+    the whole session: a Ray start costs 5-10 s on 2 busy cores."""
     ray = pytest.importorskip("ray")
     tmp = tempfile.mkdtemp(prefix="mmemb-ray-test-")
     path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])

@@ -58,6 +58,7 @@ def _embeddings(out: Path) -> dict[str, tuple]:
     return got
 
 
+@pytest.mark.slow  # ~55 s on 2 busy cores: `make test-slow`
 def test_ray_evaluation_equals_in_process(local_ray, tiny_model, eval_data, tmp_path):
     here = run(_config(tiny_model, eval_data, tmp_path / "here"))
     ray = run(_config(tiny_model, eval_data, tmp_path / "ray",

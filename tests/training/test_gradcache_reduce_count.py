@@ -197,6 +197,7 @@ def _two_ranks(tiny_model, synth, tmp_path, setups) -> None:
         assert res[0][key]["reduces"] == res[1][key]["reduces"], key
 
 
+@pytest.mark.slow  # two gloo ranks: 30-60 s on 2 busy cores (`make test-slow`)
 def test_two_ranks_one_reduce_per_step(tiny_model, synth, tmp_path):
     """The default setup (ZeRO-1) on two gloo ranks."""
     _two_ranks(tiny_model, synth, tmp_path, SETUPS[:1])

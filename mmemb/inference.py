@@ -380,12 +380,7 @@ class AdaptiveEncoder:
         t_gen = time.perf_counter() - t0 - t_dec
         chosen = set(idx)
         think = [i in chosen for i in range(n)]
-        res.reasoned += think
-        res.rationales += rat
-        res.n_gen_tokens += ngen
-        res.n_prompt_tokens += n_tok.tolist()
-        res.p_think += p.tolist()
-        res.malformed += malformed
+        res.add_batch(think, rat, ngen, n_tok.tolist(), p.tolist(), malformed)
         res.latency_ms += [1000 * (t_dec / n + (t_gen / len(idx) if think[i] else 0.0))
                            for i in range(n)]
         return embs.cpu()
@@ -432,12 +427,7 @@ class AdaptiveEncoder:
         t_emb = time.perf_counter() - t2
         shared = (t_dec + t_emb) / n  # direct / reason: one embedding pass shared by the batch
         gen_share = t_gen / max(1, len(idx))
-        res.reasoned += think
-        res.rationales += rat
-        res.n_gen_tokens += ngen
-        res.n_prompt_tokens += n_tok.tolist()
-        res.p_think += p.tolist()
-        res.malformed += malformed
+        res.add_batch(think, rat, ngen, n_tok.tolist(), p.tolist(), malformed)
         if direct is None:
             res.latency_ms += [1000 * (shared + (gen_share if think[i] else 0.0))
                                for i in range(n)]

@@ -31,6 +31,17 @@ class EncodeResult:
     p_think: list[float] = field(default_factory=list)  # the gate's p(<think>); adaptive only
     malformed: list[bool] = field(default_factory=list)  # budget hit before </think>
 
+    def add_batch(self, reasoned: list[bool], rationales: list, n_gen_tokens: list[int],
+                  n_prompt_tokens: list[int], p_think: list[float], malformed: list[bool]
+                  ) -> None:
+        """Append one batch's per-input fields (latency is each encoder's own split)."""
+        self.reasoned += reasoned
+        self.rationales += rationales
+        self.n_gen_tokens += n_gen_tokens
+        self.n_prompt_tokens += n_prompt_tokens
+        self.p_think += p_think
+        self.malformed += malformed
+
 
 @runtime_checkable
 class Encoder(Protocol):
